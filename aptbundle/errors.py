@@ -1,0 +1,54 @@
+"""The exception tree of aptbundle.
+
+Every error a user can cause is an ``AptBundleError``. Its message names the file or member,
+what was expected, what was found and what to do, so the CLI can print it as one line and
+exit 1 without a traceback. ``VerifyError`` carries every problem found, not just the first.
+"""
+
+from __future__ import annotations
+
+
+class AptBundleError(Exception):
+    """Base of every error aptbundle raises for a problem with the user's input or disk."""
+
+
+class UnsafePathError(AptBundleError):
+    """A path breaks the portable-path rules (see ``aptbundle.paths``)."""
+
+
+class ManifestError(AptBundleError):
+    """``aptrun.json`` is missing, unreadable or does not follow the format."""
+
+
+class RunError(AptBundleError):
+    """A run directory cannot be opened or written as asked."""
+
+
+class RunLockedError(RunError):
+    """Another process is writing to the run."""
+
+
+class CheckpointError(AptBundleError):
+    """A checkpoint cannot be saved or loaded."""
+
+
+class ArchiveError(AptBundleError):
+    """An archive is malformed, unsafe, or does not match its manifest."""
+
+
+class UnsafeContentError(AptBundleError):
+    """A file would run code or read out of bounds if loaded (pickle globals, bad safetensors)."""
+
+
+class ResumeError(AptBundleError):
+    """A run cannot be continued as asked."""
+
+
+class VerifyError(AptBundleError):
+    """One or more files do not match the manifest. ``problems`` lists every one of them."""
+
+    def __init__(self, problems: list, what: str = "run"):
+        self.problems = list(problems)
+        lines = "; ".join(str(p) for p in self.problems[:5])
+        more = f" (and {len(self.problems) - 5} more)" if len(self.problems) > 5 else ""
+        super().__init__(f"{what} failed verification: {lines}{more}")

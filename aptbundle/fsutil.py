@@ -1,0 +1,105 @@
+"""Small file-system helpers shared by every module that writes: atomic writes and hashing.
+
+A write is atomic: a temporary name in the same folder (prefix ``.aptrun-tmp-``, never listed,
+packed or verified), flush, fsync, ``os.replace``, fsync of the folder. A crash leaves either
+the old file or the new one, never a mix; leftovers are removed by ``Run.recover``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import secrets
+from pathlib import Path
+from typing import Callable, Iterator
+
+TMP_PREFIX = ".aptrun-tmp-"
+BLOCK = 1 << 20  # 1 MiB reads: large enough for full hashing speed, small enough for flat memory
+
+Progress = Callable[[int], None]
+
+
+def is_temp_name(name: str) -> bool:
+    """True for names aptbundle uses for work in progress."""
+    return name.startswith(TMP_PREFIX)
+
+
+def temp_sibling(path: Path, suffix: str = "") -> Path:
+    """A fresh temporary name beside ``path`` (same folder, so ``os.replace`` is atomic)."""
+    return path.parent / f"{TMP_PREFIX}{path.name}-{secrets.token_hex(4)}{suffix}"
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or creation inside ``path`` durable (no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | Path, mode: int = 0o644) -> Iterator:
+    """Open a temporary file beside ``path`` for binary writing; rename it into place on success.
+
+    >>> # with atomic_open("run/config.json") as f: f.write(b"{}")
+    """
+    path = Path(path)
+    tmp = temp_sibling(path)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), mode)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically."""
+    with atomic_open(path) as f:
+        f.write(data)
+
+
+def hash_file(path: str | Path, progress: Progress | None = None, limit: int | None = None) -> tuple[int, str]:
+    """Return ``(size, sha256 hex)`` of a file, read once in 1 MiB blocks.
+
+    ``limit`` stops reading past that many bytes (the size returned is then ``limit + 1`` at most),
+    so a file that grew enormously is not read to its end.
+    """
+    h = hashlib.sha256()
+    size = 0
+    buf = bytearray(BLOCK)
+    view = memoryview(buf)
+    with open(path, "rb") as f:
+        while True:
+            n = f.readinto(buf)
+            if not n:
+                break
+            h.update(view[:n])
+            size += n
+            if progress:
+                progress(n)
+            if limit is not None and size > limit:
+                break
+    return size, h.hexdigest()
+
+
+def fsync_file(path: Path) -> None:
+    """fsync one file already written and closed."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,288 @@
+"""The ``aptrun.json`` manifest: schema, validation, canonical form and the run digest.
+
+The manifest is the run's table of contents and its commit point: a file or checkpoint exists
+for aptbundle only once the manifest lists it. ``parse_manifest`` refuses anything that does not
+follow format ``aptrun`` version 1; ``Manifest.digest`` names the run's content.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aptbundle.errors import ManifestError, UnsafePathError
+from aptbundle.paths import check_collisions, check_name, normalize_relpath
+
+MANIFEST_NAME = "aptrun.json"
+FORMAT = "aptrun"
+FORMAT_VERSION = 1
+MAX_MANIFEST_BYTES = 64 * 1024 * 1024  # a manifest of ~300k files; larger is refused unread
+MAX_FILES = 1_000_000
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """One file of the run: relative path, size in bytes, SHA-256 hex digest."""
+
+    path: str
+    size: int
+    sha256: str
+
+
+@dataclass
+class CheckpointEntry:
+    """One checkpoint: folder name under ``checkpoints/``, global step, epoch, metrics."""
+
+    name: str
+    step: int
+    epoch: int | float
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class BestInfo:
+    """Which checkpoint is best, by which metric, in which direction."""
+
+    name: str
+    metric: str
+    mode: str  # "min" or "max"
+    value: float
+
+
+@dataclass
+class Manifest:
+    """The parsed ``aptrun.json``. ``files`` is kept sorted by path."""
+
+    name: str
+    run_id: str
+    trainer: str | None
+    created_at: str
+    updated_at: str
+    files: list[FileEntry] = field(default_factory=list)
+    checkpoints: list[CheckpointEntry] = field(default_factory=list)
+    latest: str | None = None
+    best: BestInfo | None = None
+    environment: dict[str, Any] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)  # unknown keys, kept on round-trip
+    format: str = FORMAT
+    format_version: int = FORMAT_VERSION
+
+    # -- views -------------------------------------------------------------------------------
+    def file_map(self) -> dict[str, FileEntry]:
+        """Files by path."""
+        return {f.path: f for f in self.files}
+
+    def checkpoint(self, name: str) -> CheckpointEntry | None:
+        """The checkpoint entry called ``name``, or None."""
+        for c in self.checkpoints:
+            if c.name == name:
+                return c
+        return None
+
+    def total_size(self) -> int:
+        """Bytes of all listed files."""
+        return sum(f.size for f in self.files)
+
+    # -- serialisation -----------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready dict in the documented key layout."""
+        d: dict[str, Any] = dict(self.extra)
+        d.update(
+            format=self.format,
+            format_version=self.format_version,
+            name=self.name,
+            run_id=self.run_id,
+            trainer=self.trainer,
+            created_at=self.created_at,
+            updated_at=self.updated_at,
+            files=[dataclasses.asdict(f) for f in sorted(self.files, key=lambda f: f.path)],
+            checkpoints=[dataclasses.asdict(c) for c in sorted(self.checkpoints, key=lambda c: c.step)],
+            latest=self.latest,
+            best=dataclasses.asdict(self.best) if self.best else None,
+            environment=self.environment,
+            history=self.history,
+        )
+        return d
+
+    def canonical_bytes(self) -> bytes:
+        """Canonical JSON: sorted keys, UTF-8, no whitespace. What the digest is taken of."""
+        return json.dumps(
+            self.to_dict(), sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+        ).encode("utf-8")
+
+    def to_bytes(self) -> bytes:
+        """The bytes written to ``aptrun.json``: sorted, indented for people, deterministic."""
+        return (
+            json.dumps(self.to_dict(), sort_keys=True, indent=1, ensure_ascii=False, allow_nan=False)
+            + "\n"
+        ).encode("utf-8")
+
+    def digest(self) -> str:
+        """SHA-256 of the canonical JSON: names the run's content whatever the compression.
+
+        >>> len(Manifest(name="r", run_id="x", trainer=None, created_at="t", updated_at="t").digest())
+        64
+        """
+        return hashlib.sha256(self.canonical_bytes()).hexdigest()
+
+
+def _req(d: dict, key: str, types: type | tuple, source: str, nullable: bool = False) -> Any:
+    if key not in d:
+        raise ManifestError(f"{source}: key {key!r} is missing; expected an aptrun manifest")
+    v = d[key]
+    if v is None and nullable:
+        return None
+    if isinstance(v, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
+        raise ManifestError(f"{source}: {key!r} should be {types}, found a boolean")
+    if not isinstance(v, types):
+        raise ManifestError(f"{source}: {key!r} should be {types}, found {type(v).__name__}")
+    return v
+
+
+def _no_dup_keys(pairs: list) -> dict:
+    d: dict = {}
+    for k, v in pairs:
+        if k in d:
+            raise ManifestError(f"duplicate key {k!r} in JSON object")
+        d[k] = v
+    return d
+
+
+def _reject_constant(name: str) -> Any:
+    raise ManifestError(f"{name} is not valid JSON")
+
+
+def parse_manifest(data: bytes, source: str = MANIFEST_NAME) -> Manifest:
+    """Parse and validate manifest bytes; raise ``ManifestError`` naming ``source`` otherwise."""
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise ManifestError(
+            f"{source}: {len(data)} bytes, over the {MAX_MANIFEST_BYTES}-byte limit for a manifest;"
+            " refusing to read it"
+        )
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ManifestError(f"{source}: not UTF-8 ({e.reason} at byte {e.start}); expected UTF-8 JSON") from None
+    try:
+        raw = json.loads(text, object_pairs_hook=_no_dup_keys, parse_constant=_reject_constant)
+    except ManifestError as e:
+        raise ManifestError(f"{source}: {e}") from None
+    except (ValueError, RecursionError) as e:
+        raise ManifestError(f"{source}: not valid JSON ({e}); the manifest is damaged") from None
+    if not isinstance(raw, dict):
+        raise ManifestError(f"{source}: expected a JSON object, found {type(raw).__name__}")
+    fmt = raw.get("format")
+    if fmt != FORMAT:
+        raise ManifestError(f"{source}: format is {fmt!r}; expected {FORMAT!r}. Is this an aptrun manifest?")
+    ver = raw.get("format_version")
+    if not isinstance(ver, int) or isinstance(ver, bool) or ver < 1:
+        raise ManifestError(f"{source}: format_version is {ver!r}; expected a positive integer")
+    if ver > FORMAT_VERSION:
+        raise ManifestError(
+            f"{source}: format_version {ver} is newer than this aptbundle reads ({FORMAT_VERSION});"
+            " upgrade aptbundle"
+        )
+    try:
+        return _from_dict(raw, source)
+    except UnsafePathError as e:
+        raise ManifestError(f"{source}: {e}") from None
+
+
+def _from_dict(raw: dict, source: str) -> Manifest:
+    name = check_name(_req(raw, "name", str, source), what="run name")
+    files_raw = _req(raw, "files", list, source)
+    if len(files_raw) > MAX_FILES:
+        raise ManifestError(f"{source}: lists {len(files_raw)} files; at most {MAX_FILES} are accepted")
+    files = []
+    for i, f in enumerate(files_raw):
+        where = f"{source}: files[{i}]"
+        if not isinstance(f, dict):
+            raise ManifestError(f"{where}: expected an object with path, size, sha256")
+        path = _req(f, "path", str, where)
+        norm = normalize_relpath(path, what="file path")
+        if norm != path:
+            raise ManifestError(f"{where}: path {path!r} is not NFC-normalised")
+        if norm == MANIFEST_NAME:
+            raise ManifestError(f"{where}: the manifest may not list itself")
+        size = _req(f, "size", int, where)
+        if size < 0:
+            raise ManifestError(f"{where}: size {size} is negative")
+        sha = _req(f, "sha256", str, where)
+        if not _SHA256.match(sha):
+            raise ManifestError(f"{where}: sha256 {sha!r} is not 64 lowercase hex digits")
+        files.append(FileEntry(norm, size, sha))
+    check_collisions([f.path for f in files] + [MANIFEST_NAME], what=f"{source}: file")
+    if [f.path for f in files] != sorted(f.path for f in files):
+        files.sort(key=lambda f: f.path)
+    ckpts = []
+    for i, c in enumerate(_req(raw, "checkpoints", list, source)):
+        where = f"{source}: checkpoints[{i}]"
+        if not isinstance(c, dict):
+            raise ManifestError(f"{where}: expected an object")
+        cname = check_name(_req(c, "name", str, where), what="checkpoint name")
+        step = _req(c, "step", int, where)
+        epoch = _req(c, "epoch", (int, float), where)
+        metrics = c.get("metrics") or {}
+        if not isinstance(metrics, dict):
+            raise ManifestError(f"{where}: metrics should be an object")
+        ckpts.append(CheckpointEntry(cname, step, epoch, metrics))
+    names = [c.name for c in ckpts]
+    if len(set(names)) != len(names):
+        raise ManifestError(f"{source}: a checkpoint name appears twice")
+    latest = _req(raw, "latest", str, source, nullable=True)
+    if latest is not None and latest not in names:
+        raise ManifestError(f"{source}: latest {latest!r} is not among the checkpoints {names}")
+    best_raw = _req(raw, "best", dict, source, nullable=True)
+    best = None
+    if best_raw is not None:
+        bname = _req(best_raw, "name", str, f"{source}: best")
+        if bname not in names:
+            raise ManifestError(f"{source}: best {bname!r} is not among the checkpoints {names}")
+        mode = _req(best_raw, "mode", str, f"{source}: best")
+        if mode not in ("min", "max"):
+            raise ManifestError(f"{source}: best.mode is {mode!r}; expected 'min' or 'max'")
+        best = BestInfo(bname, _req(best_raw, "metric", str, f"{source}: best"), mode,
+                        _req(best_raw, "value", (int, float), f"{source}: best"))
+    known = {"format", "format_version", "name", "run_id", "trainer", "created_at", "updated_at",
+             "files", "checkpoints", "latest", "best", "environment", "history"}
+    return Manifest(
+        name=name,
+        run_id=_req(raw, "run_id", str, source),
+        trainer=_req(raw, "trainer", str, source, nullable=True),
+        created_at=_req(raw, "created_at", str, source),
+        updated_at=_req(raw, "updated_at", str, source),
+        files=files,
+        checkpoints=sorted(ckpts, key=lambda c: c.step),
+        latest=latest,
+        best=best,
+        environment=_req(raw, "environment", dict, source),
+        history=_req(raw, "history", list, source),
+        extra={k: v for k, v in raw.items() if k not in known},
+        format_version=raw["format_version"],
+    )
+
+
+def load_manifest(run_dir: str | Path) -> Manifest:
+    """Read and validate ``RUN/aptrun.json``.
+
+    >>> # load_manifest("outputs/run1").latest
+    """
+    path = Path(run_dir) / MANIFEST_NAME
+    shown = f"{Path(run_dir).name}/{MANIFEST_NAME}"
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_MANIFEST_BYTES + 1)
+    except FileNotFoundError:
+        raise ManifestError(
+            f"{shown}: not found; {run_dir} is not an aptbundle run (run `aptbundle init {run_dir}` to adopt it)"
+        ) from None
+    except IsADirectoryError:
+        raise ManifestError(f"{shown}: is a folder; expected the JSON manifest file") from None
+    return parse_manifest(data, shown)
