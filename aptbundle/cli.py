@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import click
 
@@ -38,15 +38,39 @@ class _Group(click.Group):
             ctx.exit(130)
 
 
+class Bar:
+    """A byte-counting progress bar on stderr; its total may be learnt late (``set_total``)."""
+
+    def __init__(self, label: str, total: int = 0):
+        self.label, self.total, self._bar = label, total, None
+
+    def set_total(self, total: int) -> None:
+        self.total = total
+
+    def __call__(self, n: int) -> None:
+        if self._bar is None:
+            self._bar = click.progressbar(length=max(self.total, 1), label=self.label, file=sys.stderr,
+                                          show_pos=False, show_percent=True, show_eta=True)
+            self._bar.__enter__()
+        self._bar.update(n)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.__exit__(None, None, None)
+            self._bar = None
+
+
 @contextlib.contextmanager
-def progress(total: int, label: str, quiet: bool) -> Iterator[Callable[[int], None] | None]:
-    """A byte-counting progress bar on stderr, or None when quiet or stderr is not a terminal."""
-    if quiet or not sys.stderr.isatty() or total <= 0:
+def progress(label: str, quiet: bool, total: int = 0) -> Iterator[Bar | None]:
+    """A progress bar, or None when ``--quiet`` is given or stderr is not a terminal."""
+    if quiet or not sys.stderr.isatty():
         yield None
         return
-    with click.progressbar(length=total, label=label, file=sys.stderr, show_pos=False,
-                           show_percent=True, show_eta=True) as bar:
-        yield bar.update
+    bar = Bar(label, total)
+    try:
+        yield bar
+    finally:
+        bar.close()
 
 
 def emit(as_json: bool, data: dict, text: str) -> None:
@@ -91,7 +115,7 @@ def init(directory: str, trainer: str | None, as_json: bool, quiet: bool) -> Non
     total = 0
     if Path(directory).is_dir():
         total = sum((Path(directory) / f).stat().st_size for f in walk_files(Path(directory))[0])
-    with progress(total, "hashing", quiet) as cb:
+    with progress("hashing", quiet, total) as cb:
         run = adopt(directory, trainer=trainer, progress=cb)
     m = run.manifest
     emit(as_json, {"path": str(run.path), "name": m.name, "files": len(m.files), "size": m.total_size(),
@@ -108,7 +132,8 @@ def verify(path: str, as_json: bool, quiet: bool) -> None:
     """Check a run directory or an archive against its manifest (exit 1 on any problem)."""
     from aptbundle.verify import verify_path
 
-    report = verify_path(path, quiet_progress=lambda total, label: progress(total, label, quiet))
+    with progress("verifying", quiet) as cb:
+        report = verify_path(path, cb)
     if as_json:
         emit(True, report.to_dict(), "")
     else:
@@ -120,3 +145,58 @@ def verify(path: str, as_json: bool, quiet: bool) -> None:
             click.echo(f"error: {path}: {len(report.problems)} problem(s)", err=True)
     if not report.ok:
         sys.exit(1)
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("-o", "--output", default=None, type=click.Path(),
+              help="Archive path or folder (default: ./NAME.aptrun.tar.zst).")
+@click.option("--level", default=3, show_default=True, type=click.IntRange(1, 22), help="zstd level.")
+@click.option("--threads", default=0, show_default=True, type=click.IntRange(0, 256),
+              help="zstd worker threads (0: one per core).")
+@click.option("--checkpoints", "which", default="all", show_default=True,
+              type=click.Choice(["all", "latest", "best"]), help="Which checkpoints to pack.")
+@json_opt
+@quiet_opt
+def pack(run_dir: str, output: str | None, level: int, threads: int, which: str, as_json: bool, quiet: bool) -> None:
+    """Pack a run into one verified NAME.aptrun.tar.zst."""
+    from aptbundle.archive import pack as do_pack
+
+    with progress("packing", quiet) as cb:
+        if cb is not None:
+            from aptbundle.run import Run
+
+            cb.set_total(Run.open(run_dir).manifest.total_size())
+        res = do_pack(run_dir, output, level=level, threads=threads, checkpoints=which, progress=cb)
+    ratio = res.size / res.data_size if res.data_size else 0.0
+    emit(as_json, {"archive": str(res.path), "size": res.size, "digest": res.digest, "files": res.files,
+                   "data_size": res.data_size},
+         f"{res.path}\n  {human(res.size)} ({res.files} files, {human(res.data_size)} of data, ratio {ratio:.2f})"
+         f"\n  digest {res.digest}")
+
+
+@main.command()
+@click.argument("archive", type=click.Path())
+@click.option("-C", "--dest", default=".", show_default=True, type=click.Path(file_okay=False),
+              help="Folder to create NAME/ in.")
+@click.option("--expect-digest", default=None, help="Refuse the archive unless its run digest is this.")
+@json_opt
+@quiet_opt
+def unpack(archive: str, dest: str, expect_digest: str | None, as_json: bool, quiet: bool) -> None:
+    """Unpack an archive into DEST/NAME, verifying every byte before it appears."""
+    from aptbundle.archive import unpack as do_unpack
+
+    with progress("unpacking", quiet) as cb:
+        path = do_unpack(archive, dest, expect_digest=expect_digest, progress=cb)
+    emit(as_json, {"path": str(path)}, str(path))
+
+
+@main.command()
+@click.argument("path", type=click.Path())
+@json_opt
+def inspect(path: str, as_json: bool) -> None:
+    """Show a run's or an archive's manifest: checkpoints, history, sizes, a loss plot."""
+    from aptbundle.inspect import describe, render
+
+    info = describe(path)
+    emit(as_json, info, render(info))

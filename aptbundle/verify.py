@@ -7,10 +7,8 @@ disk, with the same checks ``unpack`` makes.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from aptbundle.errors import UnsafeContentError
 from aptbundle.run import Problem, Run
@@ -37,10 +35,6 @@ class Report:
                 "size": self.size, "digest": self.digest, "problems": [p.to_dict() for p in self.problems]}
 
 
-def _no_progress(total: int, label: str):
-    return contextlib.nullcontext(None)
-
-
 def verify_run(run: Run, progress=None) -> list[Problem]:
     """Rehash every file and statically scan the pickled and safetensors ones."""
     problems = run.verify(progress)
@@ -54,7 +48,7 @@ def verify_run(run: Run, progress=None) -> list[Problem]:
     return sorted(problems, key=lambda p: p.path)
 
 
-def verify_path(path: str | Path, quiet_progress: Callable = _no_progress) -> Report:
+def verify_path(path: str | Path, progress=None) -> Report:
     """Verify a run folder or an ``.aptrun.tar.zst`` archive.
 
     >>> # verify_path("outputs/run1").ok
@@ -63,9 +57,10 @@ def verify_path(path: str | Path, quiet_progress: Callable = _no_progress) -> Re
     if p.is_dir():
         run = Run.open(p)
         rep = Report(str(path), "run", len(run.manifest.files), run.manifest.total_size(), run.manifest.digest())
-        with quiet_progress(rep.size, "verifying") as cb:
-            rep.problems = verify_run(run, cb)
+        if progress is not None and hasattr(progress, "set_total"):
+            progress.set_total(rep.size)
+        rep.problems = verify_run(run, progress)
         return rep
     from aptbundle.archive import verify_archive
 
-    return verify_archive(path, quiet_progress=quiet_progress)
+    return verify_archive(path, progress)

@@ -1,0 +1,497 @@
+"""Pack a run into one ``NAME.aptrun.tar.zst`` and unpack, verify or inspect it, streaming.
+
+The archive is a standard POSIX tar in one zstd frame (``tar --zstd -xf`` opens it): one
+top-level folder named after the run, ``NAME/aptrun.json`` first, then the manifest's files in
+path order, with normalised modes, owners and times, so the same run always packs to the same
+bytes. Packing reads each file once, feeding the same block to SHA-256 and to a multi-threaded
+zstd writer, and refuses a file that no longer matches the manifest. Unpacking never uses
+``extractall``: it reads the manifest first, then creates each listed file itself in a fresh
+temporary folder, hashing as it writes, and renames the folder into place only when every byte
+checked out. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import hashlib
+import io
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Callable
+
+import zstandard
+
+from aptbundle.errors import ArchiveError, ManifestError, UnsafeContentError, UnsafePathError, VerifyError
+from aptbundle.fsutil import BLOCK, TMP_PREFIX, Progress, fsync_dir, is_temp_name
+from aptbundle.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, Manifest, load_manifest, parse_manifest
+from aptbundle.paths import check_name, collision_key, normalize_relpath
+from aptbundle.run import CHECKPOINTS, Problem, Run, walk_files
+from aptbundle.scan import needs_scan, scan_file
+from aptbundle.tarstream import BLOCK as TAR_BLOCK
+from aptbundle.tarstream import RECORD, FrameGuard, TarReader, end_of_archive, member_header, padding
+
+SUFFIX = ".aptrun.tar.zst"
+CHUNK = 1 << 20
+
+
+def archive_name(run_name: str) -> str:
+    """``run1`` -> ``run1.aptrun.tar.zst``."""
+    return run_name + SUFFIX
+
+
+def _mtime(man: Manifest) -> int:
+    try:
+        t = _dt.datetime.fromisoformat(man.updated_at.replace("Z", "+00:00"))
+        return max(0, int(t.timestamp()))
+    except (ValueError, OverflowError):
+        return 0
+
+
+def select_checkpoints(man: Manifest, which: str = "all") -> Manifest:
+    """A copy of the manifest that keeps all checkpoints, or only ``latest`` or ``best``."""
+    if which == "all":
+        return Manifest(**{**man.__dict__, "files": list(man.files), "checkpoints": list(man.checkpoints)})
+    name = man.latest if which == "latest" else (man.best.name if man.best else None)
+    if name is None:
+        raise ArchiveError(f"run {man.name}: has no {which} checkpoint; pack with --checkpoints all")
+    keep_prefix = f"{CHECKPOINTS}/{name}/"
+    files = [f for f in man.files if not f.path.startswith(CHECKPOINTS + "/") or f.path.startswith(keep_prefix)]
+    ckpts = [c for c in man.checkpoints if c.name == name]
+    best = man.best if man.best and man.best.name == name else None
+    return Manifest(**{**man.__dict__, "files": files, "checkpoints": ckpts, "latest": name, "best": best})
+
+
+@dataclass
+class PackResult:
+    """What ``pack`` wrote."""
+
+    path: Path
+    size: int
+    digest: str
+    files: int
+    data_size: int
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale(parent: Path, stem: str) -> None:
+    """Remove temporaries ``.aptrun-tmp-STEM-PID-*`` left in ``parent`` by processes now dead."""
+    prefix = f"{TMP_PREFIX}{stem}-"
+    with contextlib.suppress(OSError):
+        for p in parent.iterdir():
+            if p.name.startswith(prefix):
+                pid = p.name[len(prefix):].split("-", 1)[0]
+                if pid.isdigit() and not _pid_alive(int(pid)):
+                    shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+
+
+def _temp_for(target: Path) -> Path:
+    return target.parent / f"{TMP_PREFIX}{target.name}-{os.getpid()}-{os.urandom(3).hex()}"
+
+
+class _Changed(Exception):
+    """A file changed while it was packed (a trainer is writing the run)."""
+
+
+def pack(run_dir: str | Path, out: str | Path | None = None, *, level: int = 3, threads: int = 0,
+         checkpoints: str = "all", progress: Progress | None = None, attempts: int = 5) -> PackResult:
+    """Pack a run into a verified, deterministic ``.aptrun.tar.zst``.
+
+    ``threads=0`` uses every core. If a trainer commits a new checkpoint while packing, the pack
+    starts again from the new manifest (up to ``attempts`` times), so the archive always holds
+    one consistent state of the run.
+
+    >>> # pack("outputs/run1").path
+    PosixPath('run1.aptrun.tar.zst')
+    """
+    if checkpoints not in ("all", "latest", "best"):
+        raise ArchiveError(f"--checkpoints {checkpoints!r}: expected all, latest or best")
+    if not 1 <= level <= 22:
+        raise ArchiveError(f"--level {level}: expected a zstd level from 1 to 22")
+    run = Run.open(run_dir)
+    target = Path(out) if out is not None else Path(archive_name(run.name))
+    if target.is_dir():
+        target = target / archive_name(run.name)
+    if not target.parent.is_dir():
+        raise ArchiveError(f"{target}: the folder {target.parent} does not exist; create it or choose another -o")
+    clean_stale(target.parent, target.name)
+    threads = threads if threads > 0 else (os.cpu_count() or 1)
+    for attempt in range(attempts):
+        raw_man = run.manifest if attempt == 0 else load_manifest(run.path)
+        man = select_checkpoints(raw_man, checkpoints)
+        problems = _precheck(run.path, man, full=checkpoints == "all")
+        if problems:
+            if _manifest_changed(run.path, raw_man) and attempt + 1 < attempts:
+                continue
+            raise VerifyError(problems, what=f"run {run.name} (not packed)")
+        tmp = _temp_for(target)
+        try:
+            size = _write_archive(run.path, man, tmp, level, threads, progress)
+        except _Changed as e:
+            tmp.unlink(missing_ok=True)
+            if _manifest_changed(run.path, raw_man) and attempt + 1 < attempts:
+                continue
+            raise VerifyError(e.args[0], what=f"run {run.name} (not packed)") from None
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        os.replace(tmp, target)
+        fsync_dir(target.parent)
+        return PackResult(target, size, man.digest(), len(man.files), man.total_size())
+    raise ArchiveError(f"run {run.name}: kept changing while it was packed; try again when training pauses")
+
+
+def _manifest_changed(root: Path, man: Manifest) -> bool:
+    try:
+        return load_manifest(root).digest() != man.digest()
+    except ManifestError:
+        return True
+
+
+def _precheck(root: Path, man: Manifest, full: bool) -> list[Problem]:
+    """Cheap checks before any byte is packed: listed files present with their sizes, no extras,
+    no pickle that would run code."""
+    problems: list[Problem] = []
+    if full:
+        on_disk, problems = walk_files(root)
+        listed = man.file_map()
+        problems += [Problem(p, "extra", "no such file (not in the manifest)", "a file on disk")
+                     for p in on_disk if p not in listed]
+    for f in man.files:
+        try:
+            st = os.stat(root / f.path)
+        except OSError:
+            problems.append(Problem(f.path, "missing", f"{f.size} bytes", "no such file"))
+            continue
+        if st.st_size != f.size:
+            problems.append(Problem(f.path, "size", f"{f.size} bytes", f"{st.st_size} bytes"))
+        elif needs_scan(f.path):
+            try:
+                scan_file(root / f.path, f.path)
+            except UnsafeContentError as e:
+                problems.append(Problem(f.path, "unsafe", "only tensors and plain data", str(e)))
+    return problems
+
+
+def _write_archive(root: Path, man: Manifest, tmp: Path, level: int, threads: int,
+                   progress: Progress | None) -> int:
+    mtime = _mtime(man)
+    name = man.name
+    buf = bytearray(CHUNK)
+    view = memoryview(buf)
+    problems: list[Problem] = []
+    cctx = zstandard.ZstdCompressor(level=level, threads=threads, write_checksum=True)
+    with open(tmp, "xb") as raw:
+        with cctx.stream_writer(raw, closefd=False, write_size=CHUNK) as z:
+            mbytes = man.to_bytes()
+            written = 0
+
+            def put(b: bytes) -> None:
+                nonlocal written
+                z.write(b)
+                written += len(b)
+
+            put(member_header(f"{name}/{MANIFEST_NAME}", len(mbytes), mtime=mtime))
+            put(mbytes + padding(len(mbytes)))
+            for f in man.files:
+                put(member_header(f"{name}/{f.path}", f.size, mtime=mtime))
+                h = hashlib.sha256()
+                left = f.size
+                with open(root / f.path, "rb") as src:
+                    while left:
+                        n = src.readinto(view[:min(CHUNK, left)])
+                        if not n:
+                            raise _Changed([Problem(f.path, "size", f"{f.size} bytes", "fewer (file shrank while packing)")])
+                        chunk = view[:n]
+                        h.update(chunk)
+                        z.write(chunk)
+                        left -= n
+                        if progress:
+                            progress(n)
+                    grew = src.read(1)
+                written += f.size
+                put(padding(f.size))
+                if grew:
+                    problems.append(Problem(f.path, "size", f"{f.size} bytes", "more (file grew while packing)"))
+                elif h.hexdigest() != f.sha256:
+                    problems.append(Problem(f.path, "hash", f"sha256 {f.sha256[:16]}…", f"sha256 {h.hexdigest()[:16]}…"))
+            if problems:
+                raise _Changed(problems)
+            put(end_of_archive(written))
+        raw.flush()
+        os.fsync(raw.fileno())
+        return raw.tell()
+
+
+# -- reading ---------------------------------------------------------------------------------
+class _Decoder:
+    """Decompressed bytes of one zstd frame, with a hard cap on how many may come out."""
+
+    def __init__(self, raw: BinaryIO, shown: str):
+        self.shown = shown
+        self.guard = FrameGuard(raw, shown)
+        self.reader = zstandard.ZstdDecompressor().stream_reader(
+            self.guard, read_size=CHUNK, read_across_frames=False, closefd=False)
+        self.total = 0
+        self.cap = MAX_MANIFEST_BYTES + 4 * 65536 + 16 * TAR_BLOCK
+
+    def _raw_read(self, n: int) -> bytes:
+        try:
+            return self.reader.read(n)
+        except zstandard.ZstdError as e:
+            raise ArchiveError(f"{self.shown}: corrupt zstd data ({e}); the archive is damaged") from None
+
+    def read_some(self, n: int) -> bytes:
+        if self.total + n > self.cap:
+            raise ArchiveError(f"{self.shown}: decompresses to more than the manifest declares"
+                               f" ({self.cap} bytes); refusing it as a decompression bomb")
+        b = self._raw_read(n)
+        if not b:
+            raise ArchiveError(f"{self.shown}: the tar stream ends early; the archive is truncated")
+        self.total += len(b)
+        return b
+
+    def read_exact(self, n: int) -> bytes:
+        first = self.read_some(n)
+        if len(first) == n:
+            return first
+        parts = [first]
+        got = len(first)
+        while got < n:
+            b = self.read_some(n - got)
+            parts.append(b)
+            got += len(b)
+        return b"".join(parts)
+
+    def finish(self) -> None:
+        """After the tar end marker: only zero padding, then the frame's end, then the file's."""
+        slack = 0
+        while True:
+            b = self._raw_read(CHUNK)
+            if not b:
+                break
+            slack += len(b)
+            if slack > RECORD or b.count(0) != len(b):
+                raise ArchiveError(f"{self.shown}: data after the tar end-of-archive marker; expected nothing")
+        self.guard.finish()
+
+
+def _open_source(path: str | Path) -> tuple[BinaryIO, str]:
+    p = Path(path)
+    if p.is_dir():
+        raise ArchiveError(f"{path}: is a folder; expected a {SUFFIX} file")
+    try:
+        return open(p, "rb"), p.name
+    except FileNotFoundError:
+        raise ArchiveError(f"{path}: no such archive; check the path") from None
+
+
+def _read_manifest(tr: TarReader, dec: _Decoder, shown: str) -> tuple[str, Manifest, bytes]:
+    m = tr.next()
+    if m is None:
+        raise ArchiveError(f"{shown}: empty archive; expected NAME/{MANIFEST_NAME} as its first member")
+    parts = m.name.split("/")
+    if m.kind != "file" or len(parts) != 2 or parts[1] != MANIFEST_NAME:
+        raise ArchiveError(f"{shown}: first member is {m.name!r}; expected NAME/{MANIFEST_NAME} first"
+                           " (the manifest is missing or late: not an aptbundle archive)")
+    try:
+        name = check_name(parts[0])
+    except UnsafePathError as e:
+        raise ArchiveError(f"{shown}: {e}") from None
+    if m.size > MAX_MANIFEST_BYTES:
+        raise ArchiveError(f"{shown}: manifest is {m.size} bytes, over the {MAX_MANIFEST_BYTES}-byte limit")
+    sink = io.BytesIO()
+    tr.consume(sink, hashlib.sha256(), m.size, CHUNK)
+    data = sink.getvalue()
+    man = parse_manifest(data, f"{shown}:{m.name}")
+    if man.name != name:
+        raise ArchiveError(f"{shown}: folder {name!r} holds the manifest of run {man.name!r}; expected them equal")
+    overhead = 8 * 1024
+    dirs = {f.path.rsplit("/", 1)[0] for f in man.files if "/" in f.path}
+    dec.cap = tr.offset + sum(f.size + overhead for f in man.files) + overhead * (len(dirs) + 1) + 2 * RECORD
+    return name, man, data
+
+
+def read_archive_manifest(path: str | Path) -> tuple[Manifest, int]:
+    """The manifest of an archive, reading only its first member; and the archive's size."""
+    raw, shown = _open_source(path)
+    with raw:
+        dec = _Decoder(raw, shown)
+        tr = TarReader(dec.read_exact, dec.read_some)
+        _, man, _ = _read_manifest(tr, dec, shown)
+        return man, os.fstat(raw.fileno()).st_size
+
+
+def _extract(raw: BinaryIO, shown: str, sink_root: Path | None, progress: Progress | None,
+             expect_digest: str | None, on_manifest: Callable[[Manifest], None] | None = None
+             ) -> tuple[Manifest, list[Problem]]:
+    """Stream the archive; write listed files under ``sink_root`` if given. Fatal problems raise."""
+    dec = _Decoder(raw, shown)
+    tr = TarReader(dec.read_exact, dec.read_some)
+    name, man, mbytes = _read_manifest(tr, dec, shown)
+    if expect_digest and man.digest() != expect_digest.strip().lower():
+        raise ArchiveError(f"{shown}: run digest is {man.digest()}; expected {expect_digest.strip()}."
+                           " This is not the archive you meant to unpack")
+    if on_manifest:
+        on_manifest(man)
+    if progress is not None and hasattr(progress, "set_total"):
+        progress.set_total(man.total_size())
+    if sink_root is not None:
+        (sink_root / MANIFEST_NAME).write_bytes(mbytes)
+    listed = man.file_map()
+    dirs = {"/".join(p.split("/")[:i]) for p in listed for i in range(1, p.count("/") + 1)}
+    seen: dict[str, str] = {collision_key(MANIFEST_NAME): MANIFEST_NAME}
+    problems: list[Problem] = []
+    while (m := tr.next()) is not None:
+        try:
+            full = normalize_relpath(m.name, what="member")
+        except UnsafePathError as e:
+            raise ArchiveError(f"{shown}: {e}; refusing the archive") from None
+        if m.kind == "dir" and full == name:
+            continue
+        if not full.startswith(name + "/"):
+            raise ArchiveError(f"{shown}: member {m.name!r} is outside the run folder {name!r}/; refusing the archive")
+        rel = full[len(name) + 1:]
+        key = collision_key(rel)
+        if key in seen:
+            what = "appears twice" if seen[key] == rel or key == collision_key(MANIFEST_NAME) else \
+                f"collides with {seen[key]!r} (case or Unicode normalisation)"
+            raise ArchiveError(f"{shown}: member {m.name!r} {what}; refusing the archive")
+        seen[key] = rel
+        entry = listed.get(rel)
+        if m.kind == "dir":
+            if rel in listed:
+                problems.append(Problem(rel, "type", "a regular file", "a folder"))
+            elif rel not in dirs:
+                problems.append(Problem(rel, "extra", "no such folder (not in the manifest)", "a folder in the archive"))
+            continue
+        if entry is None:
+            problems.append(Problem(rel, "extra", "no such file (not in the manifest)", f"a member of {m.size} bytes"))
+            tr.consume(None, _NullHash(), m.size, CHUNK)
+            continue
+        if m.size != entry.size:
+            problems.append(Problem(rel, "size", f"{entry.size} bytes", f"{m.size} bytes"))
+            tr.consume(None, _NullHash(), m.size, CHUNK)
+            continue
+        h = hashlib.sha256()
+        if sink_root is not None:
+            target = sink_root / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+                         | getattr(os, "O_BINARY", 0), 0o644)
+            with open(fd, "wb", buffering=0) as out:
+                tr.consume(_Counting(out, progress), h, m.size, CHUNK)
+        else:
+            tr.consume(_Counting(None, progress), h, m.size, CHUNK)
+        if h.hexdigest() != entry.sha256:
+            problems.append(Problem(rel, "hash", f"sha256 {entry.sha256[:16]}…", f"sha256 {h.hexdigest()[:16]}…"))
+    for rel, entry in listed.items():
+        if collision_key(rel) not in seen:
+            problems.append(Problem(rel, "missing", f"{entry.size} bytes", "not in the archive"))
+    dec.finish()
+    return man, sorted(problems, key=lambda p: p.path)
+
+
+class _NullHash:
+    def update(self, b: bytes) -> None:
+        pass
+
+
+class _Counting:
+    """A write sink that reports progress (and passes bytes on to ``out`` if given)."""
+
+    def __init__(self, out, progress: Progress | None):
+        self.out, self.progress = out, progress
+
+    def write(self, b: bytes) -> None:
+        if self.out is not None:
+            self.out.write(b)
+        if self.progress:
+            self.progress(len(b))
+
+
+def unpack(archive: str | Path, dest: str | Path = ".", *, expect_digest: str | None = None,
+           progress: Progress | None = None, on_manifest: Callable[[Manifest], None] | None = None) -> Path:
+    """Unpack an archive into ``DEST/NAME`` safely; return that path.
+
+    Everything is written into a fresh temporary folder beside ``DEST/NAME`` and renamed into
+    place only when every member matched the manifest; on any problem nothing is left behind.
+
+    >>> # unpack("run1.aptrun.tar.zst", "elsewhere")
+    PosixPath('elsewhere/run1')
+    """
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    raw, shown = _open_source(archive)
+    tmp: Path | None = None
+    state: dict = {}
+
+    def start(man: Manifest) -> None:
+        nonlocal tmp
+        final = dest / man.name
+        if final.exists() or final.is_symlink():
+            raise ArchiveError(f"{final}: already exists; remove it or unpack with -C into another folder")
+        clean_stale(dest, man.name)
+        tmp = _temp_for(final)
+        tmp.mkdir(mode=0o755)
+        state["final"], state["tmp"] = final, tmp
+        if on_manifest:
+            on_manifest(man)
+
+    try:
+        with raw:
+            man, problems = _extract(raw, shown, _LazyRoot(state), progress, expect_digest, start)
+        if problems:
+            raise VerifyError(problems, what=f"{shown} (not unpacked)")
+        final = state["final"]
+        if final.exists():
+            raise ArchiveError(f"{final}: appeared while unpacking; nothing was changed")
+        os.rename(state["tmp"], final)
+        fsync_dir(dest)
+        return final
+    except BaseException:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+class _LazyRoot:
+    """A path-like root that resolves to the unpack's temporary folder once it exists."""
+
+    def __init__(self, state: dict):
+        self.state = state
+
+    def __truediv__(self, rel: str) -> Path:
+        return self.state["tmp"] / rel
+
+
+def verify_archive(path: str | Path, progress: Progress | None = None):
+    """Check an archive without unpacking it to disk; return a ``verify.Report``.
+
+    >>> # verify_archive("run1.aptrun.tar.zst").ok
+    """
+    from aptbundle.verify import Report
+
+    rep = Report(str(path), "archive")
+    raw, shown = _open_source(path)
+
+    def seen(man: Manifest) -> None:
+        rep.files, rep.size, rep.digest = len(man.files), man.total_size(), man.digest()
+
+    with raw:
+        try:
+            _, rep.problems = _extract(raw, shown, None, progress, None, seen)
+        except (ArchiveError, ManifestError, UnsafePathError) as e:
+            rep.problems.append(Problem(shown, "archive", "a valid aptbundle archive", str(e)))
+    return rep

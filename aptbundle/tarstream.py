@@ -1,0 +1,311 @@
+"""A strict, streaming POSIX tar writer and reader, and a zstd single-frame guard.
+
+``tarfile`` reads whole pax headers into memory and accepts links, devices and sparse files;
+an archive that may come from anyone needs less. The writer emits deterministic ustar headers
+(pax records only for long or non-ASCII names and sizes of 8 GiB or more) that GNU tar and
+bsdtar read. The reader accepts only regular files, directories and small pax / GNU long-name
+headers, checks every header checksum and number, and refuses everything else by name.
+``FrameGuard`` hands zstd exactly one frame and reports anything after it.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import BinaryIO
+
+from aptbundle.errors import ArchiveError
+
+BLOCK = 512
+RECORD = 20 * BLOCK  # what GNU tar pads the end of an archive to
+MAX_PAX = 64 * 1024
+_OCTAL_MAX_SIZE = 0o77777777777
+
+
+def _octal(value: int, width: int) -> bytes:
+    return (b"%0*o" % (width - 1, value)) + b"\0"
+
+
+def _pad(n: int) -> int:
+    return -n % BLOCK
+
+
+def _pax_record(key: str, value: str) -> bytes:
+    body = f" {key}={value}\n".encode("utf-8")
+    n = len(body) + 1
+    while len(str(n)) + len(body) != n:
+        n = len(str(n)) + len(body)
+    return str(n).encode() + body
+
+
+def _header(name: bytes, size: int, typeflag: bytes, mode: int, mtime: int) -> bytes:
+    h = bytearray(BLOCK)
+    h[0:len(name)] = name
+    h[100:108] = _octal(mode, 8)
+    h[108:116] = _octal(0, 8)
+    h[116:124] = _octal(0, 8)
+    h[124:136] = _octal(size, 12)
+    h[136:148] = _octal(mtime, 12)
+    h[148:156] = b" " * 8
+    h[156:157] = typeflag
+    h[257:265] = b"ustar\x0000"
+    h[329:337] = _octal(0, 8)
+    h[337:345] = _octal(0, 8)
+    h[148:156] = b"%06o\0 " % sum(h)
+    return bytes(h)
+
+
+def member_header(name: str, size: int, *, is_dir: bool = False, mtime: int = 0) -> bytes:
+    """Header block(s) for one member: mode 0644/0755, owner 0:0, no user names, fixed mtime."""
+    raw = name.encode("utf-8")
+    pax = b""
+    short = raw
+    if len(raw) > 100 or not raw.isascii():
+        pax += _pax_record("path", name)
+        short = raw.decode("ascii", "replace").encode("ascii", "replace")[-100:] if raw.isascii() else \
+            ("aptrun-member-" + str(len(raw))).encode()
+    if size > _OCTAL_MAX_SIZE:
+        pax += _pax_record("size", str(size))
+    out = b""
+    if pax:
+        out += _header(b"PaxHeader/" + short[-90:], len(pax), b"x", 0o644, mtime) + pax + b"\0" * _pad(len(pax))
+    hsize = 0 if is_dir or size > _OCTAL_MAX_SIZE else size  # a larger size travels in the pax record
+    return out + _header(short, hsize, b"5" if is_dir else b"0", 0o755 if is_dir else 0o644, mtime)
+
+
+def padding(size: int) -> bytes:
+    """Zero bytes that complete a member's data to a 512-byte block."""
+    return b"\0" * _pad(size)
+
+
+def end_of_archive(written: int) -> bytes:
+    """Two zero blocks, then zeros up to a full 10 KiB record, as GNU tar writes."""
+    n = written + 2 * BLOCK
+    return b"\0" * (2 * BLOCK + (-n % RECORD))
+
+
+# -- reading ---------------------------------------------------------------------------------
+@dataclass
+class Member:
+    """One member as the reader found it."""
+
+    name: str
+    kind: str  # "file" or "dir"
+    size: int
+
+
+def _parse_number(field: bytes, what: str, where: str) -> int:
+    if field[:1] in (b"\x80", b"\xff"):
+        if field[:1] == b"\xff":
+            raise ArchiveError(f"{where}: negative {what} in tar header; the archive is malformed")
+        return int.from_bytes(field[1:], "big")
+    text = field.split(b"\0", 1)[0].strip(b" ")
+    if not text:
+        return 0
+    if not all(48 <= c <= 55 for c in text):
+        raise ArchiveError(f"{where}: tar header field {what} is {field!r}; expected octal digits")
+    return int(text, 8)
+
+
+class TarReader:
+    """Pull members one by one from a byte stream that returns exactly what is asked of it."""
+
+    def __init__(self, read_exact, read_some=None):
+        self._read = read_exact  # read_exact(n) -> bytes of length n or raises ArchiveError
+        self._some = read_some or read_exact  # read_some(n) -> 1..n bytes
+        self.offset = 0
+        self._pending = 0  # data + padding of the current member not yet consumed
+
+    def _block(self) -> bytes:
+        b = self._read(BLOCK)
+        self.offset += BLOCK
+        return b
+
+    def next(self) -> Member | None:
+        """The next member's header, or None at the end-of-archive marker."""
+        if self._pending:
+            raise ArchiveError("internal: previous member data not consumed")
+        pax: dict[str, str] = {}
+        longname: str | None = None
+        while True:
+            where = f"tar header at byte {self.offset}"
+            h = self._block()
+            if h == b"\0" * BLOCK:
+                if self._block() != b"\0" * BLOCK:
+                    raise ArchiveError(f"{where}: a lone zero block inside the archive; the tar stream is malformed")
+                if pax or longname is not None:
+                    raise ArchiveError(f"{where}: extended header with no member after it")
+                return None
+            stored = _parse_number(h[148:156], "checksum", where)
+            calc = sum(h[:148]) + 256 + sum(h[156:])
+            if stored != calc:
+                raise ArchiveError(f"{where}: header checksum {stored} does not match {calc}; the archive is corrupt")
+            if h[257:263] not in (b"ustar\x00", b"ustar "):
+                raise ArchiveError(f"{where}: not a ustar header (magic {h[257:263]!r}); expected a POSIX tar")
+            typeflag = h[156:157]
+            size = _parse_number(h[124:136], "size", where)
+            if typeflag in (b"x", b"L"):
+                if size > MAX_PAX:
+                    raise ArchiveError(f"{where}: extended header of {size} bytes; at most {MAX_PAX} are accepted")
+                data = self._read(size + _pad(size))[:size]
+                self.offset += size + _pad(size)
+                if typeflag == b"L":
+                    longname = data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+                else:
+                    pax.update(_parse_pax(data, where))
+                continue
+            kinds = {b"0": "file", b"\0": "file", b"5": "dir"}
+            if typeflag not in kinds:
+                names = {b"1": "hard link", b"2": "symbolic link", b"3": "character device",
+                         b"4": "block device", b"6": "FIFO", b"7": "contiguous file", b"S": "sparse file",
+                         b"g": "global pax header", b"K": "GNU long link name", b"V": "volume label"}
+                what = names.get(typeflag, f"type {typeflag!r}")
+                raw_name = h[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
+                raise ArchiveError(f"member {raw_name!r}: is a {what}; archives may hold only regular files and folders")
+            if "size" in pax:
+                try:
+                    size = int(pax["size"])
+                except ValueError:
+                    raise ArchiveError(f"{where}: pax size {pax['size']!r} is not a number") from None
+            if size < 0:
+                raise ArchiveError(f"{where}: negative member size")
+            name = pax.get("path") or longname
+            if name is None:
+                name = h[:100].split(b"\0", 1)[0]
+                prefix = h[345:500].split(b"\0", 1)[0] if h[257:263] == b"ustar\x00" else b""
+                if prefix:
+                    name = prefix + b"/" + name
+                try:
+                    name = name.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise ArchiveError(f"{where}: member name {name!r} is not UTF-8") from None
+            kind = kinds[typeflag]
+            if kind == "dir":
+                if size:
+                    raise ArchiveError(f"member {name!r}: a folder with {size} bytes of data")
+                name = name[:-1] if name.endswith("/") else name
+            self._pending = size + _pad(size)
+            return Member(name, kind, size)
+
+    def consume(self, sink, hasher, size: int, chunk: int) -> None:
+        """Feed exactly the current member's data to ``hasher`` (and ``sink`` if given)."""
+        left = size
+        while left:
+            b = self._some(min(chunk, left))
+            left -= len(b)
+            hasher.update(b)
+            if sink is not None:
+                sink.write(b)
+        pad = self._pending - size
+        if pad:
+            self._read(pad)
+        self.offset += self._pending
+        self._pending = 0
+
+
+def _parse_pax(data: bytes, where: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    pos = 0
+    while pos < len(data):
+        sp = data.find(b" ", pos)
+        if sp < 0 or sp - pos > 20:
+            raise ArchiveError(f"{where}: malformed pax record; the archive is corrupt")
+        try:
+            length = int(data[pos:sp])
+        except ValueError:
+            raise ArchiveError(f"{where}: malformed pax record length {data[pos:sp]!r}") from None
+        rec = data[pos:pos + length]
+        if length < sp - pos + 3 or len(rec) != length or not rec.endswith(b"\n") or b"=" not in rec:
+            raise ArchiveError(f"{where}: malformed pax record; the archive is corrupt")
+        key, _, value = rec[sp - pos + 1:-1].partition(b"=")
+        try:
+            k, v = key.decode("utf-8"), value.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ArchiveError(f"{where}: pax record is not UTF-8") from None
+        if k.startswith("GNU.sparse") or (k == "linkpath" and v):
+            raise ArchiveError(f"{where}: pax record {k!r}: sparse files and links are not accepted")
+        out[k] = v
+        pos += length
+    return out
+
+
+class FrameGuard:
+    """A raw-stream wrapper that passes one zstd frame, byte-exact, and nothing after it.
+
+    zstd is given only the frame's bytes; ``finish()`` then checks that the file ends there, so
+    trailing bytes, skippable frames and second frames are refused instead of silently read.
+    """
+
+    def __init__(self, raw: BinaryIO, shown: str):
+        self.raw = raw
+        self.shown = shown
+        self._out = b""  # header bytes parsed but not yet handed out
+        self._payload = 0  # block payload bytes still to hand out
+        self._state = "magic"
+        self._last = False
+        self._checksum = False
+        self.consumed = 0
+
+    def _take(self, n: int) -> bytes:
+        b = self.raw.read(n)
+        if len(b) != n:
+            raise ArchiveError(f"{self.shown}: the zstd stream is truncated; the archive is incomplete")
+        return b
+
+    def _advance(self) -> None:
+        if self._state == "magic":
+            head = self._take(5)
+            if head[:4] != b"\x28\xb5\x2f\xfd":
+                raise ArchiveError(f"{self.shown}: not a zstd stream (starts with {head[:4].hex()});"
+                                   " expected NAME.aptrun.tar.zst")
+            fhd = head[4]
+            if fhd & 0x08:
+                raise ArchiveError(f"{self.shown}: zstd frame header has a reserved bit set; corrupt")
+            single = (fhd >> 5) & 1
+            fcs = {0: single, 1: 2, 2: 4, 3: 8}[fhd >> 6]
+            did = {0: 0, 1: 1, 2: 2, 3: 4}[fhd & 3]
+            self._checksum = bool(fhd & 0x04)
+            self._out = head + self._take((0 if single else 1) + did + fcs)
+            self._state = "block"
+        elif self._state == "block":
+            if self._last:
+                self._state = "done"
+                if self._checksum:
+                    self._out = self._take(4)
+                return
+            h = self._take(3)
+            v = int.from_bytes(h, "little")
+            self._last, btype, bsize = bool(v & 1), (v >> 1) & 3, v >> 3
+            if btype == 3:
+                raise ArchiveError(f"{self.shown}: zstd block of reserved type; the archive is corrupt")
+            self._out = h
+            self._payload = 1 if btype == 1 else bsize
+
+    def read(self, n: int = -1) -> bytes:
+        n = 1 << 20 if n is None or n < 0 else n
+        while True:
+            if self._out:
+                b, self._out = self._out[:n], self._out[n:]
+                self.consumed += len(b)
+                return b
+            if self._payload:
+                b = self.raw.read(min(n, self._payload))
+                if not b:
+                    raise ArchiveError(f"{self.shown}: the zstd stream is truncated; the archive is incomplete")
+                self._payload -= len(b)
+                self.consumed += len(b)
+                return b
+            if self._state == "done":
+                return b""
+            self._advance()
+
+    def finish(self) -> None:
+        """Refuse anything after the frame: trailing bytes or extra (or skippable) frames."""
+        while self._state != "done":
+            if not self.read(1 << 20):
+                break
+        extra = self.raw.read(4)
+        if extra:
+            kind = "another zstd frame" if extra in (b"\x28\xb5\x2f\xfd",) or (
+                len(extra) == 4 and struct.unpack("<I", extra)[0] & 0xFFFFFFF0 == 0x184D2A50) else "trailing bytes"
+            raise ArchiveError(f"{self.shown}: {kind} after the archive's zstd frame; expected the file to end there")
