@@ -25,7 +25,7 @@ from typing import BinaryIO, Callable
 import zstandard
 
 from aptbundle.errors import ArchiveError, ManifestError, UnsafeContentError, UnsafePathError, VerifyError
-from aptbundle.fsutil import BLOCK, TMP_PREFIX, Progress, fsync_dir, is_temp_name
+from aptbundle.fsutil import TMP_PREFIX, Progress, fsync_dir, pid_alive
 from aptbundle.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, Manifest, load_manifest, parse_manifest
 from aptbundle.paths import check_name, collision_key, normalize_relpath
 from aptbundle.run import CHECKPOINTS, Problem, Run, walk_files
@@ -75,16 +75,6 @@ class PackResult:
     data_size: int
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def clean_stale(parent: Path, stem: str) -> None:
     """Remove temporaries ``.aptrun-tmp-STEM-PID-*`` left in ``parent`` by processes now dead."""
     prefix = f"{TMP_PREFIX}{stem}-"
@@ -92,7 +82,7 @@ def clean_stale(parent: Path, stem: str) -> None:
         for p in parent.iterdir():
             if p.name.startswith(prefix):
                 pid = p.name[len(prefix):].split("-", 1)[0]
-                if pid.isdigit() and not _pid_alive(int(pid)):
+                if pid.isdigit() and not pid_alive(int(pid)):
                     shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
 
 

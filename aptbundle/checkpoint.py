@@ -120,11 +120,12 @@ class CheckpointManager:
              optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None,
              trainer_state: Mapping[str, Any] | None = None, metrics: Mapping[str, Any] | None = None,
              rng: bool = True, run_files: Mapping[str, bytes] | None = None,
-             device: str | None = None) -> CheckpointEntry:
+             device: str | None = None, is_best: bool | None = None) -> CheckpointEntry:
         """Write a complete checkpoint at ``step`` and commit it to the manifest.
 
         ``run_files`` are other files of the run (for example ``logs/metrics.jsonl``) rewritten
-        atomically in the same commit. Returns the new manifest entry.
+        atomically in the same commit. ``is_best=True`` marks it best whatever its metrics.
+        Returns the new manifest entry.
         """
         name = checkpoint_name(step)
         stage = self._staging_dir(name)
@@ -145,10 +146,10 @@ class CheckpointManager:
         except BaseException:
             shutil.rmtree(stage, ignore_errors=True)
             raise
-        return self._commit(name, stage, step, epoch, dict(metrics or {}), run_files or {}, device)
+        return self._commit(name, stage, step, epoch, dict(metrics or {}), run_files or {}, device, is_best)
 
     def _commit(self, name: str, stage: Path, step: int, epoch, metrics: dict,
-                run_files: Mapping[str, bytes], device: str | None) -> CheckpointEntry:
+                run_files: Mapping[str, bytes], device: str | None, is_best: bool | None) -> CheckpointEntry:
         run, man = self.run, self.run.manifest
         final = run.checkpoint_dir(name)
         retired: list[Path] = []
@@ -167,7 +168,10 @@ class CheckpointManager:
         man.checkpoints = sorted([c for c in man.checkpoints if c.name != name] + [entry], key=lambda c: c.step)
         man.latest = max(man.checkpoints, key=lambda c: c.step).name
         value = metrics.get(self.best_metric)
-        if isinstance(value, (int, float)) and value == value:
+        if is_best:
+            v = float(value) if isinstance(value, (int, float)) else float("nan")
+            man.best = BestInfo(name, self.best_metric, self.best_mode, v if v == v else 0.0)
+        elif isinstance(value, (int, float)) and value == value:
             cur = man.best
             better = (cur is None or cur.name == name or man.checkpoint(cur.name) is None
                       or (value < cur.value if self.best_mode == "min" else value > cur.value))

@@ -200,3 +200,28 @@ def inspect(path: str, as_json: bool) -> None:
 
     info = describe(path)
     emit(as_json, info, render(info))
+
+
+@main.command()
+@click.argument("run_dir", required=False, type=click.Path(file_okay=False))
+@click.option("--from", "which", default="latest", show_default=True, help="latest, best or a checkpoint name.")
+@click.option("--epochs", type=click.IntRange(1), default=None, help="Train to N epochs in total.")
+@click.option("--stop-at-step", type=click.IntRange(1), default=None, help="Save and stop after global step N.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--data", type=click.Path(dir_okay=False), default=None, help="The corpus, when it did not travel.")
+@click.option("--allow-data-change", is_flag=True, help="Continue even if the data differs from the run's.")
+@json_opt
+@quiet_opt
+def resume(run_dir: str | None, which: str, epochs: int | None, stop_at_step: int | None, device: str,
+           data: str | None, allow_data_change: bool, as_json: bool, quiet: bool) -> None:
+    """Continue a run where it stopped (default: the run here or in ./outputs)."""
+    from aptbundle.resume import resume as do_resume
+
+    res = do_resume(run_dir, which=which, epochs=epochs, stop_at_step=stop_at_step, device=device, data=data,
+                    allow_data_change=allow_data_change, quiet=quiet)
+    step = getattr(res, "global_step", None)
+    done = getattr(res, "finished", None)
+    where = getattr(res, "run_dir", run_dir)
+    emit(as_json, {"run": str(where), "global_step": step, "finished": done,
+                   "checkpoint": getattr(res, "last_checkpoint", None)},
+         f"{'finished' if done else 'stopped'} at step {step}: {where}")

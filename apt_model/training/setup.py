@@ -1,0 +1,135 @@
+"""Building or reopening everything a training session needs: run, config, tokenizer, data,
+model, optimizer and schedule. ``trainer.py`` only runs the loop.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from aptbundle.errors import ResumeError, RunError
+from aptbundle.run import Run
+from apt_model.config import APTConfig
+from apt_model.data import (SOURCE_FILE, ResumableSampler, builtin_corpus, describe_source, make_blocks,
+                            read_text, resolve_data, split_blocks)
+from apt_model.model import APTModel
+from apt_model.tokenizer import CharTokenizer
+
+TRAINER_NAME = "apt_model"
+CONFIG_FILE = "config.json"
+TOKENIZER_DIR = "tokenizer"
+
+
+def warmup_cosine(step: int, *, warmup: int, total: int, min_ratio: float) -> float:
+    """Learning-rate factor: linear warm-up, then cosine decay to ``min_ratio``."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def pick_device(device: str) -> torch.device:
+    """``auto`` -> cuda if available else cpu; ``cuda`` without a GPU is a clear error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ResumeError("--device cuda: no CUDA GPU is available here; use --device cpu or auto")
+    if device not in ("cpu", "cuda"):
+        raise ResumeError(f"--device {device!r}: expected auto, cpu or cuda")
+    return torch.device(device)
+
+
+@dataclass
+class Session:
+    """Everything the loop works on."""
+
+    run: Run
+    cfg: APTConfig
+    tokenizer: CharTokenizer
+    train_blocks: torch.Tensor
+    val_blocks: torch.Tensor
+    model: APTModel
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    sampler: ResumableSampler
+    device: torch.device
+    total_steps: int
+    data_changed: bool = False
+
+
+def load_blocks(text: str, tok: CharTokenizer, cfg: APTConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    return split_blocks(make_blocks(tok.encode(text), cfg.block_size), cfg.val_fraction)
+
+
+def build(run: Run, cfg: APTConfig, tok: CharTokenizer, text: str, device: torch.device,
+          rank: int = 0, world: int = 1) -> Session:
+    """Model, optimizer and schedule for ``cfg``; weights drawn from the seeded torch RNG."""
+    train_blocks, val_blocks = load_blocks(text, tok, cfg)
+    sampler = ResumableSampler(len(train_blocks), cfg.batch_size, cfg.seed, rank, world)
+    total = cfg.epochs * sampler.num_batches()
+    model = APTModel(cfg).to(device)
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, functools.partial(
+        warmup_cosine, warmup=cfg.warmup_steps, total=total, min_ratio=cfg.min_lr_ratio))
+    return Session(run, cfg, tok, train_blocks, val_blocks, model, opt, sched, sampler, device, total)
+
+
+def new_run(run_dir: Path, cfg: APTConfig, data: str | Path | None) -> tuple[Run, APTConfig, CharTokenizer, str]:
+    """Create the run folder: config, tokenizer, the corpus (or its record)."""
+    if Run.is_run(run_dir):
+        run = Run.open(run_dir)
+        at = f" (latest checkpoint {run.latest.name})" if run.latest else ""
+        raise RunError(f"{run_dir}: already holds a run{at}; continue it with --resume-from latest"
+                       f" or `aptbundle resume {run_dir}`, or choose a new --run-dir")
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise RunError(f"{run_dir}: exists and is not empty; choose a new --run-dir")
+    src = Path(data) if data is not None else builtin_corpus()
+    text = read_text(src)
+    tok = CharTokenizer.build(text)
+    cfg = cfg.replace(vocab_size=len(tok))
+    run = Run.create(run_dir, trainer=TRAINER_NAME)
+    rec = describe_source(src)
+    if rec["copied"]:
+        (run.path / "data").mkdir(exist_ok=True)
+        shutil.copyfile(src, run.path / "data" / rec["name"])
+        run.record_file(f"data/{rec['name']}")
+    run.write_file(SOURCE_FILE, json.dumps(rec, indent=1, sort_keys=True).encode("utf-8"))
+    run.write_file(CONFIG_FILE, cfg.to_json().encode("utf-8"))
+    for name, blob in tok.files().items():
+        run.write_file(f"{TOKENIZER_DIR}/{name}", blob)
+    run.save_manifest()
+    return run, cfg, tok, text
+
+
+def reopen_run(run: Run, data: str | Path | None, allow_change: bool,
+               overrides: dict) -> tuple[APTConfig, CharTokenizer, str, bool]:
+    """Config and tokenizer from the run (never rebuilt), and the corpus to continue on."""
+    problems = run.verify(only=[CONFIG_FILE, f"{TOKENIZER_DIR}/vocab.json", SOURCE_FILE])
+    if problems:
+        raise ResumeError(f"{run.name}: " + "; ".join(map(str, problems)))
+    cfg = APTConfig.load(run.path / CONFIG_FILE)
+    allowed = {"epochs", "save_every", "save_freq", "keep_last", "log_every"}
+    bad = sorted(k for k, v in overrides.items() if v is not None and k not in allowed and v != getattr(cfg, k))
+    if bad:
+        raise ResumeError(f"{run.name}: {', '.join(bad)} cannot change when resuming (the run was built with"
+                          f" {', '.join(f'{k}={getattr(cfg, k)}' for k in bad)}); start a new run to change them")
+    cfg = cfg.replace(**{k: v for k, v in overrides.items() if v is not None and k in allowed})
+    tok = CharTokenizer.load(run.path / TOKENIZER_DIR)
+    path, changed = resolve_data(run.path, data, allow_change)
+    if not changed:
+        rec = json.loads((run.path / SOURCE_FILE).read_text("utf-8"))
+        inside = f"data/{rec['name']}"
+        if data is None and run.manifest.file_map().get(inside):
+            problems = run.verify(only=[inside])
+            if problems:
+                raise ResumeError(f"{run.name}: " + "; ".join(map(str, problems)))
+    return cfg, tok, read_text(path), changed

@@ -1,0 +1,375 @@
+"""Train an APT model into an aptbundle run, and continue such a run bit-exactly.
+
+``train`` creates a run (or continues one with ``resume_from``), trains with AdamW, warm-up and
+cosine decay and gradient clipping, logs per-step metrics to ``logs/metrics.jsonl`` and saves
+complete checkpoints through ``aptbundle.checkpoint.CheckpointManager``. Every RNG it touches
+is saved and the data position is a number, so stopping at any step and resuming gives the same
+weights, optimizer state and loss history as a run that never stopped (same hardware kind,
+torch version and thread count). SIGINT/SIGTERM finish the current step, save and exit cleanly.
+
+Command line: ``python -m apt_model.training.trainer --run-dir outputs/run1 --epochs 2``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from aptbundle.checkpoint import CheckpointManager
+from aptbundle.errors import AptBundleError, ResumeError
+from aptbundle.run import Run, environment_info, now_iso
+from apt_model.config import APTConfig, ConfigError, preset
+from apt_model.training.setup import Session, build, new_run, pick_device, reopen_run
+from apt_model.utils.cache_manager import CacheManager
+
+METRICS_FILE = "logs/metrics.jsonl"
+LOSS_WINDOW = 20
+
+
+@dataclass
+class TrainResult:
+    """What a training session did."""
+
+    run_dir: Path
+    global_step: int
+    epoch: int
+    finished: bool
+    losses: list[float] = field(default_factory=list)
+    last_checkpoint: str | None = None
+
+
+class _Stop:
+    """Turns SIGINT/SIGTERM into a request to save and stop after the current step."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._old: dict = {}
+
+    def __enter__(self):
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signal is not None:  # a second signal: the user really wants out now
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+def _log(quiet: bool, msg: str) -> None:
+    if not quiet:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def _warn_environment(run: Run, device: torch.device, quiet: bool) -> None:
+    """Resuming is exact only on the same torch, thread count and device kind: say when not."""
+    was, now = run.manifest.environment, environment_info(device.type)
+    for key, label in (("torch", "torch version"), ("threads", "thread count"), ("device", "device")):
+        if key in was and was.get(key) != now.get(key):
+            _log(quiet, f"warning: {label} differs: run written with {was.get(key)}, resuming with {now.get(key)};"
+                        " the state is restored exactly, float rounding may differ")
+
+
+@torch.no_grad()
+def evaluate(s: Session) -> float | None:
+    """Mean validation loss (eval mode: no dropout, no RNG drawn)."""
+    if len(s.val_blocks) == 0:
+        return None
+    s.model.eval()
+    total, n = 0.0, 0
+    for i in range(0, len(s.val_blocks), s.cfg.batch_size):
+        b = s.val_blocks[i: i + s.cfg.batch_size].to(s.device)
+        _, loss = s.model(b[:, :-1], b[:, 1:])
+        total += loss.item() * len(b)
+        n += len(b)
+    s.model.train()
+    return total / n
+
+
+class Trainer:
+    """One training session over a run (new or resumed)."""
+
+    def __init__(self, s: Session, cm: CheckpointManager, *, state: dict | None, quiet: bool,
+                 is_main: bool = True):
+        self.s, self.cm, self.quiet, self.is_main = s, cm, quiet, is_main
+        state = state or {}
+        self.global_step = int(state.get("global_step", 0))
+        self.epoch = int(state.get("epoch", 0))
+        self.position = int(state.get("position", 0))
+        self.losses: list[float] = list(state.get("loss_history", []))
+        self.log_lines = self._read_log(self.global_step)
+        self.last_saved: str | None = None
+        self.start_step = self.global_step
+
+    def _read_log(self, upto: int) -> list[bytes]:
+        """Metrics lines up to the restored step: later ones belong to a lost future."""
+        path = self.s.run.path / METRICS_FILE
+        if not path.exists():
+            return []
+        keep = []
+        for line in path.read_bytes().splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= upto:
+                    keep.append(line + b"\n")
+            except ValueError:
+                continue
+        return keep
+
+    def save(self, reason: str) -> str:
+        s = self.s
+        window = self.losses[-LOSS_WINDOW:]
+        metrics = {"loss": sum(window) / len(window) if window else float("nan"),
+                   "lr": s.scheduler.get_last_lr()[0]}
+        val = evaluate(s)
+        if val is not None:
+            metrics["val_loss"] = val
+        state = {"global_step": self.global_step, "position": self.position,
+                 "samples_seen": self.global_step * s.cfg.batch_size * s.sampler.world,
+                 "steps_per_epoch": s.sampler.num_batches(), "total_steps": s.total_steps,
+                 "planned_epochs": s.cfg.epochs, "loss_history": self.losses, "metrics": metrics}
+        hist = s.run.manifest.history
+        hist[-1].update(stop_step=self.global_step, stopped_at=now_iso(), reason=reason)
+        if metrics["loss"] != metrics["loss"]:
+            metrics.pop("loss")
+        entry = self.cm.save(step=self.global_step, epoch=self.epoch, model=s.model, optimizer=s.optimizer,
+                             scheduler=s.scheduler, trainer_state=state, metrics=metrics,
+                             run_files={METRICS_FILE: b"".join(self.log_lines)}, device=s.device.type)
+        self.last_saved = entry.name
+        _log(self.quiet, f"saved {s.run.name}/checkpoints/{entry.name} (step {self.global_step}, epoch"
+                         f" {self.epoch}, loss {metrics.get('loss', float('nan')):.4f}"
+                         + (f", val {val:.4f})" if val is not None else ")"))
+        return entry.name
+
+    def fit(self, stop_at_step: int | None = None) -> TrainResult:
+        s = self.s
+        cfg, spe = s.cfg, s.sampler.num_batches()
+        s.run.manifest.history.append({
+            "started_at": now_iso(), "start_step": self.global_step, "stop_step": self.global_step,
+            **{k: v for k, v in environment_info(s.device.type).items()}})
+        s.model.train()
+        bar = _Bar(s.total_steps, self.global_step, self.quiet)
+        saved_at = None
+        with _Stop() as stop:
+            while self.epoch < cfg.epochs:
+                for idx in s.sampler.batches(self.epoch, self.position):
+                    batch = s.train_blocks[idx].to(s.device)
+                    _, loss = s.model(batch[:, :-1], batch[:, 1:])
+                    s.optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    if cfg.grad_clip > 0:
+                        torch.nn.utils.clip_grad_norm_(s.model.parameters(), cfg.grad_clip)
+                    s.optimizer.step()
+                    s.scheduler.step()
+                    self.global_step += 1
+                    self.position += 1
+                    value = loss.item()
+                    self.losses.append(value)
+                    if self.position == spe:
+                        self.epoch, self.position = self.epoch + 1, 0
+                    if self.global_step % cfg.log_every == 0:
+                        self.log_lines.append((json.dumps({
+                            "step": self.global_step, "epoch": self.epoch, "loss": value,
+                            "lr": s.scheduler.get_last_lr()[0]}) + "\n").encode())
+                    bar.update(self.global_step, value)
+                    epoch_end = self.position == 0
+                    reason = None
+                    if stop_at_step is not None and self.global_step >= stop_at_step:
+                        reason = "stop-at-step"
+                    elif stop.signal is not None:
+                        reason = f"signal {signal.Signals(stop.signal).name}"
+                    elif cfg.save_every and self.global_step % cfg.save_every == 0:
+                        reason = "save-every"
+                    elif epoch_end and (self.epoch % cfg.save_freq == 0 or self.epoch == cfg.epochs):
+                        reason = "epoch"
+                    if reason:
+                        bar.clear()
+                        self.save(reason)
+                        saved_at = self.global_step
+                        if reason.startswith(("stop", "signal")):
+                            bar.close()
+                            if reason.startswith("signal"):
+                                _log(self.quiet, f"stopped by {reason[7:]} at step {self.global_step};"
+                                                 f" continue with `aptbundle resume {s.run.path}`")
+                            return self._result(False)
+                    if epoch_end:
+                        break
+        bar.close()
+        if saved_at != self.global_step:
+            self.save("end")
+        return self._result(True)
+
+    def _result(self, finished: bool) -> TrainResult:
+        return TrainResult(self.s.run.path, self.global_step, self.epoch, finished, self.losses, self.last_saved)
+
+
+class _Bar:
+    """A one-line progress bar on stderr when it is a terminal; silent otherwise."""
+
+    def __init__(self, total: int, start: int, quiet: bool):
+        self.total, self.on = total, (not quiet) and sys.stderr.isatty()
+        self.t0, self.start = time.time(), start
+
+    def update(self, step: int, loss: float) -> None:
+        if not self.on:
+            return
+        frac = step / max(1, self.total)
+        rate = (step - self.start) / max(1e-9, time.time() - self.t0)
+        print(f"\r[{'#' * int(frac * 30):<30}] {step}/{self.total} loss {loss:.4f} {rate:.1f} step/s",
+              end="", file=sys.stderr, flush=True)
+
+    def clear(self) -> None:
+        if self.on:
+            print("\r\033[K", end="", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.on:
+            print(file=sys.stderr, flush=True)
+
+
+def _locate(resume_from: str, run_dir: Path | None) -> tuple[Path, str]:
+    """``latest``/``best``/a checkpoint name with ``run_dir``, or a path to a run or checkpoint."""
+    if resume_from in ("latest", "best") or (run_dir is not None and not Path(resume_from).exists()):
+        if run_dir is None:
+            raise ResumeError(f"--resume-from {resume_from}: also give --run-dir")
+        return run_dir, resume_from
+    p = Path(resume_from)
+    if Run.is_run(p):
+        return p, "latest"
+    if (p / "trainer_state.json").exists() and Run.is_run(p.parent.parent):
+        return p.parent.parent, p.name
+    raise ResumeError(f"--resume-from {resume_from}: expected latest, best, a run folder or a checkpoint folder")
+
+
+def train(config: APTConfig | None = None, run_dir: str | Path | None = None, *, model_size: str = "tiny",
+          data: str | Path | None = None, resume_from: str | None = None, stop_at_step: int | None = None,
+          device: str = "auto", allow_data_change: bool = False, quiet: bool = False,
+          **overrides) -> TrainResult:
+    """Train a new run or continue one.
+
+    ``overrides`` are APTConfig fields (``epochs``, ``batch_size``, ``lr``, ``seed``, ``save_every``,
+    ``save_freq``, ``keep_last``...); None values are ignored.
+
+    >>> # train(run_dir="outputs/run1", model_size="tiny", epochs=2, quiet=True).finished
+    True
+    """
+    dev = pick_device(device)
+    run_path = Path(run_dir) if run_dir is not None else None
+    cache = CacheManager()
+    if resume_from:
+        run_path, which = _locate(resume_from, run_path)
+        run = Run.open(run_path)
+    else:
+        if run_path is None:
+            raise ResumeError("--run-dir: required, the folder of the new run (for example outputs/run1)")
+        which = None
+        run = None
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if run is None:
+        base = config or preset(model_size)
+        cfg0 = base.replace(**overrides)
+        torch.manual_seed(cfg0.seed)
+        run, cfg, tok, text = new_run(run_path, cfg0, data)
+    with run.lock():
+        temp = cache.session_temp(run.name)
+        try:
+            if which is not None:
+                removed = run.recover()
+                if removed:
+                    _log(quiet, f"cleaned what an interrupted session left: {', '.join(removed)}")
+                cfg, tok, text, changed = reopen_run(run, data, allow_data_change, overrides)
+                if changed:
+                    _log(quiet, "warning: training continues on different data (--allow-data-change)")
+                _warn_environment(run, dev, quiet)
+            else:
+                torch.manual_seed(cfg.seed)
+            session = build(run, cfg, tok, text, dev)
+            cm = CheckpointManager(run, keep_last=cfg.keep_last, best_metric="loss", temp_dir=temp)
+            state = None
+            if which is not None:
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    state = cm.load(which, model=session.model, optimizer=session.optimizer,
+                                    scheduler=session.scheduler, map_location=dev)
+                for w in caught:
+                    _log(quiet, f"warning: {w.message}")
+                if state.get("steps_per_epoch") not in (None, session.sampler.num_batches()) and not allow_data_change:
+                    raise ResumeError(f"{run.name}: the data gives {session.sampler.num_batches()} steps per epoch,"
+                                      f" the run had {state['steps_per_epoch']}; pass --allow-data-change")
+                _log(quiet, f"resuming {run.name} from {run.resolve_checkpoint(which).name}"
+                            f" (step {state.get('global_step')}, epoch {state.get('epoch')}) on {dev.type}")
+            return Trainer(session, cm, state=state, quiet=quiet).fit(stop_at_step)
+        finally:
+            import shutil
+
+            shutil.rmtree(temp, ignore_errors=True)
+
+
+def resume_run(run_dir: str | Path, *, which: str = "latest", epochs: int | None = None,
+               stop_at_step: int | None = None, device: str = "auto", data: str | Path | None = None,
+               allow_data_change: bool = False, quiet: bool = False) -> TrainResult:
+    """The ``aptbundle.trainers`` entry point: continue ``run_dir`` to its planned length."""
+    return train(run_dir=run_dir, resume_from=which, epochs=epochs, stop_at_step=stop_at_step,
+                 device=device, data=data, allow_data_change=allow_data_change, quiet=quiet)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m apt_model.training.trainer",
+                                description="Train an APT model into a portable aptbundle run.")
+    p.add_argument("--run-dir", "--checkpoint-dir", dest="run_dir", help="the run folder (created if new)")
+    p.add_argument("--config", help="APTConfig JSON file (fields not given keep the preset's values)")
+    p.add_argument("--model-size", default="tiny", choices=["tiny", "small", "base"])
+    p.add_argument("--data", help="UTF-8 text corpus (default: the built-in sample corpus)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--save-every", type=int, help="also checkpoint every N steps")
+    p.add_argument("--save-freq", type=int, help="checkpoint every N epochs")
+    p.add_argument("--keep-last", type=int, help="checkpoints kept besides best and latest")
+    p.add_argument("--stop-at-step", type=int, help="save and stop once global step N is done")
+    p.add_argument("--resume-from", help="latest, best, a checkpoint name, or a run/checkpoint path")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--allow-data-change", action="store_true")
+    p.add_argument("--quiet", "-q", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = None
+        if args.config:
+            config = preset(args.model_size).replace(**APTConfig.load(args.config).to_dict())
+        res = train(config, args.run_dir, model_size=args.model_size, data=args.data,
+                    resume_from=args.resume_from, stop_at_step=args.stop_at_step, device=args.device,
+                    allow_data_change=args.allow_data_change, quiet=args.quiet, epochs=args.epochs,
+                    batch_size=args.batch_size, lr=args.lr, seed=args.seed, save_every=args.save_every,
+                    save_freq=args.save_freq, keep_last=args.keep_last)
+    except (AptBundleError, ConfigError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    status = "finished" if res.finished else "stopped"
+    _log(args.quiet, f"{status} at step {res.global_step}: {res.run_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
