@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from aptbundle.errors import ManifestError, RunError, RunLockedError, UnsafePathError
+from aptbundle.errors import RunError, RunLockedError, UnsafePathError
 from aptbundle.fsutil import Progress, atomic_write_bytes, hash_file, is_temp_name
 from aptbundle.manifest import (
     MANIFEST_NAME,

@@ -1,0 +1,5 @@
+"""``python -m aptbundle`` is the ``aptbundle`` command."""
+
+from aptbundle.cli import main
+
+main()

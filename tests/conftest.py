@@ -1,0 +1,73 @@
+"""Shared helpers: the CLI as a user types it, and small real runs made on the fly."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from aptbundle.cli import main as cli_main
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def cli(*args: str, cwd: str | Path | None = None):
+    """Run ``aptbundle ARGS`` through click's runner (stderr kept apart)."""
+    runner = CliRunner()
+    old = os.getcwd()
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        return runner.invoke(cli_main, [str(a) for a in args], catch_exceptions=False)
+    finally:
+        os.chdir(old)
+
+
+def sh(*args: str, cwd: str | Path | None = None, env: dict | None = None, check: bool = False,
+       timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run a command in a subprocess, as a user would in a shell."""
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    r = subprocess.run([str(a) for a in args], cwd=cwd, env=full_env, capture_output=True, text=True,
+                       timeout=timeout)
+    if check and r.returncode != 0:
+        raise AssertionError(f"{args} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")
+    return r
+
+
+PY = sys.executable
+APTBUNDLE = [PY, "-m", "aptbundle"]
+TRAINER = [PY, "-m", "apt_model.training.trainer"]
+
+
+def no_traceback(text: str) -> bool:
+    return "Traceback" not in text
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    """A real tiny APT run, trained 2 epochs with a mid-epoch checkpoint (read-only for tests)."""
+    from apt_model.training.trainer import train
+
+    base = tmp_path_factory.mktemp("tiny")
+    old = os.getcwd()
+    os.chdir(base)
+    try:
+        train(run_dir=base / "run1", model_size="tiny", epochs=2, save_every=10, keep_last=10, quiet=True)
+    finally:
+        os.chdir(old)
+    return base / "run1"
+
+
+@pytest.fixture
+def run_copy(tiny_run, tmp_path) -> Path:
+    """A private copy of the tiny run that a test may damage."""
+    import shutil
+
+    dst = tmp_path / "run1"
+    shutil.copytree(tiny_run, dst)
+    return dst
