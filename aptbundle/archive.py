@@ -124,6 +124,11 @@ def pack(run_dir: str | Path, out: str | Path | None = None, *, level: int = 3, 
         if problems:
             if _manifest_changed(run.path, raw_man) and attempt + 1 < attempts:
                 continue
+            # name every problem, not just the cheap ones: rehash what is there
+            full = Run(run.path, man).verify(only=None if checkpoints == "all" else [f.path for f in man.files])
+            seen = {(p.path, p.kind) for p in full}
+            problems = sorted(full + [p for p in problems if (p.path, p.kind) not in seen and p.kind == "unsafe"],
+                              key=lambda p: p.path)
             raise VerifyError(problems, what=f"run {run.name} (not packed)")
         tmp = _temp_for(target)
         try:
@@ -318,7 +323,7 @@ def read_archive_manifest(path: str | Path) -> tuple[Manifest, int]:
     raw, shown = _open_source(path)
     with raw:
         dec = _Decoder(raw, shown)
-        tr = TarReader(dec.read_exact, dec.read_some)
+        tr = TarReader(dec.read_exact, dec.read_some, shown)
         _, man, _ = _read_manifest(tr, dec, shown)
         return man, os.fstat(raw.fileno()).st_size
 
@@ -328,7 +333,7 @@ def _extract(raw: BinaryIO, shown: str, sink_root: Path | None, progress: Progre
              ) -> tuple[Manifest, list[Problem]]:
     """Stream the archive; write listed files under ``sink_root`` if given. Fatal problems raise."""
     dec = _Decoder(raw, shown)
-    tr = TarReader(dec.read_exact, dec.read_some)
+    tr = TarReader(dec.read_exact, dec.read_some, shown)
     name, man, mbytes = _read_manifest(tr, dec, shown)
     if expect_digest and man.digest() != expect_digest.strip().lower():
         raise ArchiveError(f"{shown}: run digest is {man.digest()}; expected {expect_digest.strip()}."

@@ -297,20 +297,32 @@ class Run:
             yield
             return
         path = self.path / LOCK_NAME
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "another process"
+                os.close(fd)
                 raise RunLockedError(
                     f"{self.path}: is being written by process {holder}; wait for it to finish"
                     " or stop it, then try again"
                 ) from None
+            try:  # the holder before us may have removed the file: then lock the new one
+                same = os.fstat(fd).st_ino == os.stat(path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        try:
             os.ftruncate(fd, 0)
             os.pwrite(fd, str(os.getpid()).encode(), 0)
             yield
         finally:
+            # remove while still holding the lock, so no folder is left with a stray lock file
+            with contextlib.suppress(OSError):
+                os.unlink(path)
             os.close(fd)
 
 

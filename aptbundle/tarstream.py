@@ -110,7 +110,8 @@ def _parse_number(field: bytes, what: str, where: str) -> int:
 class TarReader:
     """Pull members one by one from a byte stream that returns exactly what is asked of it."""
 
-    def __init__(self, read_exact, read_some=None):
+    def __init__(self, read_exact, read_some=None, shown: str = "archive"):
+        self.shown = shown
         self._read = read_exact  # read_exact(n) -> bytes of length n or raises ArchiveError
         self._some = read_some or read_exact  # read_some(n) -> 1..n bytes
         self.offset = 0
@@ -128,7 +129,7 @@ class TarReader:
         pax: dict[str, str] = {}
         longname: str | None = None
         while True:
-            where = f"tar header at byte {self.offset}"
+            where = f"{self.shown}: tar header at byte {self.offset}"
             h = self._block()
             if h == b"\0" * BLOCK:
                 if self._block() != b"\0" * BLOCK:
@@ -161,7 +162,8 @@ class TarReader:
                          b"g": "global pax header", b"K": "GNU long link name", b"V": "volume label"}
                 what = names.get(typeflag, f"type {typeflag!r}")
                 raw_name = h[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
-                raise ArchiveError(f"member {raw_name!r}: is a {what}; archives may hold only regular files and folders")
+                raise ArchiveError(f"{self.shown}: member {raw_name!r} is a {what}; archives may hold only"
+                                   " regular files and folders")
             if "size" in pax:
                 try:
                     size = int(pax["size"])
@@ -182,7 +184,7 @@ class TarReader:
             kind = kinds[typeflag]
             if kind == "dir":
                 if size:
-                    raise ArchiveError(f"member {name!r}: a folder with {size} bytes of data")
+                    raise ArchiveError(f"{self.shown}: member {name!r} is a folder with {size} bytes of data")
                 name = name[:-1] if name.endswith("/") else name
             self._pending = size + _pad(size)
             return Member(name, kind, size)
