@@ -18,6 +18,7 @@ import hashlib
 import io
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Callable
@@ -380,13 +381,20 @@ def _extract(raw: BinaryIO, shown: str, sink_root: Path | None, progress: Progre
             tr.consume(None, _NullHash(), m.size, CHUNK)
             continue
         h = hashlib.sha256()
-        if sink_root is not None:
+        if sink_root is None and needs_scan(rel):
+            problems += _consume_and_scan(tr, h, m.size, rel, progress)
+        elif sink_root is not None:
             target = sink_root / rel
             target.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
                          | getattr(os, "O_BINARY", 0), 0o644)
             with open(fd, "wb", buffering=0) as out:
                 tr.consume(_Counting(out, progress), h, m.size, CHUNK)
+            if needs_scan(rel) and h.hexdigest() == entry.sha256:
+                try:
+                    scan_file(target, rel)
+                except UnsafeContentError as e:
+                    problems.append(Problem(rel, "unsafe", "only tensors and plain data", str(e)))
         else:
             tr.consume(_Counting(None, progress), h, m.size, CHUNK)
         if h.hexdigest() != entry.sha256:
@@ -396,6 +404,20 @@ def _extract(raw: BinaryIO, shown: str, sink_root: Path | None, progress: Progre
             problems.append(Problem(rel, "missing", f"{entry.size} bytes", "not in the archive"))
     dec.finish()
     return man, sorted(problems, key=lambda p: p.path)
+
+
+def _consume_and_scan(tr: TarReader, h, size: int, rel: str, progress: Progress | None) -> list[Problem]:
+    """Hash a pickled or safetensors member and scan it statically from a private temporary copy
+    (``verify`` of an archive unpacks nothing else)."""
+    with tempfile.TemporaryDirectory(prefix=TMP_PREFIX) as d:
+        path = Path(d) / "member"
+        with open(path, "wb") as f:
+            tr.consume(_Counting(f, progress), h, size, CHUNK)
+        try:
+            scan_file(path, rel)
+        except UnsafeContentError as e:
+            return [Problem(rel, "unsafe", "only tensors and plain data", str(e))]
+    return []
 
 
 class _NullHash:

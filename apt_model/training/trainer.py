@@ -158,6 +158,10 @@ class Trainer:
     def fit(self, stop_at_step: int | None = None) -> TrainResult:
         s = self.s
         cfg, spe = s.cfg, s.sampler.num_batches()
+        if self.epoch >= cfg.epochs or (stop_at_step is not None and self.global_step >= stop_at_step):
+            _log(self.quiet, f"{s.run.name}: already at step {self.global_step}, epoch {self.epoch} of"
+                             f" {cfg.epochs}; nothing to train (use --epochs N for a longer run)")
+            return self._result(self.epoch >= cfg.epochs)
         s.run.manifest.history.append({
             "started_at": now_iso(), "start_step": self.global_step, "stop_step": self.global_step,
             **{k: v for k, v in environment_info(s.device.type).items()}})

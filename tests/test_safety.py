@@ -1,0 +1,123 @@
+"""No code from a bundle, ever: planted pickles and malformed safetensors are refused unread."""
+
+import io
+import json
+import os
+import pickle
+import struct
+import zipfile
+
+import pytest
+
+from aptbundle.archive import _write_archive
+from aptbundle.errors import UnsafeContentError
+from aptbundle.manifest import load_manifest
+from aptbundle.run import Run
+from aptbundle.scan import check_safetensors, scan_torch_file
+from conftest import cli, no_traceback
+
+
+class Boom:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def evil_torch_file(marker) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as z:
+        z.writestr("archive/data.pkl", pickle.dumps({"state": Boom(marker)}, protocol=2))
+        z.writestr("archive/version", "3\n")
+    return buf.getvalue()
+
+
+def plant(run_dir, rel, data):
+    """Replace a file and fix the manifest so that its hash matches: only the content check is left."""
+    (run_dir / rel).write_bytes(data)
+    run = Run.open(run_dir)
+    run.record_file(rel)
+    run.save_manifest()
+
+
+@pytest.mark.parametrize("victim", ["optimizer.pt", "rng_state.pt"])
+def test_planted_pickle_is_refused_by_verify_unpack_and_resume(run_copy, tmp_path, victim):
+    marker = tmp_path / "PWNED"
+    rel = f"checkpoints/{load_manifest(run_copy).latest}/{victim}"
+    plant(run_copy, rel, evil_torch_file(marker))
+    r = cli("verify", run_copy)
+    assert r.exit_code == 1 and victim in r.stderr and "system" in r.stderr and no_traceback(r.output)
+
+    r = cli("pack", run_copy, "-o", tmp_path / "x.aptrun.tar.zst")
+    assert r.exit_code == 1 and victim in r.stderr
+
+    arc = tmp_path / "evil.aptrun.tar.zst"
+    _write_archive(run_copy, load_manifest(run_copy), arc, 3, 1, None)  # a stranger's packer
+    r = cli("verify", arc)
+    assert r.exit_code == 1 and victim in r.stderr
+    dest = tmp_path / "dest"
+    r = cli("unpack", arc, "-C", dest)
+    assert r.exit_code == 1 and victim in r.stderr and no_traceback(r.output)
+    assert os.listdir(dest) == []
+
+    r = cli("resume", run_copy, "--quiet")
+    assert r.exit_code == 1 and victim in r.stderr and no_traceback(r.output)
+    assert not marker.exists()
+
+
+def test_adopted_folder_with_evil_pt_is_refused(tmp_path):
+    marker = tmp_path / "PWNED"
+    d = tmp_path / "hf"
+    d.mkdir()
+    (d / "training_args.bin").write_bytes(evil_torch_file(marker))
+    r = cli("init", d)
+    assert r.exit_code == 1 and "training_args.bin" in r.stderr and no_traceback(r.output)
+    assert not (d / "aptrun.json").exists() and not marker.exists()
+
+
+def test_real_torch_files_pass_the_scan(tiny_run):
+    for p in tiny_run.rglob("*.pt"):
+        names = scan_torch_file(p, p.name)
+        if p.name in ("optimizer.pt", "rng_state.pt"):
+            assert "torch._utils._rebuild_tensor_v2" in names  # it did read the globals
+
+
+@pytest.mark.parametrize("body,match", [
+    ('{"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}, '
+     '"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}', "duplicate key"),
+    ('{"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}', "outside"),
+    ('{"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}, '
+     '"b": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}', "overlap"),
+    ('{"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}', "needs 12"),
+    ('{"a": {"dtype": "EVIL", "shape": [2], "data_offsets": [0, 8]}}', "unknown dtype"),
+    ('[1, 2]', "not a JSON object"),
+])
+def test_safetensors_header_checks(tmp_path, body, match):
+    p = tmp_path / "model.safetensors"
+    raw = body.encode()
+    p.write_bytes(struct.pack("<Q", len(raw)) + raw + b"\0" * 8)
+    with pytest.raises(UnsafeContentError, match=match):
+        check_safetensors(p, "model.safetensors")
+
+
+def test_safetensors_huge_header_claim(tmp_path):
+    p = tmp_path / "model.safetensors"
+    p.write_bytes(struct.pack("<Q", 1 << 40) + b"{}")
+    with pytest.raises(UnsafeContentError, match="header claims"):
+        check_safetensors(p, "model.safetensors")
+
+
+def test_damaged_safetensors_in_run_is_refused_before_loading(run_copy):
+    rel = f"checkpoints/{load_manifest(run_copy).latest}/model.safetensors"
+    data = bytearray((run_copy / rel).read_bytes())
+    n = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8:8 + n])
+    key = next(k for k in header if k != "__metadata__")
+    header[key]["data_offsets"][1] += 4
+    raw = json.dumps(header).encode()
+    plant(run_copy, rel, struct.pack("<Q", len(raw)) + raw + bytes(data[8 + n:]))
+    r = cli("verify", run_copy)
+    assert r.exit_code == 1 and "model.safetensors" in r.stderr
+    r = cli("resume", run_copy, "--quiet")
+    assert r.exit_code == 1 and "model.safetensors" in r.stderr and no_traceback(r.output)
