@@ -225,8 +225,9 @@ def _write_archive(root: Path, man: Manifest, tmp: Path, level: int, threads: in
             if problems:
                 raise _Changed(problems)
             put(end_of_archive(written))
+        # no fsync: like tar and zstd, the archive is left to the page cache (a kill cannot tear
+        # it: it is renamed into place only once complete; `verify` proves it after a power cut)
         raw.flush()
-        os.fsync(raw.fileno())
         return raw.tell()
 
 
