@@ -18,6 +18,7 @@ import hashlib
 import io
 import os
 import shutil
+import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,6 +118,7 @@ def pack(run_dir: str | Path, out: str | Path | None = None, *, level: int = 3, 
     if not target.parent.is_dir():
         raise ArchiveError(f"{target}: the folder {target.parent} does not exist; create it or choose another -o")
     clean_stale(target.parent, target.name)
+    clean_stale(run.path, "pack")
     threads = threads if threads > 0 else (os.cpu_count() or 1)
     for attempt in range(attempts):
         raw_man = run.manifest if attempt == 0 else load_manifest(run.path)
@@ -132,8 +134,15 @@ def pack(run_dir: str | Path, out: str | Path | None = None, *, level: int = 3, 
                               key=lambda p: p.path)
             raise VerifyError(problems, what=f"run {run.name} (not packed)")
         tmp = _temp_for(target)
+        snap = None
         try:
-            size = _write_archive(run.path, man, tmp, level, threads, progress)
+            snap = _snapshot(run.path, man)
+            size = _write_archive(snap or run.path, man, tmp, level, threads, progress)
+        except FileNotFoundError:  # a checkpoint was retired between manifest and snapshot
+            tmp.unlink(missing_ok=True)
+            if attempt + 1 < attempts:
+                continue
+            raise
         except _Changed as e:
             tmp.unlink(missing_ok=True)
             if _manifest_changed(run.path, raw_man) and attempt + 1 < attempts:
@@ -142,10 +151,37 @@ def pack(run_dir: str | Path, out: str | Path | None = None, *, level: int = 3, 
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
+        finally:
+            if snap is not None:
+                shutil.rmtree(snap, ignore_errors=True)
         os.replace(tmp, target)
         fsync_dir(target.parent)
         return PackResult(target, size, man.digest(), len(man.files), man.total_size())
     raise ArchiveError(f"run {run.name}: kept changing while it was packed; try again when training pauses")
+
+
+def _snapshot(root: Path, man: Manifest) -> Path | None:
+    """Hard-link the listed files into a private folder inside the run.
+
+    Writers never change a file in place (they write a new one and rename it), so the links keep
+    exactly the bytes the manifest describes even if a trainer commits or retires checkpoints
+    while the pack runs. Returns None where hard links are not available (then files are read in
+    place, and a change is caught by the hash check and retried).
+    """
+    snap = root / f"{TMP_PREFIX}pack-{os.getpid()}-{os.urandom(3).hex()}"
+    try:
+        snap.mkdir()
+        for f in man.files:
+            dst = snap / f.path
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            os.link(root / f.path, dst, follow_symlinks=False)
+    except FileNotFoundError:
+        shutil.rmtree(snap, ignore_errors=True)
+        raise
+    except OSError:
+        shutil.rmtree(snap, ignore_errors=True)
+        return None
+    return snap
 
 
 def _manifest_changed(root: Path, man: Manifest) -> bool:
@@ -166,11 +202,13 @@ def _precheck(root: Path, man: Manifest, full: bool) -> list[Problem]:
                      for p in on_disk if p not in listed]
     for f in man.files:
         try:
-            st = os.stat(root / f.path)
+            st = os.lstat(root / f.path)
         except OSError:
             problems.append(Problem(f.path, "missing", f"{f.size} bytes", "no such file"))
             continue
-        if st.st_size != f.size:
+        if not stat.S_ISREG(st.st_mode):
+            problems.append(Problem(f.path, "type", "a regular file", "a link or special file"))
+        elif st.st_size != f.size:
             problems.append(Problem(f.path, "size", f"{f.size} bytes", f"{st.st_size} bytes"))
         elif needs_scan(f.path):
             try:

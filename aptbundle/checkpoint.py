@@ -143,6 +143,11 @@ class CheckpointManager:
             for f in stage.iterdir():
                 fsync_file(f)
             fsync_dir(stage)
+        except Exception as e:  # disk full, quota, I/O error: safetensors and torch raise their own types
+            shutil.rmtree(stage, ignore_errors=True)
+            raise CheckpointError(
+                f"{self.run.name}/checkpoints/{name}: could not be written ({e}); the last complete"
+                " checkpoint is intact. Free disk space (or fix permissions) and resume") from None
         except BaseException:
             shutil.rmtree(stage, ignore_errors=True)
             raise

@@ -304,6 +304,12 @@ def train(config: APTConfig | None = None, run_dir: str | Path | None = None, *,
             session = build(run, cfg, tok, text, dev)
             cm = CheckpointManager(run, keep_last=cfg.keep_last, best_metric="loss", temp_dir=temp)
             state = None
+            if which == "latest" and run.latest is None:
+                # killed before its first checkpoint: start again from the same seed, same result
+                _log(quiet, f"{run.name} has no checkpoint yet; training it from the start")
+                torch.manual_seed(cfg.seed)
+                session = build(run, cfg, tok, text, dev)
+                which = None
             if which is not None:
                 with warnings.catch_warnings(record=True) as caught:
                     warnings.simplefilter("always")
@@ -366,6 +372,11 @@ def main(argv: list[str] | None = None) -> int:
                     save_freq=args.save_freq, keep_last=args.keep_last)
     except (AptBundleError, ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # disk full, permissions: the last complete checkpoint is untouched
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"error: {where}{e.strerror or e}; the last complete checkpoint is intact."
+              " Free space (or fix permissions) and resume with --resume-from latest", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

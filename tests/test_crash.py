@@ -1,0 +1,163 @@
+"""Crashes and concurrency: killed trainers, packs and unpacks lose nothing; a full disk is a
+clear error; two writers cannot share a run; packing a run in training gives a consistent archive.
+"""
+
+import os
+import random
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from aptbundle.manifest import load_manifest
+from aptbundle.run import Run
+from conftest import APTBUNDLE, TRAINER, cli, no_traceback, sh
+
+KILL_ROUNDS = int(os.environ.get("APTBUNDLE_KILL_ROUNDS", "25"))
+
+
+def _limit_fsize(limit):
+    def pre():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get EFBIG instead of being killed
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return pre
+
+
+@pytest.mark.slow
+def test_random_sigkills_lose_nothing_and_end_bit_exact(tmp_path, tiny_run):
+    rnd = random.Random(2024)
+    run_dir = tmp_path / "r"
+    args = ["--run-dir", str(run_dir), "--epochs", "2", "--save-every", "3", "--keep-last", "2", "-q"]
+    kills, lost, best_step = 0, 0, 0
+    for round_ in range(KILL_ROUNDS):
+        extra = ["--resume-from", "latest"] if Run.is_run(run_dir) else []
+        p = subprocess.Popen([*TRAINER, *args, *extra], cwd=tmp_path, stderr=subprocess.PIPE, text=True)
+        try:
+            p.wait(timeout=rnd.uniform(1.0, 3.5))  # torch takes ~1.5 s to import: kills land all over
+        except subprocess.TimeoutExpired:
+            p.send_signal(signal.SIGKILL)
+            p.wait()
+            kills += 1
+        else:
+            assert p.returncode == 0, p.stderr.read()
+            break
+        if Run.is_run(run_dir):
+            run = Run.open(run_dir)
+            latest = run.latest.step if run.latest else 0
+            if latest < best_step:
+                lost += 1
+            best_step = max(best_step, latest)
+            listed = [f.path for f in run.manifest.files if f.path.startswith("checkpoints/")]
+            assert run.verify(only=listed) == [], "a listed checkpoint is incomplete"
+    r = sh(*TRAINER, *args, "--resume-from", "latest", cwd=tmp_path, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert lost == 0
+    final = load_manifest(run_dir).latest
+    straight = tiny_run / "checkpoints" / load_manifest(tiny_run).latest
+    assert final == straight.name
+    for f in ("model.safetensors", "optimizer.pt"):
+        assert (run_dir / "checkpoints" / final / f).read_bytes() == (straight / f).read_bytes()
+    assert Run.open(run_dir).verify() == []
+    print(f"\nkills survived: {kills}, checkpoints lost: {lost}")
+
+
+def wait_for(cond, timeout=30.0):
+    deadline = time.time() + timeout
+    while not cond():
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.002)
+
+
+def big_run(tmp_path, mb=400):
+    run = Run.create(tmp_path / "big", trainer=None)
+    run.write_file("blob.bin", os.urandom(1 << 20) * mb)
+    run.save_manifest()
+    return run.path
+
+
+def test_sigkill_during_pack_and_unpack_leaves_nothing_at_the_name(tmp_path):
+    run_dir = big_run(tmp_path)
+    out = tmp_path / "big.aptrun.tar.zst"
+    p = subprocess.Popen([*APTBUNDLE, "pack", str(run_dir), "-o", str(out), "-q"])
+    wait_for(lambda: any(x.name.startswith(".aptrun-tmp-big.aptrun") for x in tmp_path.iterdir()))
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert not out.exists()
+    r = sh(*APTBUNDLE, "pack", run_dir, "-o", out, "-q")
+    assert r.returncode == 0, r.stderr
+    leftovers = [x for x in list(tmp_path.iterdir()) + list(run_dir.iterdir()) if x.name.startswith(".aptrun-tmp")]
+    assert leftovers == []  # the killed pack's temporaries were cleaned by the next one
+
+    dest = tmp_path / "dest"
+    p = subprocess.Popen([*APTBUNDLE, "unpack", str(out), "-C", str(dest), "-q"])
+    wait_for(lambda: dest.is_dir() and any(x.name.startswith(".aptrun-tmp-big") for x in dest.iterdir()))
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert not (dest / "big").exists()
+    r = sh(*APTBUNDLE, "unpack", out, "-C", dest, "-q")
+    assert r.returncode == 0, r.stderr
+    assert sorted(os.listdir(dest)) == ["big"]
+    assert (dest / "big" / "blob.bin").read_bytes() == (run_dir / "blob.bin").read_bytes()
+
+
+def test_full_disk_is_a_clear_error_and_loses_no_checkpoint(tmp_path):
+    r = sh(*TRAINER, "--run-dir", tmp_path / "r", "--epochs", "2", "--stop-at-step", "10", "-q", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    before = {f.path: f.sha256 for f in load_manifest(tmp_path / "r").files}
+    p = subprocess.run([*TRAINER, "--run-dir", str(tmp_path / "r"), "--resume-from", "latest", "-q"],
+                       cwd=tmp_path, capture_output=True, text=True, preexec_fn=_limit_fsize(200_000))
+    assert p.returncode == 1 and no_traceback(p.stderr), p.stderr
+    assert "too large" in p.stderr.lower() and "intact" in p.stderr
+    run = Run.open(tmp_path / "r")
+    assert run.latest.step == 10
+    assert {f.path: f.sha256 for f in run.manifest.files} == before
+    listed = [f.path for f in run.manifest.files if f.path.startswith("checkpoints/")]
+    assert run.verify(only=listed) == []
+    r = sh(*TRAINER, "--run-dir", tmp_path / "r", "--resume-from", "latest", "--stop-at-step", "12", "-q",
+           cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert Run.open(tmp_path / "r").verify() == []
+
+    out = tmp_path / "r.aptrun.tar.zst"
+    p = subprocess.run([*APTBUNDLE, "pack", str(tmp_path / "r"), "-o", str(out)], capture_output=True, text=True,
+                       preexec_fn=_limit_fsize(100_000))
+    assert p.returncode == 1 and no_traceback(p.stderr) and "too large" in p.stderr.lower(), p.stderr
+    assert not out.exists() and not [x for x in tmp_path.iterdir() if x.name.startswith(".aptrun-tmp")]
+    assert sh(*APTBUNDLE, "pack", tmp_path / "r", "-o", out, "-q").returncode == 0
+    dest = tmp_path / "d"
+    dest.mkdir()
+    p = subprocess.run([*APTBUNDLE, "unpack", str(out), "-C", str(dest)], capture_output=True, text=True,
+                       preexec_fn=_limit_fsize(100_000))
+    assert p.returncode == 1 and no_traceback(p.stderr), p.stderr
+    assert os.listdir(dest) == []
+
+
+def test_pack_while_training_gives_consistent_archives(tmp_path):
+    run_dir = tmp_path / "r"
+    p = subprocess.Popen([*TRAINER, "--run-dir", str(run_dir), "--epochs", "30", "--save-every", "2",
+                          "--keep-last", "1", "-q"], cwd=tmp_path)
+    try:
+        deadline = time.time() + 60
+        while not (Run.is_run(run_dir) and Run.open(run_dir).latest) and time.time() < deadline:
+            time.sleep(0.05)
+        steps = []
+        for i in range(5):
+            out = tmp_path / f"snap{i}.aptrun.tar.zst"
+            r = cli("pack", run_dir, "-o", out, "--json", "-q")
+            assert r.exit_code == 0, r.output
+            assert cli("verify", out).exit_code == 0
+            dest = tmp_path / f"u{i}"
+            assert cli("unpack", out, "-C", dest, "-q").exit_code == 0
+            unpacked = Run.open(dest / "r")
+            assert unpacked.verify() == []
+            steps.append(unpacked.latest.step)
+            time.sleep(0.2)
+        assert p.poll() is None, "the trainer should still be running"
+        assert steps == sorted(steps) and steps[-1] > steps[0]
+    finally:
+        p.kill()
+        p.wait()
