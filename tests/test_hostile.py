@@ -182,3 +182,51 @@ def test_modes_from_the_archive_are_never_applied(tmp_path):
 
 def test_suite_size():
     assert len(CASES) >= 60
+
+
+# -- random damage: whatever the bytes, the outcome is a clean refusal or the exact original ------
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from aptbundle.archive import unpack  # noqa: E402
+from aptbundle.errors import AptBundleError  # noqa: E402
+
+MUT_FILES = {"config.json": b'{"lr": 0.001}', "checkpoints/step-00000001/model.bin": bytes(range(256)) * 40,
+             "logs/metrics.jsonl": b'{"step": 1}\n' * 50}
+GOOD = good_archive(files=MUT_FILES)
+
+
+def _try_unpack(data: bytes, tmp_path) -> None:
+    import tempfile
+    from pathlib import Path
+
+    base = Path(tempfile.mkdtemp(dir=tmp_path))
+    arc = base / "m.aptrun.tar.zst"
+    arc.write_bytes(data)
+    dest = base / "dest"
+    try:
+        out = unpack(arc, dest)
+    except AptBundleError as e:
+        assert str(e)
+        assert os.listdir(dest) == [] if dest.exists() else True
+        return
+    for rel, content in MUT_FILES.items():  # accepted: then it is exactly the original
+        assert (out / rel).read_bytes() == content
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == sorted(
+        ["aptrun.json", *MUT_FILES])
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.tuples(st.integers(0, len(GOOD) - 1), st.integers(1, 255)), min_size=1, max_size=4))
+def test_random_byte_mutations_are_refused_or_harmless(tmp_path, flips):
+    data = bytearray(GOOD)
+    for pos, x in flips:
+        data[pos] ^= x
+    _try_unpack(bytes(data), tmp_path)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.integers(0, len(GOOD) - 1), st.binary(max_size=64))
+def test_random_truncation_and_insertion(tmp_path, cut, junk):
+    _try_unpack(GOOD[:cut], tmp_path)
+    _try_unpack(GOOD[:cut] + junk + GOOD[cut:], tmp_path)
