@@ -97,10 +97,12 @@ class _Changed(Exception):
 
 
 def pack(run_dir: str | Path, out: str | Path | None = None, *, level: int = 3, threads: int = 0,
-         checkpoints: str = "all", progress: Progress | None = None, attempts: int = 5) -> PackResult:
+         checkpoints: str = "all", progress: Progress | None = None, attempts: int = 5,
+         dense: bool = False) -> PackResult:
     """Pack a run into a verified, deterministic ``.aptrun.tar.zst``.
 
-    ``threads=0`` uses every core. If a trainer commits a new checkpoint while packing, the pack
+    ``threads=0`` uses every core. ``dense=True`` byte-groups float tensors (see ``codec``): a
+    smaller archive that only aptbundle can unpack. If a trainer commits a new checkpoint while packing, the pack
     starts again from the new manifest (up to ``attempts`` times), so the archive always holds
     one consistent state of the run.
 
@@ -137,7 +139,7 @@ def pack(run_dir: str | Path, out: str | Path | None = None, *, level: int = 3, 
         snap = None
         try:
             snap = _snapshot(run.path, man)
-            size = _write_archive(snap or run.path, man, tmp, level, threads, progress)
+            size = _write_archive(snap or run.path, man, tmp, level, threads, progress, dense)
         except FileNotFoundError:  # a checkpoint was retired between manifest and snapshot
             tmp.unlink(missing_ok=True)
             if attempt + 1 < attempts:
@@ -219,10 +221,16 @@ def _precheck(root: Path, man: Manifest, full: bool) -> list[Problem]:
 
 
 def _write_archive(root: Path, man: Manifest, tmp: Path, level: int, threads: int,
-                   progress: Progress | None) -> int:
+                   progress: Progress | None, dense: bool = False) -> int:
     mtime = _mtime(man)
     name = man.name
-    buf = bytearray(CHUNK)
+    widths = {}
+    if dense:
+        from aptbundle.codec import BLOCK as DENSE_BLOCK
+        from aptbundle.codec import PAX_REQUIRES, PAX_WIDTH, dense_width, group
+
+        widths = {f.path: w for f in man.files if (w := dense_width(root / f.path, f.path, f.size))}
+    buf = bytearray(DENSE_BLOCK if widths else CHUNK)
     view = memoryview(buf)
     problems: list[Problem] = []
     cctx = zstandard.ZstdCompressor(level=level, threads=threads, write_checksum=True)
@@ -236,20 +244,24 @@ def _write_archive(root: Path, man: Manifest, tmp: Path, level: int, threads: in
                 z.write(b)
                 written += len(b)
 
-            put(member_header(f"{name}/{MANIFEST_NAME}", len(mbytes), mtime=mtime))
+            requires = {PAX_REQUIRES: "dense"} if widths else None
+            put(member_header(f"{name}/{MANIFEST_NAME}", len(mbytes), mtime=mtime, extra_pax=requires))
             put(mbytes + padding(len(mbytes)))
             for f in man.files:
-                put(member_header(f"{name}/{f.path}", f.size, mtime=mtime))
+                width = widths.get(f.path)
+                put(member_header(f"{name}/{f.path}", f.size, mtime=mtime,
+                                  extra_pax={PAX_WIDTH: str(width)} if width else None))
                 h = hashlib.sha256()
                 left = f.size
+                step = DENSE_BLOCK if width else CHUNK
                 with open(root / f.path, "rb") as src:
                     while left:
-                        n = src.readinto(view[:min(CHUNK, left)])
+                        n = src.readinto(view[:min(step, left)])
                         if not n:
                             raise _Changed([Problem(f.path, "size", f"{f.size} bytes", "fewer (file shrank while packing)")])
                         chunk = view[:n]
                         h.update(chunk)
-                        z.write(chunk)
+                        z.write(group(chunk, width) if width else chunk)
                         left -= n
                         if progress:
                             progress(n)
@@ -280,6 +292,7 @@ class _Decoder:
             self.guard, read_size=CHUNK, read_across_frames=False, closefd=False)
         self.total = 0
         self.cap = MAX_MANIFEST_BYTES + 4 * 65536 + 16 * TAR_BLOCK
+        self.requires: str | None = None  # "dense" when members need aptbundle's codec
 
     def _raw_read(self, n: int) -> bytes:
         try:
@@ -346,10 +359,16 @@ def _read_manifest(tr: TarReader, dec: _Decoder, shown: str) -> tuple[str, Manif
         raise ArchiveError(f"{shown}: {e}") from None
     if m.size > MAX_MANIFEST_BYTES:
         raise ArchiveError(f"{shown}: manifest is {m.size} bytes, over the {MAX_MANIFEST_BYTES}-byte limit")
+    unknown = sorted(k for k in m.pax if k.startswith("APTBUNDLE.") and k != "APTBUNDLE.requires")
+    if unknown or m.pax.get("APTBUNDLE.requires", "dense") != "dense":
+        raise ArchiveError(f"{shown}: needs archive features this aptbundle does not know"
+                           f" ({unknown or m.pax['APTBUNDLE.requires']}); upgrade aptbundle")
     sink = io.BytesIO()
     tr.consume(sink, hashlib.sha256(), m.size, CHUNK)
     data = sink.getvalue()
     man = parse_manifest(data, f"{shown}:{m.name}")
+    if "APTBUNDLE.requires" in m.pax:
+        dec.requires = m.pax["APTBUNDLE.requires"]
     if man.name != name:
         raise ArchiveError(f"{shown}: folder {name!r} holds the manifest of run {man.name!r}; expected them equal")
     overhead = 8 * 1024
@@ -358,14 +377,18 @@ def _read_manifest(tr: TarReader, dec: _Decoder, shown: str) -> tuple[str, Manif
     return name, man, data
 
 
-def read_archive_manifest(path: str | Path) -> tuple[Manifest, int]:
-    """The manifest of an archive, reading only its first member; and the archive's size."""
+def read_archive_manifest(path: str | Path, *, with_requires: bool = False):
+    """The manifest of an archive, reading only its first member; and the archive's size.
+
+    With ``with_requires`` also what the archive needs beyond plain tar (None, or "dense").
+    """
     raw, shown = _open_source(path)
     with raw:
         dec = _Decoder(raw, shown)
         tr = TarReader(dec.read_exact, dec.read_some, shown)
         _, man, _ = _read_manifest(tr, dec, shown)
-        return man, os.fstat(raw.fileno()).st_size
+        size = os.fstat(raw.fileno()).st_size
+        return (man, size, dec.requires) if with_requires else (man, size)
 
 
 def _extract(raw: BinaryIO, shown: str, sink_root: Path | None, progress: Progress | None,
@@ -419,23 +442,29 @@ def _extract(raw: BinaryIO, shown: str, sink_root: Path | None, progress: Progre
             problems.append(Problem(rel, "size", f"{entry.size} bytes", f"{m.size} bytes"))
             tr.consume(None, _NullHash(), m.size, CHUNK)
             continue
+        width = m.pax.get("APTBUNDLE.dense")
+        unknown = sorted(k for k in m.pax if k.startswith("APTBUNDLE.") and k != "APTBUNDLE.dense")
+        if unknown or (width is not None and (width not in ("2", "4") or dec.requires != "dense")):
+            raise ArchiveError(f"{shown}: member {m.name!r} has aptbundle records {unknown or width!r} this"
+                               " version does not know; upgrade aptbundle")
         h = hashlib.sha256()
+        src = _UngroupingReader(tr, int(width), m.size) if width is not None else tr
         if sink_root is None and needs_scan(rel):
-            problems += _consume_and_scan(tr, h, m.size, rel, progress)
+            problems += _consume_and_scan(src, h, m.size, rel, progress)
         elif sink_root is not None:
             target = sink_root / rel
             target.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
                          | getattr(os, "O_BINARY", 0), 0o644)
             with open(fd, "wb", buffering=0) as out:
-                tr.consume(_Counting(out, progress), h, m.size, CHUNK)
+                src.consume(_Counting(out, progress), h, m.size, CHUNK)
             if needs_scan(rel) and h.hexdigest() == entry.sha256:
                 try:
                     scan_file(target, rel)
                 except UnsafeContentError as e:
                     problems.append(Problem(rel, "unsafe", "only tensors and plain data", str(e)))
         else:
-            tr.consume(_Counting(None, progress), h, m.size, CHUNK)
+            src.consume(_Counting(None, progress), h, m.size, CHUNK)
         if h.hexdigest() != entry.sha256:
             problems.append(Problem(rel, "hash", f"sha256 {entry.sha256[:16]}…", f"sha256 {h.hexdigest()[:16]}…"))
     for rel, entry in listed.items():
@@ -445,7 +474,7 @@ def _extract(raw: BinaryIO, shown: str, sink_root: Path | None, progress: Progre
     return man, sorted(problems, key=lambda p: p.path)
 
 
-def _consume_and_scan(tr: TarReader, h, size: int, rel: str, progress: Progress | None) -> list[Problem]:
+def _consume_and_scan(tr, h, size: int, rel: str, progress: Progress | None) -> list[Problem]:
     """Hash a pickled or safetensors member and scan it statically from a private temporary copy
     (``verify`` of an archive unpacks nothing else)."""
     with tempfile.TemporaryDirectory(prefix=TMP_PREFIX) as d:
@@ -457,6 +486,27 @@ def _consume_and_scan(tr: TarReader, h, size: int, rel: str, progress: Progress 
         except UnsafeContentError as e:
             return [Problem(rel, "unsafe", "only tensors and plain data", str(e))]
     return []
+
+
+class _UngroupingReader:
+    """Wraps a TarReader for one dense member: consume() hands on the original bytes."""
+
+    def __init__(self, inner: TarReader, width: int, size: int):
+        self.inner, self.width, self.size = inner, width, size
+
+    def consume(self, sink, hasher, size: int, chunk: int) -> None:
+        from aptbundle.codec import BLOCK, Ungrouper
+
+        ug = Ungrouper(self.width, size)
+
+        class _Tap:
+            def update(self, b: bytes) -> None:
+                for piece in ug.feed(b):
+                    hasher.update(piece)
+                    if sink is not None:
+                        sink.write(piece)
+
+        self.inner.consume(None, _Tap(), size, BLOCK)
 
 
 class _NullHash:

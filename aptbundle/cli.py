@@ -156,9 +156,12 @@ def verify(path: str, as_json: bool, quiet: bool) -> None:
               help="zstd worker threads (0: one per core).")
 @click.option("--checkpoints", "which", default="all", show_default=True,
               type=click.Choice(["all", "latest", "best"]), help="Which checkpoints to pack.")
+@click.option("--dense", is_flag=True,
+              help="Byte-group float tensors before zstd: smaller, but only aptbundle can unpack it.")
 @json_opt
 @quiet_opt
-def pack(run_dir: str, output: str | None, level: int, threads: int, which: str, as_json: bool, quiet: bool) -> None:
+def pack(run_dir: str, output: str | None, level: int, threads: int, which: str, dense: bool, as_json: bool,
+         quiet: bool) -> None:
     """Pack a run into one verified NAME.aptrun.tar.zst."""
     from aptbundle.archive import pack as do_pack
 
@@ -167,7 +170,7 @@ def pack(run_dir: str, output: str | None, level: int, threads: int, which: str,
             from aptbundle.run import Run
 
             cb.set_total(Run.open(run_dir).manifest.total_size())
-        res = do_pack(run_dir, output, level=level, threads=threads, checkpoints=which, progress=cb)
+        res = do_pack(run_dir, output, level=level, threads=threads, checkpoints=which, progress=cb, dense=dense)
     ratio = res.size / res.data_size if res.data_size else 0.0
     emit(as_json, {"archive": str(res.path), "size": res.size, "digest": res.digest, "files": res.files,
                    "data_size": res.data_size},

@@ -21,13 +21,14 @@ def describe(path: str | Path) -> dict:
     """
     p = Path(path)
     archive_size = None
+    requires = None
     if p.is_dir():
         man = Run.open(p).manifest
         kind = "run"
     else:
         from aptbundle.archive import read_archive_manifest
 
-        man, archive_size = read_archive_manifest(p)
+        man, archive_size, requires = read_archive_manifest(p, with_requires=True)
         kind = "archive"
     best = man.best.name if man.best else None
     return {
@@ -44,6 +45,8 @@ def describe(path: str | Path) -> dict:
         "files": len(man.files),
         "size": man.total_size(),
         "archive_size": archive_size,
+        "needs_aptbundle": requires is not None,  # a --dense archive: plain tar gives grouped bytes
+        "codec": requires,
         "latest": man.latest,
         "best": (man.best.__dict__ if man.best else None),
         "checkpoints": [
@@ -80,6 +83,8 @@ def render(info: dict) -> str:
         f"  trainer   {info['trainer'] or '(none: not resumable by aptbundle)'}",
         f"  files     {info['files']} ({_size(info['size'])} of data"
         + (f", archive {_size(info['archive_size'])})" if info["archive_size"] is not None else ")"),
+        *([f"  codec     {info['codec']}: unpack it with aptbundle (plain tar would give byte-grouped"
+            " tensor files)"] if info.get("needs_aptbundle") else []),
         f"  written   {info['updated_at']} on " + ", ".join(f"{k} {v}" for k, v in sorted(env.items())),
     ]
     if info["history"]:

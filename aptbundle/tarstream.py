@@ -11,7 +11,7 @@ headers, checks every header checksum and number, and refuses everything else by
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import BinaryIO
 
 from aptbundle.errors import ArchiveError
@@ -55,10 +55,14 @@ def _header(name: bytes, size: int, typeflag: bytes, mode: int, mtime: int) -> b
     return bytes(h)
 
 
-def member_header(name: str, size: int, *, is_dir: bool = False, mtime: int = 0) -> bytes:
-    """Header block(s) for one member: mode 0644/0755, owner 0:0, no user names, fixed mtime."""
+def member_header(name: str, size: int, *, is_dir: bool = False, mtime: int = 0,
+                  extra_pax: dict[str, str] | None = None) -> bytes:
+    """Header block(s) for one member: mode 0644/0755, owner 0:0, no user names, fixed mtime.
+
+    ``extra_pax`` adds records (aptbundle's own ``APTBUNDLE.*`` keys) to the member's pax header.
+    """
     raw = name.encode("utf-8")
-    pax = b""
+    pax = b"".join(_pax_record(k, v) for k, v in sorted((extra_pax or {}).items()))
     short = raw
     if len(raw) > 100 or not raw.isascii():
         pax += _pax_record("path", name)
@@ -92,6 +96,7 @@ class Member:
     name: str
     kind: str  # "file" or "dir"
     size: int
+    pax: dict = field(default_factory=dict)  # the member's pax records
 
 
 def _parse_number(field: bytes, what: str, where: str) -> int:
@@ -187,7 +192,7 @@ class TarReader:
                     raise ArchiveError(f"{self.shown}: member {name!r} is a folder with {size} bytes of data")
                 name = name[:-1] if name.endswith("/") else name
             self._pending = size + _pad(size)
-            return Member(name, kind, size)
+            return Member(name, kind, size, pax)
 
     def consume(self, sink, hasher, size: int, chunk: int) -> None:
         """Feed exactly the current member's data to ``hasher`` (and ``sink`` if given)."""

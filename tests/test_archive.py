@@ -166,3 +166,45 @@ def test_init_refuses_links_and_bad_names(tmp_path):
     assert r.exit_code == 1 and no_traceback(r.output)
     assert "link" in r.stderr and "aux.txt" in r.stderr
     assert not (d / "aptrun.json").exists()
+
+
+def test_dense_archive_round_trips_and_says_it_needs_aptbundle(tiny_run, tmp_path):
+    plain = pack(tiny_run, tmp_path / "p.aptrun.tar.zst").path
+    r = cli("pack", tiny_run, "--dense", "-o", tmp_path / "d.aptrun.tar.zst", "--json")
+    assert r.exit_code == 0, r.output
+    dense = tmp_path / "d.aptrun.tar.zst"
+    assert json.loads(r.stdout)["digest"] == load_manifest(tiny_run).digest()  # same content, same digest
+    assert dense.stat().st_size < plain.stat().st_size
+    assert cli("verify", dense).exit_code == 0
+    info = json.loads(cli("inspect", dense, "--json").stdout)
+    assert info["needs_aptbundle"] and info["codec"] == "dense"
+    assert "unpack it with aptbundle" in cli("inspect", dense).stdout
+    assert not json.loads(cli("inspect", plain, "--json").stdout)["needs_aptbundle"]
+    assert cli("unpack", dense, "-C", tmp_path / "u").exit_code == 0
+    assert tree(tiny_run) == tree(tmp_path / "u" / "run1")
+    a = pack(tiny_run, tmp_path / "d2.aptrun.tar.zst", dense=True).path
+    assert a.read_bytes() == dense.read_bytes()  # deterministic too
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_dense_codec_on_each_float_type(tmp_path, dtype):
+    import torch
+    from safetensors.torch import save_file
+
+    from aptbundle.codec import dense_width
+
+    run = Run.create(tmp_path / "r", trainer=None)
+    t = {"w": (torch.randn(300, 300) * 0.02).to(getattr(torch, dtype))}
+    save_file(t, str(run.path / "model.safetensors"))
+    torch.save({"state": {0: {"exp_avg": t["w"].clone()}}}, run.path / "optimizer.pt")
+    for rel in ("model.safetensors", "optimizer.pt"):
+        run.record_file(rel)
+    run.save_manifest()
+    want = 4 if dtype == "float32" else 2
+    assert dense_width(run.path / "model.safetensors", "model.safetensors", 10**6) == want
+    assert dense_width(run.path / "optimizer.pt", "optimizer.pt", 10**6) == want
+    out = pack(run.path, tmp_path / "r.aptrun.tar.zst", dense=True).path
+    plain = pack(run.path, tmp_path / "p.aptrun.tar.zst").path
+    assert out.stat().st_size < plain.stat().st_size
+    got = unpack(out, tmp_path / "u")
+    assert tree(run.path) == tree(got)
