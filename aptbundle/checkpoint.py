@@ -10,8 +10,10 @@ checkpoints only. Pickled files are read with ``torch.load(weights_only=True)`` 
 
 from __future__ import annotations
 
+import copy
 import json
 import os
+import threading
 import random
 import shutil
 import sys
@@ -20,8 +22,9 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
+from safetensors.torch import _remove_duplicate_names
 from safetensors.torch import load_model as _st_load_model
-from safetensors.torch import save_model as _st_save_model
+from safetensors.torch import save_file as _st_save_file
 
 from aptbundle.errors import CheckpointError, VerifyError
 from aptbundle.fsutil import TMP_PREFIX, fsync_dir, fsync_file
@@ -80,6 +83,22 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
         np.random.set_state((kind, keys.numpy().astype("uint32"), pos, has_gauss, gauss))
 
 
+def _weights(model: torch.nn.Module, copy: bool) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """What ``safetensors.torch.save_model`` writes: shared (tied) tensors once, under one name,
+    with the others recorded in the metadata; copied to CPU memory when ``copy``."""
+    sd = model.state_dict()
+    meta: dict[str, str] = {}
+    for kept, removed in _remove_duplicate_names(sd).items():
+        for name in removed:
+            meta.setdefault(name, kept)
+            del sd[name]
+    out = {}
+    for k, v in sd.items():
+        v = v.detach()
+        out[k] = v.to("cpu", copy=True).contiguous() if copy else v.contiguous()
+    return out, meta
+
+
 class CheckpointManager:
     """Save and load full training state in a run.
 
@@ -120,24 +139,64 @@ class CheckpointManager:
              optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None,
              trainer_state: Mapping[str, Any] | None = None, metrics: Mapping[str, Any] | None = None,
              rng: bool = True, run_files: Mapping[str, bytes] | None = None,
-             device: str | None = None, is_best: bool | None = None) -> CheckpointEntry:
+             device: str | None = None, is_best: bool | None = None,
+             background: bool = False) -> CheckpointEntry:
         """Write a complete checkpoint at ``step`` and commit it to the manifest.
 
         ``run_files`` are other files of the run (for example ``logs/metrics.jsonl``) rewritten
         atomically in the same commit. ``is_best=True`` marks it best whatever its metrics.
+
+        ``background=True`` copies the state off the caller's thread (a memory copy: the stall)
+        and writes and commits it in a background thread; at most one save is in flight (the
+        next save, ``wait()`` or ``close()`` waits for it and raises its error, if any).
         Returns the new manifest entry.
         """
+        self.wait()
         name = checkpoint_name(step)
+        weights, meta = _weights(unwrap(model), copy=background)
+        opt_sd = optimizer.state_dict() if optimizer is not None else None
+        sched_sd = scheduler.state_dict() if scheduler is not None else None
+        if background:  # deepcopy keeps shared objects shared, so the pickle is the same as in sync
+            opt_sd, sched_sd = copy.deepcopy(opt_sd), copy.deepcopy(sched_sd)
+        state = copy.deepcopy({"step": step, "epoch": epoch, **(trainer_state or {})})
+        args = (name, step, epoch, weights, meta, opt_sd, sched_sd, rng_state() if rng else None, state,
+                dict(metrics or {}), dict(run_files or {}), device, is_best)
+        if not background:
+            return self._write(*args)
+        self._thread = threading.Thread(target=self._background, args=args, name=f"save-{name}")
+        self._thread.start()
+        return CheckpointEntry(name, step, epoch, dict(metrics or {}))
+
+    def _background(self, *args) -> None:
+        try:
+            self._write(*args)
+        except BaseException as e:  # handed to the training thread by wait()
+            self._error = e
+
+    def wait(self) -> None:
+        """Wait for a background save; re-raise its error in the caller's thread."""
+        t = getattr(self, "_thread", None)
+        if t is not None:
+            t.join()
+            self._thread = None
+        err = getattr(self, "_error", None)
+        if err is not None:
+            self._error = None
+            raise err
+
+    close = wait
+
+    def _write(self, name, step, epoch, weights, meta, opt_sd, sched_sd, rng, state, metrics, run_files,
+               device, is_best) -> CheckpointEntry:
         stage = self._staging_dir(name)
         try:
-            _st_save_model(unwrap(model), str(stage / MODEL_FILE))
-            if optimizer is not None:
-                torch.save(optimizer.state_dict(), stage / OPTIMIZER_FILE)
-            if scheduler is not None:
-                torch.save(scheduler.state_dict(), stage / SCHEDULER_FILE)
-            if rng:
-                torch.save(rng_state(), stage / RNG_FILE)
-            state = {"step": step, "epoch": epoch, **(trainer_state or {})}
+            _st_save_file(weights, str(stage / MODEL_FILE), metadata=meta)
+            if opt_sd is not None:
+                torch.save(opt_sd, stage / OPTIMIZER_FILE)
+            if sched_sd is not None:
+                torch.save(sched_sd, stage / SCHEDULER_FILE)
+            if rng is not None:
+                torch.save(rng, stage / RNG_FILE)
             (stage / STATE_FILE).write_bytes(
                 json.dumps(state, sort_keys=True, indent=1, allow_nan=False).encode("utf-8"))
             for f in stage.iterdir():
@@ -151,7 +210,7 @@ class CheckpointManager:
         except BaseException:
             shutil.rmtree(stage, ignore_errors=True)
             raise
-        return self._commit(name, stage, step, epoch, dict(metrics or {}), run_files or {}, device, is_best)
+        return self._commit(name, stage, step, epoch, metrics, run_files, device, is_best)
 
     def _commit(self, name: str, stage: Path, step: int, epoch, metrics: dict,
                 run_files: Mapping[str, bytes], device: str | None, is_best: bool | None) -> CheckpointEntry:

@@ -5,7 +5,9 @@
 For each preset it trains on the built-in corpus for a number of steps and reports tokens/s,
 then saves the full training state with CheckpointManager a few times and reports the
 checkpoint's size and the save time, beside the time of a bare ``torch.save`` of the same
-state dicts (the baseline: no safetensors, no hashing, no fsync, no manifest).
+state dicts (the baseline: no safetensors, no hashing, no fsync, no manifest). Last, the training
+stall per checkpoint: how long the training thread waits in a synchronous save against a
+``background=True`` (``--async-save``) save of the same state.
 """
 
 from __future__ import annotations
@@ -72,11 +74,22 @@ def bench(size: str, steps: int, saves: int, work: Path) -> dict:
         torch.save({"model": s.model.state_dict(), "opt": s.optimizer.state_dict(),
                     "sched": s.scheduler.state_dict(), "rng": torch.get_rng_state()}, buf)
         base.append(time.perf_counter() - t)
+    stall_sync, stall_async = [], []
+    for i in range(saves):
+        for background, out in ((False, stall_sync), (True, stall_async)):
+            cm.wait()
+            t = time.perf_counter()
+            cm.save(step=100 + 2 * i + background, epoch=0, model=s.model, optimizer=s.optimizer,
+                    scheduler=s.scheduler, trainer_state={"loss_history": []}, metrics={"loss": 1.0},
+                    background=background)
+            out.append(time.perf_counter() - t)  # what the training thread waits for
+    cm.wait()
     ck = run.checkpoint_dir(run.manifest.latest)
     size_bytes = sum(p.stat().st_size for p in ck.iterdir())
     return {"size": size, "params": s.model.num_parameters(), "tok_s": tokens / elapsed,
             "step_ms": elapsed / steps * 1000, "ckpt_bytes": size_bytes,
-            "save_s": statistics.median(times), "torch_save_s": statistics.median(base)}
+            "save_s": statistics.median(times), "torch_save_s": statistics.median(base),
+            "stall_sync": statistics.median(stall_sync), "stall_async": statistics.median(stall_async)}
 
 
 def main() -> int:
@@ -96,6 +109,9 @@ def main() -> int:
         print(f"{r['size']:<7}{r['params']:>11,}{r['tok_s']:>11,.0f}{r['step_ms']:>9.1f}"
               f"{r['ckpt_bytes'] / 1e6:>9.2f}{r['save_s']:>9.3f}{r['torch_save_s']:>14.3f}"
               f"{r['save_s'] / r['torch_save_s']:>7.2f}")
+    print(f"\n{'preset':<7}{'sync save stall s':>19}{'--async-save stall s':>22}{'ratio':>7}")
+    for r in rows:
+        print(f"{r['size']:<7}{r['stall_sync']:>19.3f}{r['stall_async']:>22.3f}{r['stall_async'] / r['stall_sync']:>7.2f}")
     return 0
 
 

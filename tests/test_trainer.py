@@ -153,3 +153,19 @@ def test_second_trainer_on_the_same_run_is_refused(tmp_path):
            "-q", cwd=tmp_path, timeout=120)
     assert r.returncode == 0, r.stderr
     assert Run.open(tmp_path / "r").latest.step == latest + 2
+
+
+def test_async_save_writes_the_same_checkpoints(tmp_path, tiny_run):
+    r = sh(*TRAINER, "--run-dir", tmp_path / "a", "--epochs", "2", "--save-every", "10", "--keep-last", "10",
+           "--async-save", "--stop-at-step", "23", "-q", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    r = sh(*TRAINER, "--run-dir", tmp_path / "a", "--resume-from", "latest", "--async-save", "-q", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    for c in load_manifest(tiny_run).checkpoints:
+        for f in ("model.safetensors", "optimizer.pt", "scheduler.pt"):
+            assert (tiny_run / "checkpoints" / c.name / f).read_bytes() == \
+                (tmp_path / "a" / "checkpoints" / c.name / f).read_bytes(), (c.name, f)
+        # the fixture trained inside pytest, whose own use of `random` differs: compare torch's RNG
+        rng = [torch.load(d / "checkpoints" / c.name / "rng_state.pt", weights_only=True) for d in (tiny_run, tmp_path / "a")]
+        assert torch.equal(rng[0]["torch"], rng[1]["torch"])
+    assert Run.open(tmp_path / "a").verify() == []

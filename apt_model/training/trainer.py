@@ -105,8 +105,10 @@ class Trainer:
     """One training session over a run (new or resumed)."""
 
     def __init__(self, s: Session, cm: CheckpointManager, *, state: dict | None, quiet: bool,
-                 is_main: bool = True):
+                 is_main: bool = True, async_save: bool = False):
         self.s, self.cm, self.quiet, self.is_main = s, cm, quiet, is_main
+        self.async_save = async_save
+        self.stalls: list[float] = []  # seconds the training thread spent in each save
         state = state or {}
         self.global_step = int(state.get("global_step", 0))
         self.epoch = int(state.get("epoch", 0))
@@ -146,9 +148,12 @@ class Trainer:
         hist[-1].update(stop_step=self.global_step, stopped_at=now_iso(), reason=reason)
         if metrics["loss"] != metrics["loss"]:
             metrics.pop("loss")
+        t0 = time.perf_counter()
         entry = self.cm.save(step=self.global_step, epoch=self.epoch, model=s.model, optimizer=s.optimizer,
                              scheduler=s.scheduler, trainer_state=state, metrics=metrics,
-                             run_files={METRICS_FILE: b"".join(self.log_lines)}, device=s.device.type)
+                             run_files={METRICS_FILE: b"".join(self.log_lines)}, device=s.device.type,
+                             background=self.async_save)
+        self.stalls.append(time.perf_counter() - t0)
         self.last_saved = entry.name
         _log(self.quiet, f"saved {s.run.name}/checkpoints/{entry.name} (step {self.global_step}, epoch"
                          f" {self.epoch}, loss {metrics.get('loss', float('nan')):.4f}"
@@ -218,6 +223,7 @@ class Trainer:
         return self._result(True)
 
     def _result(self, finished: bool) -> TrainResult:
+        self.cm.wait()  # a background save must be complete before the session ends
         return TrainResult(self.s.run.path, self.global_step, self.epoch, finished, self.losses, self.last_saved)
 
 
@@ -262,11 +268,12 @@ def _locate(resume_from: str, run_dir: Path | None) -> tuple[Path, str]:
 def train(config: APTConfig | None = None, run_dir: str | Path | None = None, *, model_size: str = "tiny",
           data: str | Path | None = None, resume_from: str | None = None, stop_at_step: int | None = None,
           device: str = "auto", allow_data_change: bool = False, quiet: bool = False,
-          **overrides) -> TrainResult:
+          async_save: bool = False, **overrides) -> TrainResult:
     """Train a new run or continue one.
 
     ``overrides`` are APTConfig fields (``epochs``, ``batch_size``, ``lr``, ``seed``, ``save_every``,
-    ``save_freq``, ``keep_last``...); None values are ignored.
+    ``save_freq``, ``keep_last``...); None values are ignored. ``async_save`` writes checkpoints
+    in a background thread (the training thread only copies the state).
 
     >>> # train(run_dir="outputs/run1", model_size="tiny", epochs=2, quiet=True).finished
     True
@@ -322,7 +329,11 @@ def train(config: APTConfig | None = None, run_dir: str | Path | None = None, *,
                                       f" the run had {state['steps_per_epoch']}; pass --allow-data-change")
                 _log(quiet, f"resuming {run.name} from {run.resolve_checkpoint(which).name}"
                             f" (step {state.get('global_step')}, epoch {state.get('epoch')}) on {dev.type}")
-            return Trainer(session, cm, state=state, quiet=quiet).fit(stop_at_step)
+            trainer = Trainer(session, cm, state=state, quiet=quiet, async_save=async_save)
+            try:
+                return trainer.fit(stop_at_step)
+            finally:
+                cm.wait()
         finally:
             import shutil
 
@@ -355,6 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume-from", help="latest, best, a checkpoint name, or a run/checkpoint path")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--allow-data-change", action="store_true")
+    p.add_argument("--async-save", action="store_true", help="write checkpoints in a background thread")
     p.add_argument("--quiet", "-q", action="store_true")
     return p
 
@@ -367,7 +379,8 @@ def main(argv: list[str] | None = None) -> int:
             config = preset(args.model_size).replace(**APTConfig.load(args.config).to_dict())
         res = train(config, args.run_dir, model_size=args.model_size, data=args.data,
                     resume_from=args.resume_from, stop_at_step=args.stop_at_step, device=args.device,
-                    allow_data_change=args.allow_data_change, quiet=args.quiet, epochs=args.epochs,
+                    allow_data_change=args.allow_data_change, quiet=args.quiet, async_save=args.async_save,
+                    epochs=args.epochs,
                     batch_size=args.batch_size, lr=args.lr, seed=args.seed, save_every=args.save_every,
                     save_freq=args.save_freq, keep_last=args.keep_last)
     except (AptBundleError, ConfigError, ValueError) as e:
