@@ -151,7 +151,7 @@ def verify(path: str, as_json: bool, quiet: bool) -> None:
 @click.argument("run_dir", type=click.Path(file_okay=False))
 @click.option("-o", "--output", default=None, type=click.Path(),
               help="Archive path or folder (default: ./NAME.aptrun.tar.zst).")
-@click.option("--level", default=3, show_default=True, type=click.IntRange(1, 22), help="zstd level.")
+@click.option("--level", default=None, type=click.IntRange(1, 22), help="zstd level [default: 3; 1 with --dense].")
 @click.option("--threads", default=0, show_default=True, type=click.IntRange(0, 256),
               help="zstd worker threads (0: one per core).")
 @click.option("--checkpoints", "which", default="all", show_default=True,
@@ -160,7 +160,7 @@ def verify(path: str, as_json: bool, quiet: bool) -> None:
               help="Byte-group float tensors before zstd: smaller, but only aptbundle can unpack it.")
 @json_opt
 @quiet_opt
-def pack(run_dir: str, output: str | None, level: int, threads: int, which: str, dense: bool, as_json: bool,
+def pack(run_dir: str, output: str | None, level: int | None, threads: int, which: str, dense: bool, as_json: bool,
          quiet: bool) -> None:
     """Pack a run into one verified NAME.aptrun.tar.zst."""
     from aptbundle.archive import pack as do_pack

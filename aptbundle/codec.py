@@ -24,18 +24,27 @@ PAX_REQUIRES = "APTBUNDLE.requires"
 _ST_WIDTH = {"F32": 4, "F16": 2, "BF16": 2}
 
 
+_WORD = {2: np.dtype("<u2"), 4: np.dtype("<u4")}
+
+
 def group(block: bytes | memoryview, width: int) -> bytes:
     """Bytes of ``block`` grouped by significance (a trailing partial word stays in place)."""
     n = len(block) // width * width
-    arr = np.frombuffer(block, dtype=np.uint8, count=n)
-    return arr.reshape(-1, width).T.tobytes() + bytes(block[n:])
+    words = np.frombuffer(block, dtype=_WORD[width], count=n // width)
+    out = np.empty((width, n // width), dtype=np.uint8)
+    for i in range(width):  # shifts over whole words: several times faster than a byte transpose
+        out[i] = words >> _WORD[width].type(8 * i)  # a typed shift: a Python int is 10x slower
+    return out.tobytes() + bytes(block[n:])
 
 
 def ungroup(block: bytes | memoryview, width: int) -> bytes:
     """The inverse of ``group`` for one block."""
     n = len(block) // width * width
-    arr = np.frombuffer(block, dtype=np.uint8, count=n)
-    return arr.reshape(width, -1).T.tobytes() + bytes(block[n:])
+    planes = np.frombuffer(block, dtype=np.uint8, count=n).reshape(width, -1)
+    words = planes[0].astype(_WORD[width])
+    for i in range(1, width):
+        words |= planes[i].astype(_WORD[width]) << _WORD[width].type(8 * i)
+    return words.tobytes() + bytes(block[n:])
 
 
 def _safetensors_width(path: Path) -> int | None:
@@ -78,14 +87,20 @@ class Ungrouper:
 
     def __init__(self, width: int, size: int):
         self.width, self.left = width, size
-        self.buf = bytearray()
+        self.buf = bytearray(min(BLOCK, size))
+        self.view = memoryview(self.buf)
+        self.fill = 0
 
     def feed(self, data: bytes) -> list[bytes]:
-        self.buf += data
-        self.left -= len(data)
         out = []
-        while len(self.buf) >= BLOCK or (self.left == 0 and self.buf):
-            take = min(BLOCK, len(self.buf))
-            out.append(ungroup(bytes(self.buf[:take]), self.width))
-            del self.buf[:take]
+        pos = 0
+        while pos < len(data):
+            take = min(len(self.buf) - self.fill, len(data) - pos)
+            self.view[self.fill:self.fill + take] = data[pos:pos + take]
+            self.fill += take
+            self.left -= take
+            pos += take
+            if self.fill == len(self.buf) or self.left == 0:
+                out.append(ungroup(self.view[:self.fill], self.width))
+                self.fill = 0
         return out
