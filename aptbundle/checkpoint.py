@@ -135,12 +135,12 @@ class CheckpointManager:
         d.mkdir()
         return d
 
-    def save(self, *, step: int, epoch: int | float, model: torch.nn.Module,
+    def save(self, *, step: int, epoch: int | float, model: torch.nn.Module | None,
              optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None,
              trainer_state: Mapping[str, Any] | None = None, metrics: Mapping[str, Any] | None = None,
              rng: bool = True, run_files: Mapping[str, bytes] | None = None,
              device: str | None = None, is_best: bool | None = None,
-             background: bool = False) -> CheckpointEntry:
+             background: bool = False, stage_dir: Path | None = None) -> CheckpointEntry:
         """Write a complete checkpoint at ``step`` and commit it to the manifest.
 
         ``run_files`` are other files of the run (for example ``logs/metrics.jsonl``) rewritten
@@ -149,18 +149,21 @@ class CheckpointManager:
         ``background=True`` copies the state off the caller's thread (a memory copy: the stall)
         and writes and commits it in a background thread; at most one save is in flight (the
         next save, ``wait()`` or ``close()`` waits for it and raises its error, if any).
+        ``stage_dir`` is a staging folder other processes already wrote files into (per-rank RNG
+        state, DCP shards): they become part of the checkpoint. ``model=None`` writes no
+        ``model.safetensors`` (the weights are in those shards).
         Returns the new manifest entry.
         """
         self.wait()
         name = checkpoint_name(step)
-        weights, meta = _weights(unwrap(model), copy=background)
+        weights, meta = _weights(unwrap(model), copy=background) if model is not None else (None, None)
         opt_sd = optimizer.state_dict() if optimizer is not None else None
         sched_sd = scheduler.state_dict() if scheduler is not None else None
         if background:  # deepcopy keeps shared objects shared, so the pickle is the same as in sync
             opt_sd, sched_sd = copy.deepcopy(opt_sd), copy.deepcopy(sched_sd)
         state = copy.deepcopy({"step": step, "epoch": epoch, **(trainer_state or {})})
         args = (name, step, epoch, weights, meta, opt_sd, sched_sd, rng_state() if rng else None, state,
-                dict(metrics or {}), dict(run_files or {}), device, is_best)
+                dict(metrics or {}), dict(run_files or {}), device, is_best, stage_dir)
         if not background:
             return self._write(*args)
         self._thread = threading.Thread(target=self._background, args=args, name=f"save-{name}")
@@ -187,10 +190,11 @@ class CheckpointManager:
     close = wait
 
     def _write(self, name, step, epoch, weights, meta, opt_sd, sched_sd, rng, state, metrics, run_files,
-               device, is_best) -> CheckpointEntry:
-        stage = self._staging_dir(name)
+               device, is_best, stage_dir=None) -> CheckpointEntry:
+        stage = stage_dir or self._staging_dir(name)
         try:
-            _st_save_file(weights, str(stage / MODEL_FILE), metadata=meta)
+            if weights is not None:
+                _st_save_file(weights, str(stage / MODEL_FILE), metadata=meta)
             if opt_sd is not None:
                 torch.save(opt_sd, stage / OPTIMIZER_FILE)
             if sched_sd is not None:
@@ -199,8 +203,9 @@ class CheckpointManager:
                 torch.save(rng, stage / RNG_FILE)
             (stage / STATE_FILE).write_bytes(
                 json.dumps(state, sort_keys=True, indent=1, allow_nan=False).encode("utf-8"))
-            for f in stage.iterdir():
-                fsync_file(f)
+            for f in stage.rglob("*"):
+                if f.is_file():
+                    fsync_file(f)
             fsync_dir(stage)
         except Exception as e:  # disk full, quota, I/O error: safetensors and torch raise their own types
             shutil.rmtree(stage, ignore_errors=True)
@@ -226,8 +231,9 @@ class CheckpointManager:
         for rel, data in run_files.items():
             run.write_file(rel, data)
         run.forget_prefix(f"{CHECKPOINTS}/{name}")
-        for f in sorted(final.iterdir()):
-            run.record_file(f"{CHECKPOINTS}/{name}/{f.name}")
+        for f in sorted(final.rglob("*")):
+            if f.is_file():
+                run.record_file(f"{CHECKPOINTS}/{name}/{f.relative_to(final).as_posix()}")
         entry = CheckpointEntry(name, step, epoch, metrics)
         man.checkpoints = sorted([c for c in man.checkpoints if c.name != name] + [entry], key=lambda c: c.step)
         man.latest = max(man.checkpoints, key=lambda c: c.step).name

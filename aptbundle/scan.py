@@ -52,12 +52,23 @@ _GET_OPS = {"GET", "BINGET", "LONG_BINGET"}
 _PUT_OPS = {"PUT", "BINPUT", "LONG_BINPUT"}
 
 
-def global_allowed(name: str) -> bool:
-    """True for a global that ``torch.load(weights_only=True)`` may use."""
-    return name in _ALLOWED or bool(_STORAGE.match(name))
+# torch.distributed.checkpoint's `.metadata` pickle: plain dataclasses and enums describing shards
+_DCP_ALLOWED = {
+    *(f"torch.distributed.checkpoint.metadata.{n}" for n in (
+        "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
+        "TensorProperties", "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")),
+    "torch.distributed.checkpoint.filesystem._StorageInfo", "torch.strided", "torch.sparse_coo",
+    "torch.contiguous_format", "torch.channels_last", "torch.preserve_format",
+}
 
 
-def scan_pickle_stream(stream: IO[bytes], shown: str) -> list[str]:
+def global_allowed(name: str, dcp: bool = False) -> bool:
+    """True for a global that ``torch.load(weights_only=True)`` may use (plus, for a DCP
+    ``.metadata`` file, the plain metadata classes of ``torch.distributed.checkpoint``)."""
+    return name in _ALLOWED or bool(_STORAGE.match(name)) or (dcp and name in _DCP_ALLOWED)
+
+
+def scan_pickle_stream(stream: IO[bytes], shown: str, dcp: bool = False) -> list[str]:
     """Walk one pickle without executing it; return the globals it names.
 
     Raises ``UnsafeContentError`` for a global outside the allow-list, an opcode that builds
@@ -87,7 +98,7 @@ def scan_pickle_stream(stream: IO[bytes], shown: str) -> list[str]:
             else:
                 name = None
             if name is not None:
-                if not global_allowed(name):
+                if not global_allowed(name, dcp):
                     raise UnsafeContentError(
                         f"{shown}: pickle references global {name!r}, which could run code when"
                         " loaded; expected only tensors and plain data. Do not load this file"
@@ -134,6 +145,9 @@ def scan_torch_file(path: Path, shown: str) -> list[str]:
                 with zf.open(info) as stream:
                     names += scan_pickle_stream(stream, f"{shown}:{info.filename}")
         return names
+    if head[:1] == b"\x80" and shown.endswith("/.metadata"):
+        with open(path, "rb") as f:
+            return scan_pickle_stream(f, shown, dcp=True)
     if head[:1] == b"\x80":
         with open(path, "rb") as f:
             # a legacy torch.save holds several pickles in a row; torch refuses those with

@@ -13,7 +13,9 @@ Command line: ``python -m apt_model.training.trainer --run-dir outputs/run1 --ep
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import shutil
 import signal
 import sys
 import time
@@ -23,10 +25,12 @@ from pathlib import Path
 
 import torch
 
-from aptbundle.checkpoint import CheckpointManager
+from aptbundle.checkpoint import CheckpointManager, checkpoint_name, rng_state, set_rng_state, unwrap
+from aptbundle.fsutil import TMP_PREFIX
 from aptbundle.errors import AptBundleError, ResumeError
 from aptbundle.run import Run, environment_info, now_iso
 from apt_model.config import APTConfig, ConfigError, preset
+from apt_model.training.distributed import DCP_DIR, Dist, is_sharded, load_sharded, save_sharded
 from apt_model.training.setup import Session, build, new_run, pick_device, reopen_run
 from apt_model.utils.cache_manager import CacheManager
 
@@ -90,11 +94,12 @@ def evaluate(s: Session) -> float | None:
     """Mean validation loss (eval mode: no dropout, no RNG drawn)."""
     if len(s.val_blocks) == 0:
         return None
-    s.model.eval()
+    model = unwrap(s.model)  # the plain module: no DDP collectives in evaluation
+    model.eval()
     total, n = 0.0, 0
     for i in range(0, len(s.val_blocks), s.cfg.batch_size):
         b = s.val_blocks[i: i + s.cfg.batch_size].to(s.device)
-        _, loss = s.model(b[:, :-1], b[:, 1:])
+        _, loss = model(b[:, :-1], b[:, 1:])
         total += loss.item() * len(b)
         n += len(b)
     s.model.train()
@@ -105,9 +110,10 @@ class Trainer:
     """One training session over a run (new or resumed)."""
 
     def __init__(self, s: Session, cm: CheckpointManager, *, state: dict | None, quiet: bool,
-                 is_main: bool = True, async_save: bool = False):
-        self.s, self.cm, self.quiet, self.is_main = s, cm, quiet, is_main
-        self.async_save = async_save
+                 async_save: bool = False, dist: Dist | None = None, sharded: bool = False):
+        self.s, self.cm, self.quiet = s, cm, quiet
+        self.async_save, self.sharded = async_save, sharded
+        self.d = dist or Dist()
         self.stalls: list[float] = []  # seconds the training thread spent in each save
         state = state or {}
         self.global_step = int(state.get("global_step", 0))
@@ -140,7 +146,7 @@ class Trainer:
         val = evaluate(s)
         if val is not None:
             metrics["val_loss"] = val
-        state = {"global_step": self.global_step, "position": self.position,
+        state = {"global_step": self.global_step, "position": self.position, "world_size": self.d.world,
                  "samples_seen": self.global_step * s.cfg.batch_size * s.sampler.world,
                  "steps_per_epoch": s.sampler.num_batches(), "total_steps": s.total_steps,
                  "planned_epochs": s.cfg.epochs, "loss_history": self.losses, "metrics": metrics}
@@ -149,16 +155,36 @@ class Trainer:
         if metrics["loss"] != metrics["loss"]:
             metrics.pop("loss")
         t0 = time.perf_counter()
-        entry = self.cm.save(step=self.global_step, epoch=self.epoch, model=s.model, optimizer=s.optimizer,
-                             scheduler=s.scheduler, trainer_state=state, metrics=metrics,
-                             run_files={METRICS_FILE: b"".join(self.log_lines)}, device=s.device.type,
-                             background=self.async_save)
+        common = dict(step=self.global_step, epoch=self.epoch, scheduler=s.scheduler, trainer_state=state,
+                      metrics=metrics, run_files={METRICS_FILE: b"".join(self.log_lines)}, device=s.device.type)
+        if not (self.d.enabled or self.sharded):
+            entry = self.cm.save(model=s.model, optimizer=s.optimizer, background=self.async_save, **common)
+        else:
+            entry = self._save_collective(common)
         self.stalls.append(time.perf_counter() - t0)
         self.last_saved = entry.name
         _log(self.quiet, f"saved {s.run.name}/checkpoints/{entry.name} (step {self.global_step}, epoch"
                          f" {self.epoch}, loss {metrics.get('loss', float('nan')):.4f}"
                          + (f", val {val:.4f})" if val is not None else ")"))
         return entry.name
+
+    def _save_collective(self, common: dict):
+        """Every rank writes its RNG state (and, sharded, its DCP shards) into one staging
+        folder; rank 0 adds the rest and commits it; all wait until the checkpoint is complete."""
+        s, d = self.s, self.d
+        stage = s.run.path / "checkpoints" / f"{TMP_PREFIX}{checkpoint_name(self.global_step)}-ranks"
+        if d.is_main:
+            shutil.rmtree(stage, ignore_errors=True)
+            stage.mkdir(parents=True)
+        d.barrier()
+        torch.save(rng_state(), stage / f"rng_state-rank{d.rank}.pt")
+        if self.sharded:
+            save_sharded(stage / DCP_DIR, s.model, s.optimizer)
+        d.barrier()
+        entry = d.on_main(lambda: self.cm.save(
+            model=None if self.sharded else s.model, optimizer=None if self.sharded else s.optimizer,
+            rng=False, stage_dir=stage, **common))
+        return entry
 
     def fit(self, stop_at_step: int | None = None) -> TrainResult:
         s = self.s
@@ -169,7 +195,7 @@ class Trainer:
             return self._result(self.epoch >= cfg.epochs)
         s.run.manifest.history.append({
             "started_at": now_iso(), "start_step": self.global_step, "stop_step": self.global_step,
-            **{k: v for k, v in environment_info(s.device.type).items()}})
+            "processes": self.d.world, **{k: v for k, v in environment_info(s.device.type).items()}})
         s.model.train()
         bar = _Bar(s.total_steps, self.global_step, self.quiet)
         saved_at = None
@@ -186,7 +212,7 @@ class Trainer:
                     s.scheduler.step()
                     self.global_step += 1
                     self.position += 1
-                    value = loss.item()
+                    value = self.d.mean(loss.item())
                     self.losses.append(value)
                     if self.position == spe:
                         self.epoch, self.position = self.epoch + 1, 0
@@ -199,8 +225,8 @@ class Trainer:
                     reason = None
                     if stop_at_step is not None and self.global_step >= stop_at_step:
                         reason = "stop-at-step"
-                    elif stop.signal is not None:
-                        reason = f"signal {signal.Signals(stop.signal).name}"
+                    elif self.d.any(stop.signal is not None):
+                        reason = f"signal {signal.Signals(stop.signal or signal.SIGTERM).name}"
                     elif cfg.save_every and self.global_step % cfg.save_every == 0:
                         reason = "save-every"
                     elif epoch_end and (self.epoch % cfg.save_freq == 0 or self.epoch == cfg.epochs):
@@ -268,76 +294,124 @@ def _locate(resume_from: str, run_dir: Path | None) -> tuple[Path, str]:
 def train(config: APTConfig | None = None, run_dir: str | Path | None = None, *, model_size: str = "tiny",
           data: str | Path | None = None, resume_from: str | None = None, stop_at_step: int | None = None,
           device: str = "auto", allow_data_change: bool = False, quiet: bool = False,
-          async_save: bool = False, **overrides) -> TrainResult:
-    """Train a new run or continue one.
+          async_save: bool = False, sharded: bool = False, **overrides) -> TrainResult:
+    """Train a new run or continue one (in one process, or in each of ``torchrun``'s).
 
     ``overrides`` are APTConfig fields (``epochs``, ``batch_size``, ``lr``, ``seed``, ``save_every``,
     ``save_freq``, ``keep_last``...); None values are ignored. ``async_save`` writes checkpoints
-    in a background thread (the training thread only copies the state).
+    in a background thread (the training thread only copies the state); ``sharded`` saves model
+    and optimizer with torch.distributed.checkpoint, which reshards when the number of
+    processes changes.
 
     >>> # train(run_dir="outputs/run1", model_size="tiny", epochs=2, quiet=True).finished
     True
     """
     dev = pick_device(device)
+    d = Dist.from_env(dev)
+    if d.enabled and dev.type == "cuda":
+        dev = torch.device("cuda", d.local_rank)
+    quiet = quiet or not d.is_main
+    if async_save and (d.enabled or sharded):
+        raise ResumeError("--async-save works in one process without --sharded; drop one of them")
+    try:
+        return _train(d, config, run_dir, model_size, data, resume_from, stop_at_step, dev,
+                      allow_data_change, quiet, async_save, sharded, overrides)
+    finally:
+        d.close()
+
+
+def _train(d: Dist, config, run_dir, model_size, data, resume_from, stop_at_step, dev, allow_data_change,
+           quiet, async_save, sharded, overrides) -> TrainResult:
     run_path = Path(run_dir) if run_dir is not None else None
-    cache = CacheManager()
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    which = None
     if resume_from:
         run_path, which = _locate(resume_from, run_path)
-        run = Run.open(run_path)
+    elif run_path is None:
+        raise ResumeError("--run-dir: required, the folder of the new run (for example outputs/run1)")
     else:
-        if run_path is None:
-            raise ResumeError("--run-dir: required, the folder of the new run (for example outputs/run1)")
-        which = None
-        run = None
-    overrides = {k: v for k, v in overrides.items() if v is not None}
-    if run is None:
-        base = config or preset(model_size)
-        cfg0 = base.replace(**overrides)
-        torch.manual_seed(cfg0.seed)
-        run, cfg, tok, text = new_run(run_path, cfg0, data)
-    with run.lock():
-        temp = cache.session_temp(run.name)
+        cfg0 = (config or preset(model_size)).replace(**overrides)
+
+        def create() -> None:
+            torch.manual_seed(cfg0.seed)
+            new_run(run_path, cfg0, data)
+
+        d.on_main(create)
+    run = Run.open(run_path)
+    lock = run.lock() if d.is_main else contextlib.nullcontext()
+    temp = CacheManager().session_temp(run.name) if not d.enabled else None
+    with lock:
         try:
-            if which is not None:
+            if which is not None and d.is_main:
                 removed = run.recover()
                 if removed:
                     _log(quiet, f"cleaned what an interrupted session left: {', '.join(removed)}")
-                cfg, tok, text, changed = reopen_run(run, data, allow_data_change, overrides)
-                if changed:
-                    _log(quiet, "warning: training continues on different data (--allow-data-change)")
+            d.barrier()
+            run = Run.open(run_path)
+            cfg, tok, text, changed = reopen_run(run, data, allow_data_change, overrides if which else {})
+            if changed:
+                _log(quiet, "warning: training continues on different data (--allow-data-change)")
+            if which is not None:
                 _warn_environment(run, dev, quiet)
-            else:
-                torch.manual_seed(cfg.seed)
-            session = build(run, cfg, tok, text, dev)
-            cm = CheckpointManager(run, keep_last=cfg.keep_last, best_metric="loss", temp_dir=temp)
-            state = None
             if which == "latest" and run.latest is None:
                 # killed before its first checkpoint: start again from the same seed, same result
                 _log(quiet, f"{run.name} has no checkpoint yet; training it from the start")
-                torch.manual_seed(cfg.seed)
-                session = build(run, cfg, tok, text, dev)
                 which = None
-            if which is not None:
-                with warnings.catch_warnings(record=True) as caught:
-                    warnings.simplefilter("always")
-                    state = cm.load(which, model=session.model, optimizer=session.optimizer,
-                                    scheduler=session.scheduler, map_location=dev)
-                for w in caught:
-                    _log(quiet, f"warning: {w.message}")
-                if state.get("steps_per_epoch") not in (None, session.sampler.num_batches()) and not allow_data_change:
-                    raise ResumeError(f"{run.name}: the data gives {session.sampler.num_batches()} steps per epoch,"
-                                      f" the run had {state['steps_per_epoch']}; pass --allow-data-change")
-                _log(quiet, f"resuming {run.name} from {run.resolve_checkpoint(which).name}"
-                            f" (step {state.get('global_step')}, epoch {state.get('epoch')}) on {dev.type}")
-            trainer = Trainer(session, cm, state=state, quiet=quiet, async_save=async_save)
+            torch.manual_seed(cfg.seed)
+            session = build(run, cfg, tok, text, dev, d.rank, d.world)
+            if d.enabled:  # same initial weights everywhere, then a dropout stream of each rank's own
+                torch.manual_seed(cfg.seed * 1_000_003 + d.rank)
+            cm = CheckpointManager(run, keep_last=cfg.keep_last, best_metric="loss", temp_dir=temp)
+            state = _restore(session, cm, which, d, dev, allow_data_change, quiet) if which else None
+            if d.enabled:
+                from torch.nn.parallel import DistributedDataParallel as DDP
+
+                session.model = DDP(session.model, device_ids=[dev.index] if dev.type == "cuda" else None)
+            trainer = Trainer(session, cm, state=state, quiet=quiet, async_save=async_save, dist=d,
+                              sharded=sharded)
             try:
                 return trainer.fit(stop_at_step)
             finally:
                 cm.wait()
         finally:
-            import shutil
+            if temp is not None:
+                shutil.rmtree(temp, ignore_errors=True)
 
-            shutil.rmtree(temp, ignore_errors=True)
+
+def _restore(s: Session, cm: CheckpointManager, which: str, d: Dist, dev: torch.device,
+             allow_data_change: bool, quiet: bool) -> dict:
+    """Load model, optimizer, scheduler and this rank's RNG; carry the data position across a
+    change in the number of processes."""
+    entry = s.run.resolve_checkpoint(which)
+    ckpt = s.run.checkpoint_dir(entry.name)
+    shard = is_sharded(ckpt)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        state = cm.load(which, model=None if shard else s.model, optimizer=None if shard else s.optimizer,
+                        scheduler=s.scheduler, map_location=dev, restore_rng=False)
+        if shard:
+            load_sharded(ckpt / DCP_DIR, s.model, s.optimizer, f"{entry.name}/{DCP_DIR}")
+        rng_file = ckpt / f"rng_state-rank{d.rank}.pt"
+        if not rng_file.exists() and d.rank == 0:
+            rng_file = ckpt / "rng_state.pt"
+        if rng_file.exists():
+            set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=True))
+        else:  # a rank the run never had: its own seeded stream
+            torch.manual_seed(s.cfg.seed * 1_000_003 + d.rank + 7919 * int(state.get("global_step", 0)))
+    for w in caught:
+        _log(quiet, f"warning: {w.message}")
+    old_world = int(state.get("world_size", 1))
+    if old_world != d.world:
+        seen = int(state.get("position", 0)) * s.cfg.batch_size * old_world
+        state["position"] = min(seen // (s.cfg.batch_size * d.world), s.sampler.num_batches() - 1)
+        _log(quiet, f"the run had {old_world} process(es), now {d.world}: continuing after {seen} samples"
+                    f" of epoch {state.get('epoch')} (batch {state['position']})")
+    elif state.get("steps_per_epoch") not in (None, s.sampler.num_batches()) and not allow_data_change:
+        raise ResumeError(f"{s.run.name}: the data gives {s.sampler.num_batches()} steps per epoch,"
+                          f" the run had {state['steps_per_epoch']}; pass --allow-data-change")
+    _log(quiet, f"resuming {s.run.name} from {entry.name} (step {state.get('global_step')},"
+                f" epoch {state.get('epoch')}) on {dev.type}" + (f" x{d.world}" if d.enabled else ""))
+    return state
 
 
 def resume_run(run_dir: str | Path, *, which: str = "latest", epochs: int | None = None,
@@ -367,6 +441,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--allow-data-change", action="store_true")
     p.add_argument("--async-save", action="store_true", help="write checkpoints in a background thread")
+    p.add_argument("--sharded", action="store_true",
+                   help="save model and optimizer with torch.distributed.checkpoint (reshards on resume)")
     p.add_argument("--quiet", "-q", action="store_true")
     return p
 
@@ -380,6 +456,7 @@ def main(argv: list[str] | None = None) -> int:
         res = train(config, args.run_dir, model_size=args.model_size, data=args.data,
                     resume_from=args.resume_from, stop_at_step=args.stop_at_step, device=args.device,
                     allow_data_change=args.allow_data_change, quiet=args.quiet, async_save=args.async_save,
+                    sharded=args.sharded,
                     epochs=args.epochs,
                     batch_size=args.batch_size, lr=args.lr, seed=args.seed, save_every=args.save_every,
                     save_freq=args.save_freq, keep_last=args.keep_last)
