@@ -39,6 +39,23 @@ SUFFIX = ".aptrun.tar.zst"
 CHUNK = 1 << 20
 
 
+def is_remote(path: str | Path) -> bool:
+    """True for a URL such as ``s3://bucket/run1.aptrun.tar.zst`` (read and written via fsspec)."""
+    return "://" in str(path)
+
+
+def _remote_fs(url: str):
+    try:
+        import fsspec
+
+        return fsspec.url_to_fs(url)
+    except ImportError as e:
+        raise ArchiveError(f"{url}: remote archives need fsspec and the backend for this URL ({e.name or e});"
+                           " install them with `pip install aptbundle[s3]`") from None
+    except ValueError as e:
+        raise ArchiveError(f"{url}: not a usable URL ({e})") from None
+
+
 def archive_name(run_name: str) -> str:
     """``run1`` -> ``run1.aptrun.tar.zst``."""
     return run_name + SUFFIX
@@ -117,12 +134,18 @@ def pack(run_dir: str | Path, out: str | Path | None = None, *, level: int | Non
     if not 1 <= level <= 22:
         raise ArchiveError(f"--level {level}: expected a zstd level from 1 to 22")
     run = Run.open(run_dir)
-    target = Path(out) if out is not None else Path(archive_name(run.name))
-    if target.is_dir():
-        target = target / archive_name(run.name)
-    if not target.parent.is_dir():
-        raise ArchiveError(f"{target}: the folder {target.parent} does not exist; create it or choose another -o")
-    clean_stale(target.parent, target.name)
+    remote = out is not None and is_remote(out)
+    if remote:
+        url = str(out) + (archive_name(run.name) if str(out).endswith("/") else "")
+        fs, rpath = _remote_fs(url)
+        target = url
+    else:
+        target = Path(out) if out is not None else Path(archive_name(run.name))
+        if target.is_dir():
+            target = target / archive_name(run.name)
+        if not target.parent.is_dir():
+            raise ArchiveError(f"{target}: the folder {target.parent} does not exist; create it or choose another -o")
+        clean_stale(target.parent, target.name)
     clean_stale(run.path, "pack")
     threads = threads if threads > 0 else (os.cpu_count() or 1)
     for attempt in range(attempts):
@@ -138,31 +161,46 @@ def pack(run_dir: str | Path, out: str | Path | None = None, *, level: int | Non
             problems = sorted(full + [p for p in problems if (p.path, p.kind) not in seen and p.kind == "unsafe"],
                               key=lambda p: p.path)
             raise VerifyError(problems, what=f"run {run.name} (not packed)")
-        tmp = _temp_for(target)
         snap = None
+        # locally a temporary name renamed at the end; remotely a multipart upload, which the
+        # object store makes visible only when it completes (and which is discarded on failure)
+        tmp = None if remote else _temp_for(target)
+        sink = fs.open(rpath, "wb", block_size=16 << 20) if remote else open(tmp, "xb")
         try:
             snap = _snapshot(run.path, man)
-            size = _write_archive(snap or run.path, man, tmp, level, threads, progress, dense)
-        except FileNotFoundError:  # a checkpoint was retired between manifest and snapshot
-            tmp.unlink(missing_ok=True)
-            if attempt + 1 < attempts:
+            size = _write_archive(snap or run.path, man, sink, level, threads, progress, dense)
+            sink.close()
+        except BaseException as e:
+            _discard(sink, tmp)
+            retry = attempt + 1 < attempts
+            if isinstance(e, FileNotFoundError) and retry:  # a checkpoint was retired meanwhile
                 continue
-            raise
-        except _Changed as e:
-            tmp.unlink(missing_ok=True)
-            if _manifest_changed(run.path, raw_man) and attempt + 1 < attempts:
-                continue
-            raise VerifyError(e.args[0], what=f"run {run.name} (not packed)") from None
-        except BaseException:
-            tmp.unlink(missing_ok=True)
+            if isinstance(e, _Changed):
+                if _manifest_changed(run.path, raw_man) and retry:
+                    continue
+                raise VerifyError(e.args[0], what=f"run {run.name} (not packed)") from None
             raise
         finally:
             if snap is not None:
                 shutil.rmtree(snap, ignore_errors=True)
-        os.replace(tmp, target)
-        fsync_dir(target.parent)
+        if not remote:
+            os.replace(tmp, target)
+            fsync_dir(target.parent)
         return PackResult(target, size, man.digest(), len(man.files), man.total_size())
     raise ArchiveError(f"run {run.name}: kept changing while it was packed; try again when training pauses")
+
+
+def _discard(sink, tmp: Path | None) -> None:
+    """Throw away a half-written archive: the local temporary, or the pending upload."""
+    try:
+        if hasattr(sink, "discard"):
+            sink.discard()
+        else:
+            sink.close()
+    except Exception:
+        pass
+    if tmp is not None:
+        tmp.unlink(missing_ok=True)
 
 
 def _snapshot(root: Path, man: Manifest) -> Path | None:
@@ -223,8 +261,9 @@ def _precheck(root: Path, man: Manifest, full: bool) -> list[Problem]:
     return problems
 
 
-def _write_archive(root: Path, man: Manifest, tmp: Path, level: int, threads: int,
+def _write_archive(root: Path, man: Manifest, raw: BinaryIO, level: int, threads: int,
                    progress: Progress | None, dense: bool = False) -> int:
+    """Stream the archive of ``man``'s files under ``root`` into ``raw``; return its size."""
     mtime = _mtime(man)
     name = man.name
     widths = {}
@@ -237,51 +276,50 @@ def _write_archive(root: Path, man: Manifest, tmp: Path, level: int, threads: in
     view = memoryview(buf)
     problems: list[Problem] = []
     cctx = zstandard.ZstdCompressor(level=level, threads=threads, write_checksum=True)
-    with open(tmp, "xb") as raw:
-        with cctx.stream_writer(raw, closefd=False, write_size=CHUNK) as z:
-            mbytes = man.to_bytes()
-            written = 0
+    with cctx.stream_writer(raw, closefd=False, write_size=CHUNK) as z:
+        mbytes = man.to_bytes()
+        written = 0
 
-            def put(b: bytes) -> None:
-                nonlocal written
-                z.write(b)
-                written += len(b)
+        def put(b: bytes) -> None:
+            nonlocal written
+            z.write(b)
+            written += len(b)
 
-            requires = {PAX_REQUIRES: "dense"} if widths else None
-            put(member_header(f"{name}/{MANIFEST_NAME}", len(mbytes), mtime=mtime, extra_pax=requires))
-            put(mbytes + padding(len(mbytes)))
-            for f in man.files:
-                width = widths.get(f.path)
-                put(member_header(f"{name}/{f.path}", f.size, mtime=mtime,
-                                  extra_pax={PAX_WIDTH: str(width)} if width else None))
-                h = hashlib.sha256()
-                left = f.size
-                step = DENSE_BLOCK if width else CHUNK
-                with open(root / f.path, "rb") as src:
-                    while left:
-                        n = src.readinto(view[:min(step, left)])
-                        if not n:
-                            raise _Changed([Problem(f.path, "size", f"{f.size} bytes", "fewer (file shrank while packing)")])
-                        chunk = view[:n]
-                        h.update(chunk)
-                        z.write(group(chunk, width) if width else chunk)
-                        left -= n
-                        if progress:
-                            progress(n)
-                    grew = src.read(1)
-                written += f.size
-                put(padding(f.size))
-                if grew:
-                    problems.append(Problem(f.path, "size", f"{f.size} bytes", "more (file grew while packing)"))
-                elif h.hexdigest() != f.sha256:
-                    problems.append(Problem(f.path, "hash", f"sha256 {f.sha256[:16]}…", f"sha256 {h.hexdigest()[:16]}…"))
-            if problems:
-                raise _Changed(problems)
-            put(end_of_archive(written))
-        # no fsync: like tar and zstd, the archive is left to the page cache (a kill cannot tear
-        # it: it is renamed into place only once complete; `verify` proves it after a power cut)
-        raw.flush()
-        return raw.tell()
+        requires = {PAX_REQUIRES: "dense"} if widths else None
+        put(member_header(f"{name}/{MANIFEST_NAME}", len(mbytes), mtime=mtime, extra_pax=requires))
+        put(mbytes + padding(len(mbytes)))
+        for f in man.files:
+            width = widths.get(f.path)
+            put(member_header(f"{name}/{f.path}", f.size, mtime=mtime,
+                              extra_pax={PAX_WIDTH: str(width)} if width else None))
+            h = hashlib.sha256()
+            left = f.size
+            step = DENSE_BLOCK if width else CHUNK
+            with open(root / f.path, "rb") as src:
+                while left:
+                    n = src.readinto(view[:min(step, left)])
+                    if not n:
+                        raise _Changed([Problem(f.path, "size", f"{f.size} bytes", "fewer (file shrank while packing)")])
+                    chunk = view[:n]
+                    h.update(chunk)
+                    z.write(group(chunk, width) if width else chunk)
+                    left -= n
+                    if progress:
+                        progress(n)
+                grew = src.read(1)
+            written += f.size
+            put(padding(f.size))
+            if grew:
+                problems.append(Problem(f.path, "size", f"{f.size} bytes", "more (file grew while packing)"))
+            elif h.hexdigest() != f.sha256:
+                problems.append(Problem(f.path, "hash", f"sha256 {f.sha256[:16]}…", f"sha256 {h.hexdigest()[:16]}…"))
+        if problems:
+            raise _Changed(problems)
+        put(end_of_archive(written))
+    # no fsync: like tar and zstd, the archive is left to the page cache (a kill cannot tear
+    # it: it is renamed into place only once complete; `verify` proves it after a power cut)
+    raw.flush()
+    return raw.tell()
 
 
 # -- reading ---------------------------------------------------------------------------------
@@ -338,14 +376,23 @@ class _Decoder:
         self.guard.finish()
 
 
-def _open_source(path: str | Path) -> tuple[BinaryIO, str]:
+def _open_source(path: str | Path) -> tuple[BinaryIO, str, int]:
+    """The archive opened for streaming (a local file or a remote object), its name, its size."""
+    if is_remote(path):
+        fs, rpath = _remote_fs(str(path))
+        try:
+            size = fs.size(rpath)
+            return fs.open(rpath, "rb", block_size=8 << 20, cache_type="readahead"), str(path).rsplit("/", 1)[-1], size
+        except FileNotFoundError:
+            raise ArchiveError(f"{path}: no such remote archive; check the URL") from None
     p = Path(path)
     if p.is_dir():
         raise ArchiveError(f"{path}: is a folder; expected a {SUFFIX} file")
     try:
-        return open(p, "rb"), p.name
+        f = open(p, "rb")
     except FileNotFoundError:
         raise ArchiveError(f"{path}: no such archive; check the path") from None
+    return f, p.name, os.fstat(f.fileno()).st_size
 
 
 def _read_manifest(tr: TarReader, dec: _Decoder, shown: str) -> tuple[str, Manifest, bytes]:
@@ -385,12 +432,11 @@ def read_archive_manifest(path: str | Path, *, with_requires: bool = False):
 
     With ``with_requires`` also what the archive needs beyond plain tar (None, or "dense").
     """
-    raw, shown = _open_source(path)
+    raw, shown, size = _open_source(path)
     with raw:
         dec = _Decoder(raw, shown)
         tr = TarReader(dec.read_exact, dec.read_some, shown)
         _, man, _ = _read_manifest(tr, dec, shown)
-        size = os.fstat(raw.fileno()).st_size
         return (man, size, dec.requires) if with_requires else (man, size)
 
 
@@ -542,7 +588,7 @@ def unpack(archive: str | Path, dest: str | Path = ".", *, expect_digest: str | 
     """
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
-    raw, shown = _open_source(archive)
+    raw, shown, _ = _open_source(archive)
     tmp: Path | None = None
     state: dict = {}
 
@@ -593,7 +639,7 @@ def verify_archive(path: str | Path, progress: Progress | None = None):
     from aptbundle.verify import Report
 
     rep = Report(str(path), "archive")
-    raw, shown = _open_source(path)
+    raw, shown, _ = _open_source(path)
 
     def seen(man: Manifest) -> None:
         rep.files, rep.size, rep.digest = len(man.files), man.total_size(), man.digest()

@@ -22,13 +22,13 @@ def describe(path: str | Path) -> dict:
     p = Path(path)
     archive_size = None
     requires = None
-    if p.is_dir():
+    if "://" not in str(path) and p.is_dir():
         man = Run.open(p).manifest
         kind = "run"
     else:
         from aptbundle.archive import read_archive_manifest
 
-        man, archive_size, requires = read_archive_manifest(p, with_requires=True)
+        man, archive_size, requires = read_archive_manifest(path, with_requires=True)
         kind = "archive"
     best = man.best.name if man.best else None
     return {

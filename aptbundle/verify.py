@@ -54,7 +54,7 @@ def verify_path(path: str | Path, progress=None) -> Report:
     >>> # verify_path("outputs/run1").ok
     """
     p = Path(path)
-    if p.is_dir():
+    if "://" not in str(path) and p.is_dir():
         run = Run.open(p)
         rep = Report(str(path), "run", len(run.manifest.files), run.manifest.total_size(), run.manifest.digest())
         if progress is not None and hasattr(progress, "set_total"):

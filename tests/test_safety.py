@@ -53,7 +53,8 @@ def test_planted_pickle_is_refused_by_verify_unpack_and_resume(run_copy, tmp_pat
     assert r.exit_code == 1 and victim in r.stderr
 
     arc = tmp_path / "evil.aptrun.tar.zst"
-    _write_archive(run_copy, load_manifest(run_copy), arc, 3, 1, None)  # a stranger's packer
+    with open(arc, "wb") as f:
+        _write_archive(run_copy, load_manifest(run_copy), f, 3, 1, None)  # a stranger's packer
     r = cli("verify", arc)
     assert r.exit_code == 1 and victim in r.stderr
     dest = tmp_path / "dest"
