@@ -20,6 +20,7 @@ import os
 import shutil
 import stat
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Callable
@@ -153,7 +154,11 @@ def pack(run_dir: str | Path, out: str | Path | None = None, *, level: int | Non
         man = select_checkpoints(raw_man, checkpoints)
         problems = _precheck(run.path, man, full=checkpoints == "all")
         if problems:
-            if _manifest_changed(run.path, raw_man) and attempt + 1 < attempts:
+            # a trainer between renaming a checkpoint into place and committing the manifest
+            # looks like an extra folder for a moment: wait for the commit and start again
+            committing = all(p.kind == "extra" and p.path.startswith(CHECKPOINTS + "/") for p in problems)
+            if attempt + 1 < attempts and (committing or _manifest_changed(run.path, raw_man)):
+                time.sleep(0.2 * (attempt + 1))
                 continue
             # name every problem, not just the cheap ones: rehash what is there
             full = Run(run.path, man).verify(only=None if checkpoints == "all" else [f.path for f in man.files])

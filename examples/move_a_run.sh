@@ -7,8 +7,8 @@ trap 'rm -rf "$work"' EXIT
 mkdir -p "$work/machine-a" "$work/machine-b"
 
 cd "$work/machine-a"
-echo "== machine A: train 2 epochs of the tiny model, stopping at step 40"
-python -m apt_model.training.trainer --run-dir outputs/run1 --model-size tiny --epochs 2 --stop-at-step 40
+echo "== machine A: train 8 epochs of the tiny model, stopping at step 120"
+python -m apt_model.training.trainer --run-dir outputs/run1 --model-size tiny --epochs 8 --stop-at-step 120 --save-freq 2
 aptbundle inspect outputs/run1
 echo "== machine A: pack"
 aptbundle pack outputs/run1 -o "$work/run1.aptrun.tar.zst"

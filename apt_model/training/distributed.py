@@ -9,6 +9,7 @@ the absolute checkpoint path DCP would otherwise record.
 
 from __future__ import annotations
 
+import gc
 import os
 import warnings
 from dataclasses import dataclass
@@ -92,7 +93,13 @@ class Dist:
 
     def close(self) -> None:
         if self.enabled and dist.is_initialized():
-            dist.destroy_process_group()
+            # DDP's reducer holds the group and sits in reference cycles: free it first, or the
+            # interpreter may destroy it after the group and abort ("terminate called ...")
+            gc.collect()
+            try:
+                dist.barrier()  # no rank tears the group down while another still talks to it
+            finally:
+                dist.destroy_process_group()
 
 
 class _Writer:

@@ -147,6 +147,7 @@ class Trainer:
         if val is not None:
             metrics["val_loss"] = val
         state = {"global_step": self.global_step, "position": self.position, "world_size": self.d.world,
+                 "sharded": self.sharded,
                  "samples_seen": self.global_step * s.cfg.batch_size * s.sampler.world,
                  "steps_per_epoch": s.sampler.num_batches(), "total_steps": s.total_steps,
                  "planned_epochs": s.cfg.epochs, "loss_history": self.losses, "metrics": metrics}
@@ -363,6 +364,7 @@ def _train(d: Dist, config, run_dir, model_size, data, resume_from, stop_at_step
                 torch.manual_seed(cfg.seed * 1_000_003 + d.rank)
             cm = CheckpointManager(run, keep_last=cfg.keep_last, best_metric="loss", temp_dir=temp)
             state = _restore(session, cm, which, d, dev, allow_data_change, quiet) if which else None
+            sharded = sharded or bool(state and state.get("sharded"))  # a sharded run stays sharded
             if d.enabled:
                 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -373,6 +375,7 @@ def _train(d: Dist, config, run_dir, model_size, data, resume_from, stop_at_step
                 return trainer.fit(stop_at_step)
             finally:
                 cm.wait()
+                session.model = unwrap(session.model)  # drop the DDP wrapper before the group goes
         finally:
             if temp is not None:
                 shutil.rmtree(temp, ignore_errors=True)
