@@ -73,7 +73,7 @@ class _Changed(Exception):
 
 
 def pack(run_dir: str | Path, out: str | Path | None = None, *, level: int | None = None, threads: int = 0,
-         checkpoints: str = "all", progress: Progress | None = None, attempts: int = 5,
+         checkpoints: str = "all", progress: Progress | None = None, attempts: int = 10,
          dense: bool = False) -> PackResult:
     """Pack a run into a verified, deterministic ``.aptrun.tar.zst``.
 
@@ -112,11 +112,10 @@ def pack(run_dir: str | Path, out: str | Path | None = None, *, level: int | Non
         man = select_checkpoints(raw_man, checkpoints)
         problems = _precheck(run.path, man, full=checkpoints == "all")
         if problems:
-            # a trainer between renaming a checkpoint into place and committing the manifest
-            # looks like an extra folder for a moment: wait for the commit and start again
-            committing = all(p.kind == "extra" and p.path.startswith(CHECKPOINTS + "/") for p in problems)
-            if attempt + 1 < attempts and (committing or _manifest_changed(run.path, raw_man)):
-                time.sleep(0.2 * (attempt + 1))
+            # a trainer in the middle of a commit (checkpoint renamed in, manifest not yet
+            # written) looks inconsistent for a moment: wait for the commit and start again
+            if attempt + 1 < attempts and (run.writer_active() or _manifest_changed(run.path, raw_man)):
+                time.sleep(min(0.5, 0.1 * (attempt + 1)))
                 continue
             # name every problem, not just the cheap ones: rehash what is there
             full = Run(run.path, man).verify(only=None if checkpoints == "all" else [f.path for f in man.files])

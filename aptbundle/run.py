@@ -284,6 +284,24 @@ class Run:
                     removed.append(d.relative_to(self.path).as_posix())
         return removed
 
+    def writer_active(self) -> bool:
+        """True while another live process holds the writer lock (a trainer is writing)."""
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover
+            return False
+        try:
+            fd = os.open(self.path / LOCK_NAME, os.O_RDONLY)
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)  # closing drops a lock we may have taken
+        return False
+
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
         """Hold the run's writer lock; ``RunLockedError`` if another live process holds it.
