@@ -26,7 +26,7 @@ import zstandard
 from aptbundle.errors import ArchiveError, ManifestError, UnsafeContentError, VerifyError
 from aptbundle.fsutil import TMP_PREFIX, Progress, fsync_dir
 from aptbundle.manifest import MANIFEST_NAME, Manifest, load_manifest
-from aptbundle.run import CHECKPOINTS, Problem, Run, walk_files
+from aptbundle.run import Problem, Run, walk_files
 from aptbundle.scan import needs_scan, scan_file
 from aptbundle.storage import CHUNK, SUFFIX, archive_name, clean_stale, is_remote, remote_fs, temp_for
 from aptbundle.tarstream import end_of_archive, member_header, padding
@@ -50,8 +50,8 @@ def select_checkpoints(man: Manifest, which: str = "all") -> Manifest:
     name = man.latest if which == "latest" else (man.best.name if man.best else None)
     if name is None:
         raise ArchiveError(f"run {man.name}: has no {which} checkpoint; pack with --checkpoints all")
-    keep_prefix = f"{CHECKPOINTS}/{name}/"
-    files = [f for f in man.files if not f.path.startswith(CHECKPOINTS + "/") or f.path.startswith(keep_prefix)]
+    drop = tuple(c.folder + "/" for c in man.checkpoints if c.name != name)
+    files = [f for f in man.files if not f.path.startswith(drop)]
     ckpts = [c for c in man.checkpoints if c.name == name]
     best = man.best if man.best and man.best.name == name else None
     return Manifest(**{**man.__dict__, "files": files, "checkpoints": ckpts, "latest": name, "best": best})

@@ -270,7 +270,7 @@ class CheckpointManager:
     # -- loading -----------------------------------------------------------------------------
     def verify_checkpoint(self, entry: CheckpointEntry) -> None:
         """Rehash the checkpoint's files and scan its pickles; raise on any problem."""
-        files = [f.path for f in self.run.files_under(f"{CHECKPOINTS}/{entry.name}")]
+        files = [f.path for f in self.run.files_under(entry.folder)]
         if not files:
             raise CheckpointError(f"{self.run.name}: checkpoint {entry.name} lists no files in the manifest")
         problems = self.run.verify(only=files)

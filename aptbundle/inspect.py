@@ -52,7 +52,7 @@ def describe(path: str | Path) -> dict:
         "checkpoints": [
             {"name": c.name, "step": c.step, "epoch": c.epoch, "loss": c.metrics.get("loss"),
              "metrics": c.metrics, "latest": c.name == man.latest, "best": c.name == best,
-             "size": sum(f.size for f in man.files if f.path.startswith(f"checkpoints/{c.name}/"))}
+             "size": sum(f.size for f in man.files if f.path.startswith(c.folder + "/"))}
             for c in man.checkpoints
         ],
     }

@@ -43,6 +43,12 @@ class CheckpointEntry:
     step: int
     epoch: int | float
     metrics: dict[str, Any] = field(default_factory=dict)
+    path: str | None = None  # its folder, when not checkpoints/NAME (an adopted Hugging Face run)
+
+    @property
+    def folder(self) -> str:
+        """The checkpoint's folder, relative to the run."""
+        return self.path or f"checkpoints/{self.name}"
 
 
 @dataclass
@@ -103,7 +109,8 @@ class Manifest:
             created_at=self.created_at,
             updated_at=self.updated_at,
             files=[dataclasses.asdict(f) for f in sorted(self.files, key=lambda f: f.path)],
-            checkpoints=[dataclasses.asdict(c) for c in sorted(self.checkpoints, key=lambda c: c.step)],
+            checkpoints=[{k: v for k, v in dataclasses.asdict(c).items() if k != "path" or v is not None}
+                         for c in sorted(self.checkpoints, key=lambda c: c.step)],
             latest=self.latest,
             best=dataclasses.asdict(self.best) if self.best else None,
             environment=self.environment,
@@ -232,7 +239,12 @@ def _from_dict(raw: dict, source: str) -> Manifest:
         metrics = c.get("metrics") or {}
         if not isinstance(metrics, dict):
             raise ManifestError(f"{where}: metrics should be an object")
-        ckpts.append(CheckpointEntry(cname, step, epoch, metrics))
+        folder = c.get("path")
+        if folder is not None:
+            if not isinstance(folder, str):
+                raise ManifestError(f"{where}: path should be a string")
+            folder = normalize_relpath(folder, what="checkpoint path")
+        ckpts.append(CheckpointEntry(cname, step, epoch, metrics, folder))
     names = [c.name for c in ckpts]
     if len(set(names)) != len(names):
         raise ManifestError(f"{source}: a checkpoint name appears twice")

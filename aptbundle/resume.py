@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from aptbundle.errors import ResumeError, UnsafeContentError, VerifyError
-from aptbundle.run import CHECKPOINTS, Problem, Run
+from aptbundle.run import Problem, Run
 from aptbundle.scan import needs_scan, scan_file
 
 GROUP = "aptbundle.trainers"
@@ -67,7 +67,7 @@ def find_trainer(name: str | None, run_name: str) -> Callable[..., Any]:
 def check_before_load(run: Run, which: str) -> str:
     """Rehash the checkpoint ``which`` and scan every pickle/safetensors file of the run."""
     entry = run.resolve_checkpoint(which)
-    files = [f.path for f in run.files_under(f"{CHECKPOINTS}/{entry.name}")]
+    files = [f.path for f in run.files_under(entry.folder)]
     problems = run.verify(only=files)
     for f in run.manifest.files:
         if needs_scan(f.path) and (run.path / f.path).is_file():

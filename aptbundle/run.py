@@ -184,7 +184,9 @@ class Run:
         return entry
 
     def checkpoint_dir(self, name: str) -> Path:
-        return self.path / CHECKPOINTS / name
+        """The folder of checkpoint ``name`` (``checkpoints/NAME`` unless the manifest says otherwise)."""
+        entry = self.manifest.checkpoint(name)
+        return self.path / (entry.folder if entry else f"{CHECKPOINTS}/{name}")
 
     def files_under(self, prefix: str) -> list[FileEntry]:
         """Manifest entries inside the folder ``prefix``."""
@@ -388,20 +390,24 @@ def _find_checkpoints(root: Path, files: list[str]) -> list[CheckpointEntry]:
     import json
     import re
 
-    pat = re.compile(r"^(?:checkpoints/)?(?:step|checkpoint)-(\d+)/")
-    found: dict[str, int] = {}
+    # checkpoints/step-N or checkpoints/checkpoint-N (ours), checkpoint-N (Hugging Face Trainer)
+    pat = re.compile(r"^(checkpoints/)?((?:step|checkpoint)-(\d+))/")
+    found: dict[str, tuple[int, str | None]] = {}
     for rel in files:
         m = pat.match(rel)
-        if m and rel.startswith(CHECKPOINTS + "/"):
-            found[rel.split("/")[1]] = int(m.group(1))
+        if m and (m.group(1) or m.group(2).startswith("checkpoint-")):
+            found[m.group(2)] = (int(m.group(3)), None if m.group(1) else m.group(2))
     entries = []
-    for name, step in found.items():
+    for name, (step, folder) in found.items():
         epoch: int | float = 0
         metrics: dict = {}
-        state = root / CHECKPOINTS / name / "trainer_state.json"
-        with contextlib.suppress(OSError, ValueError):
+        state = root / (folder or f"{CHECKPOINTS}/{name}") / "trainer_state.json"
+        with contextlib.suppress(OSError, ValueError, TypeError, AttributeError):
             data = json.loads(state.read_text("utf-8"))
             if isinstance(data.get("epoch"), (int, float)):
                 epoch = data["epoch"]
-        entries.append(CheckpointEntry(name, step, epoch, metrics))
+            losses = [h["loss"] for h in data.get("log_history", []) if isinstance(h.get("loss"), (int, float))]
+            if losses:
+                metrics["loss"] = losses[-1]
+        entries.append(CheckpointEntry(name, step, epoch, metrics, folder))
     return sorted(entries, key=lambda c: c.step)

@@ -156,6 +156,27 @@ def test_init_adopts_a_foreign_folder(tmp_path):
     assert cli("pack", hf, "-o", tmp_path / "hf.aptrun.tar.zst").exit_code == 0
 
 
+def test_init_adopts_a_hugging_face_trainer_output(tmp_path):
+    hf = tmp_path / "hf_run"
+    for step, loss in ((500, 2.5), (1000, 1.9)):
+        ck = hf / f"checkpoint-{step}"
+        ck.mkdir(parents=True)
+        (ck / "model.safetensors").write_bytes(b"\x02\x00\x00\x00\x00\x00\x00\x00{}")
+        (ck / "trainer_state.json").write_text(json.dumps(
+            {"epoch": step / 500, "global_step": step, "log_history": [{"loss": loss, "step": step}]}))
+    (hf / "config.json").write_text("{}")
+    r = cli("init", hf, "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["checkpoints"] == ["checkpoint-500", "checkpoint-1000"]
+    info = json.loads(cli("inspect", hf, "--json").stdout)
+    assert [c["loss"] for c in info["checkpoints"]] == [2.5, 1.9] and info["latest"] == "checkpoint-1000"
+    assert all(c["size"] > 0 for c in info["checkpoints"])
+    assert cli("pack", hf, "--checkpoints", "latest", "-o", tmp_path / "hf.aptrun.tar.zst").exit_code == 0
+    run_dir = unpack(tmp_path / "hf.aptrun.tar.zst", tmp_path / "u")
+    assert (run_dir / "checkpoint-1000" / "model.safetensors").is_file()
+    assert not (run_dir / "checkpoint-500").exists() and cli("verify", run_dir).exit_code == 0
+
+
 def test_init_refuses_links_and_bad_names(tmp_path):
     d = tmp_path / "x"
     d.mkdir()
