@@ -23,11 +23,11 @@ from typing import BinaryIO
 
 import zstandard
 
-from aptbundle.errors import ArchiveError, ManifestError, UnsafeContentError, VerifyError
-from aptbundle.fsutil import TMP_PREFIX, Progress, fsync_dir
+from aptbundle.errors import ArchiveError, ManifestError, VerifyError
+from aptbundle.fsutil import TMP_PREFIX, Progress, announce_total, fsync_dir
 from aptbundle.manifest import MANIFEST_NAME, Manifest, load_manifest
 from aptbundle.run import Problem, Run, walk_files
-from aptbundle.scan import needs_scan, scan_file
+from aptbundle.scan import unsafe_problems
 from aptbundle.storage import CHUNK, SUFFIX, archive_name, clean_stale, is_remote, remote_fs, temp_for
 from aptbundle.tarstream import end_of_archive, member_header, padding
 
@@ -79,9 +79,9 @@ def pack(run_dir: str | Path, out: str | Path | None = None, *, level: int | Non
 
     ``threads=0`` uses every core. ``dense=True`` byte-groups float tensors (see ``codec``): a
     smaller archive that only aptbundle can unpack. ``level`` defaults to 3, and to 1 with
-    ``dense`` (byte-grouped floats compress as well at level 1 and twice as fast). If a trainer commits a new checkpoint while packing, the pack
-    starts again from the new manifest (up to ``attempts`` times), so the archive always holds
-    one consistent state of the run.
+    ``dense`` (byte-grouped floats compress as well at level 1 and twice as fast). If a trainer
+    commits a new checkpoint while packing, the pack starts again from the new manifest (up to
+    ``attempts`` times), so the archive always holds one consistent state of the run.
 
     >>> # pack("outputs/run1").path
     PosixPath('run1.aptrun.tar.zst')
@@ -107,15 +107,22 @@ def pack(run_dir: str | Path, out: str | Path | None = None, *, level: int | Non
         clean_stale(target.parent, target.name)
     clean_stale(run.path, "pack")
     threads = threads if threads > 0 else (os.cpu_count() or 1)
+    announce_total(progress, select_checkpoints(run.manifest, checkpoints).total_size())
     for attempt in range(attempts):
         raw_man = run.manifest if attempt == 0 else load_manifest(run.path)
         man = select_checkpoints(raw_man, checkpoints)
-        problems = _precheck(run.path, man, full=checkpoints == "all")
-        if problems:
+
+        def may_retry() -> bool:
             # a trainer in the middle of a commit (checkpoint renamed in, manifest not yet
             # written) looks inconsistent for a moment: wait for the commit and start again
             if attempt + 1 < attempts and (run.writer_active() or _manifest_changed(run.path, raw_man)):
                 time.sleep(min(0.5, 0.1 * (attempt + 1)))
+                return True
+            return False
+
+        problems = _precheck(run.path, man, full=checkpoints == "all")
+        if problems:
+            if may_retry():
                 continue
             # name every problem, not just the cheap ones: rehash what is there
             full = Run(run.path, man).verify(only=None if checkpoints == "all" else [f.path for f in man.files])
@@ -134,12 +141,10 @@ def pack(run_dir: str | Path, out: str | Path | None = None, *, level: int | Non
             sink.close()
         except BaseException as e:
             _discard(sink, tmp)
-            retry = attempt + 1 < attempts
-            if isinstance(e, FileNotFoundError) and retry:  # a checkpoint was retired meanwhile
+            # FileNotFoundError: a checkpoint was retired between manifest and snapshot
+            if isinstance(e, (FileNotFoundError, _Changed)) and may_retry():
                 continue
             if isinstance(e, _Changed):
-                if _manifest_changed(run.path, raw_man) and retry:
-                    continue
                 raise VerifyError(e.args[0], what=f"run {run.name} (not packed)") from None
             raise
         finally:
@@ -215,12 +220,8 @@ def _precheck(root: Path, man: Manifest, full: bool) -> list[Problem]:
             problems.append(Problem(f.path, "type", "a regular file", "a link or special file"))
         elif st.st_size != f.size:
             problems.append(Problem(f.path, "size", f"{f.size} bytes", f"{st.st_size} bytes"))
-        elif needs_scan(f.path):
-            try:
-                scan_file(root / f.path, f.path)
-            except UnsafeContentError as e:
-                problems.append(Problem(f.path, "unsafe", "only tensors and plain data", str(e)))
-    return problems
+    bad = {p.path for p in problems}
+    return problems + unsafe_problems(root, [f.path for f in man.files if f.path not in bad])
 
 
 def _write_archive(root: Path, man: Manifest, raw: BinaryIO, level: int, threads: int,

@@ -39,6 +39,11 @@ RNG_FILE = "rng_state.pt"
 STATE_FILE = "trainer_state.json"
 
 
+def rng_file(rank: int | None = None) -> str:
+    """``rng_state.pt``, or ``rng_state-rankR.pt`` for one of several training processes."""
+    return RNG_FILE if rank is None else f"rng_state-rank{rank}.pt"
+
+
 def checkpoint_name(step: int) -> str:
     """Folder name of the checkpoint at ``step``: ``step-00000500``."""
     return f"step-{step:08d}"
@@ -282,8 +287,12 @@ class CheckpointManager:
     def load(self, which: str = "latest", *, model: torch.nn.Module | None = None,
              optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None,
              map_location: str | torch.device = "cpu", restore_rng: bool = True,
-             verify: bool = True) -> dict[str, Any]:
-        """Restore state from checkpoint ``which`` (latest, best or a name); return the trainer state."""
+             verify: bool = True, rank: int = 0) -> dict[str, Any]:
+        """Restore state from checkpoint ``which`` (latest, best or a name); return the trainer state.
+
+        The RNG state restored is process ``rank``'s (``rng_state-rankR.pt``), else, for rank 0,
+        ``rng_state.pt``; a rank the checkpoint has no state for keeps its current RNG.
+        """
         entry = self.run.resolve_checkpoint(which)
         if verify:
             self.verify_checkpoint(entry)
@@ -299,8 +308,11 @@ class CheckpointManager:
             optimizer.load_state_dict(self._load_pickle(d / OPTIMIZER_FILE, entry, map_location))
         if scheduler is not None:
             scheduler.load_state_dict(self._load_pickle(d / SCHEDULER_FILE, entry, map_location))
-        if restore_rng and (d / RNG_FILE).exists():
-            set_rng_state(self._load_pickle(d / RNG_FILE, entry, "cpu"))
+        if restore_rng:
+            for name in (rng_file(rank), RNG_FILE if rank == 0 else None):
+                if name and (d / name).exists():
+                    set_rng_state(self._load_pickle(d / name, entry, "cpu"))
+                    break
         try:
             return json.loads((d / STATE_FILE).read_text("utf-8"))
         except (OSError, ValueError) as e:

@@ -61,12 +61,12 @@ class Bar:
 
 
 @contextlib.contextmanager
-def progress(label: str, quiet: bool, total: int = 0) -> Iterator[Bar | None]:
+def progress(label: str, quiet: bool) -> Iterator[Bar | None]:
     """A progress bar, or None when ``--quiet`` is given or stderr is not a terminal."""
     if quiet or not sys.stderr.isatty():
         yield None
         return
-    bar = Bar(label, total)
+    bar = Bar(label)
     try:
         yield bar
     finally:
@@ -108,14 +108,9 @@ def main() -> None:
 @quiet_opt
 def init(directory: str, trainer: str | None, as_json: bool, quiet: bool) -> None:
     """Adopt an existing training output folder by writing its aptrun.json."""
-    from aptbundle.run import adopt, walk_files
+    from aptbundle.run import adopt
 
-    from pathlib import Path
-
-    total = 0
-    if Path(directory).is_dir():
-        total = sum((Path(directory) / f).stat().st_size for f in walk_files(Path(directory))[0])
-    with progress("hashing", quiet, total) as cb:
+    with progress("hashing", quiet) as cb:
         run = adopt(directory, trainer=trainer, progress=cb)
     m = run.manifest
     emit(as_json, {"path": str(run.path), "name": m.name, "files": len(m.files), "size": m.total_size(),
@@ -166,10 +161,6 @@ def pack(run_dir: str, output: str | None, level: int | None, threads: int, whic
     from aptbundle.archive import pack as do_pack
 
     with progress("packing", quiet) as cb:
-        if cb is not None:
-            from aptbundle.run import Run
-
-            cb.set_total(Run.open(run_dir).manifest.total_size())
         res = do_pack(run_dir, output, level=level, threads=threads, checkpoints=which, progress=cb, dense=dense)
     ratio = res.size / res.data_size if res.data_size else 0.0
     emit(as_json, {"archive": str(res.path), "size": res.size, "digest": res.digest, "files": res.files,

@@ -68,7 +68,7 @@ def dense_width(path: Path, rel: str, size: int) -> int | None:
         return None
     if rel.endswith(".safetensors"):
         return _safetensors_width(path)
-    if rel.endswith((".pt", ".pth", ".bin")) or rel.endswith("/.metadata") or "/__" in rel:
+    if rel.endswith((".pt", ".pth", ".bin")):
         from aptbundle.scan import scan_torch_file
 
         try:

@@ -20,12 +20,12 @@ from typing import BinaryIO, Callable
 
 import zstandard
 
-from aptbundle.errors import ArchiveError, ManifestError, UnsafeContentError, UnsafePathError, VerifyError
-from aptbundle.fsutil import TMP_PREFIX, Progress, fsync_dir
+from aptbundle.errors import ArchiveError, ManifestError, UnsafePathError, VerifyError
+from aptbundle.fsutil import TMP_PREFIX, Progress, announce_total, fsync_dir
 from aptbundle.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, Manifest, parse_manifest
 from aptbundle.paths import check_name, collision_key, normalize_relpath
 from aptbundle.run import Problem
-from aptbundle.scan import needs_scan, scan_file
+from aptbundle.scan import needs_scan, unsafe_problems
 from aptbundle.storage import CHUNK, SUFFIX, clean_stale, is_remote, remote_fs, temp_for
 from aptbundle.tarstream import BLOCK as TAR_BLOCK
 from aptbundle.tarstream import RECORD, FrameGuard, TarReader
@@ -160,8 +160,7 @@ def _extract(raw: BinaryIO, shown: str, sink_root: Path | None, progress: Progre
                            " This is not the archive you meant to unpack")
     if on_manifest:
         on_manifest(man)
-    if progress is not None and hasattr(progress, "set_total"):
-        progress.set_total(man.total_size())
+    announce_total(progress, man.total_size())
     if sink_root is not None:
         (sink_root / MANIFEST_NAME).write_bytes(mbytes)
     listed = man.file_map()
@@ -205,7 +204,7 @@ def _extract(raw: BinaryIO, shown: str, sink_root: Path | None, progress: Progre
             raise ArchiveError(f"{shown}: member {m.name!r} has aptbundle records {unknown or width!r} this"
                                " version does not know; upgrade aptbundle")
         h = hashlib.sha256()
-        src = _UngroupingReader(tr, int(width), m.size) if width is not None else tr
+        src = _UngroupingReader(tr, int(width)) if width is not None else tr
         if sink_root is None and needs_scan(rel):
             problems += _consume_and_scan(src, h, m.size, rel, progress)
         elif sink_root is not None:
@@ -215,11 +214,8 @@ def _extract(raw: BinaryIO, shown: str, sink_root: Path | None, progress: Progre
                          | getattr(os, "O_BINARY", 0), 0o644)
             with open(fd, "wb", buffering=0) as out:
                 src.consume(_Counting(out, progress), h, m.size, CHUNK)
-            if needs_scan(rel) and h.hexdigest() == entry.sha256:
-                try:
-                    scan_file(target, rel)
-                except UnsafeContentError as e:
-                    problems.append(Problem(rel, "unsafe", "only tensors and plain data", str(e)))
+            if h.hexdigest() == entry.sha256:
+                problems += unsafe_problems(target.parents[rel.count("/")], [rel])  # the run's root
         else:
             src.consume(_Counting(None, progress), h, m.size, CHUNK)
         if h.hexdigest() != entry.sha256:
@@ -235,21 +231,17 @@ def _consume_and_scan(tr, h, size: int, rel: str, progress: Progress | None) -> 
     """Hash a pickled or safetensors member and scan it statically from a private temporary copy
     (``verify`` of an archive unpacks nothing else)."""
     with tempfile.TemporaryDirectory(prefix=TMP_PREFIX) as d:
-        path = Path(d) / "member"
-        with open(path, "wb") as f:
+        (Path(d) / rel).parent.mkdir(parents=True)
+        with open(Path(d) / rel, "wb") as f:
             tr.consume(_Counting(f, progress), h, size, CHUNK)
-        try:
-            scan_file(path, rel)
-        except UnsafeContentError as e:
-            return [Problem(rel, "unsafe", "only tensors and plain data", str(e))]
-    return []
+        return unsafe_problems(Path(d), [rel])
 
 
 class _UngroupingReader:
     """Wraps a TarReader for one dense member: consume() hands on the original bytes."""
 
-    def __init__(self, inner: TarReader, width: int, size: int):
-        self.inner, self.width, self.size = inner, width, size
+    def __init__(self, inner: TarReader, width: int):
+        self.inner, self.width = inner, width
 
     def consume(self, sink, hasher, size: int, chunk: int) -> None:
         from aptbundle.codec import BLOCK, Ungrouper
@@ -297,18 +289,15 @@ def unpack(archive: str | Path, dest: str | Path = ".", *, expect_digest: str | 
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     raw, shown, _ = _open_source(archive)
-    tmp: Path | None = None
-    state: dict = {}
+    state: dict[str, Path] = {}  # the final and temporary folders, known once the manifest is read
 
     def start(man: Manifest) -> None:
-        nonlocal tmp
         final = dest / man.name
         if final.exists() or final.is_symlink():
             raise ArchiveError(f"{final}: already exists; remove it or unpack with -C into another folder")
         clean_stale(dest, man.name)
-        tmp = temp_for(final)
-        tmp.mkdir(mode=0o755)
-        state["final"], state["tmp"] = final, tmp
+        state["final"], state["tmp"] = final, temp_for(final)
+        state["tmp"].mkdir(mode=0o755)
         if on_manifest:
             on_manifest(man)
 
@@ -324,8 +313,8 @@ def unpack(archive: str | Path, dest: str | Path = ".", *, expect_digest: str | 
         fsync_dir(dest)
         return final
     except BaseException:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
+        if "tmp" in state:
+            shutil.rmtree(state["tmp"], ignore_errors=True)
         raise
 
 

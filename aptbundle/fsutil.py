@@ -20,6 +20,12 @@ BLOCK = 1 << 20  # 1 MiB reads: large enough for full hashing speed, small enoug
 Progress = Callable[[int], None]
 
 
+def announce_total(progress: Progress | None, total: int) -> None:
+    """Tell a progress callback how many bytes to expect, if it wants to know (``set_total``)."""
+    if progress is not None and hasattr(progress, "set_total"):
+        progress.set_total(total)
+
+
 def is_temp_name(name: str) -> bool:
     """True for names aptbundle uses for work in progress."""
     return name.startswith(TMP_PREFIX)

@@ -12,9 +12,9 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, Callable
 
-from aptbundle.errors import ResumeError, UnsafeContentError, VerifyError
-from aptbundle.run import Problem, Run
-from aptbundle.scan import needs_scan, scan_file
+from aptbundle.errors import ResumeError, VerifyError
+from aptbundle.run import Run
+from aptbundle.scan import unsafe_problems
 
 GROUP = "aptbundle.trainers"
 
@@ -68,13 +68,7 @@ def check_before_load(run: Run, which: str) -> str:
     """Rehash the checkpoint ``which`` and scan every pickle/safetensors file of the run."""
     entry = run.resolve_checkpoint(which)
     files = [f.path for f in run.files_under(entry.folder)]
-    problems = run.verify(only=files)
-    for f in run.manifest.files:
-        if needs_scan(f.path) and (run.path / f.path).is_file():
-            try:
-                scan_file(run.path / f.path, f.path)
-            except UnsafeContentError as e:
-                problems.append(Problem(f.path, "unsafe", "only tensors and plain data", str(e)))
+    problems = run.verify(only=files) + unsafe_problems(run.path, [f.path for f in run.manifest.files])
     if problems:
         raise VerifyError(problems, what=f"{run.name} (not resumed)")
     return entry.name

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Iterator
 
 from aptbundle.errors import RunError, RunLockedError, UnsafePathError
-from aptbundle.fsutil import Progress, atomic_write_bytes, hash_file, is_temp_name
+from aptbundle.fsutil import Progress, announce_total, atomic_write_bytes, hash_file, is_temp_name
 from aptbundle.manifest import (
     MANIFEST_NAME,
     CheckpointEntry,
@@ -376,6 +376,7 @@ def adopt(path: str | Path, *, trainer: str | None = None, progress: Progress | 
     t = now_iso()
     run = Run(p, Manifest(name=name, run_id=uuid.uuid4().hex, trainer=trainer, created_at=t,
                           updated_at=t, environment=environment_info()))
+    announce_total(progress, sum((p / rel).stat().st_size for rel in files))
     for rel in files:
         scan_file(p / rel, rel)
         run.record_file(rel, progress)

@@ -242,7 +242,23 @@ def scan_file(path: Path, shown: str) -> None:
     elif needs_scan(shown):
         with open(path, "rb") as f:
             head = f.read(2)
-        if head.startswith(b"PK") or head[:1] == b"\x80":
+        # a .bin or .ckpt may be anything; the other names must hold a pickle (else: refused)
+        if head.startswith(b"PK") or head[:1] == b"\x80" or not shown.endswith((".bin", ".ckpt")):
             scan_torch_file(path, shown)
-        elif shown.endswith((".pt", ".pth", ".pkl", ".pickle", "/.metadata")):
-            scan_torch_file(path, shown)  # reports what it found instead of a pickle
+
+
+def unsafe_problems(root: Path, paths) -> list:
+    """One ``Problem`` per file under ``root`` (of ``paths``) that ``scan_file`` refuses.
+
+    Only files whose names need a scan and that exist are read; the rest is for ``verify``.
+    """
+    from aptbundle.run import Problem
+
+    problems = []
+    for rel in paths:
+        if needs_scan(rel) and (root / rel).is_file():
+            try:
+                scan_file(root / rel, rel)
+            except UnsafeContentError as e:
+                problems.append(Problem(rel, "unsafe", "only tensors and plain data", str(e)))
+    return problems

@@ -10,9 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from aptbundle.errors import UnsafeContentError
+from aptbundle.fsutil import announce_total
 from aptbundle.run import Problem, Run
-from aptbundle.scan import needs_scan, scan_file
+from aptbundle.scan import unsafe_problems
 
 
 @dataclass
@@ -39,12 +39,7 @@ def verify_run(run: Run, progress=None) -> list[Problem]:
     """Rehash every file and statically scan the pickled and safetensors ones."""
     problems = run.verify(progress)
     bad = {p.path for p in problems}
-    for entry in run.manifest.files:
-        if entry.path not in bad and needs_scan(entry.path):
-            try:
-                scan_file(run.path / entry.path, entry.path)
-            except UnsafeContentError as e:
-                problems.append(Problem(entry.path, "unsafe", "only tensors and plain data", str(e)))
+    problems += unsafe_problems(run.path, [f.path for f in run.manifest.files if f.path not in bad])
     return sorted(problems, key=lambda p: p.path)
 
 
@@ -57,8 +52,7 @@ def verify_path(path: str | Path, progress=None) -> Report:
     if "://" not in str(path) and p.is_dir():
         run = Run.open(p)
         rep = Report(str(path), "run", len(run.manifest.files), run.manifest.total_size(), run.manifest.digest())
-        if progress is not None and hasattr(progress, "set_total"):
-            progress.set_total(rep.size)
+        announce_total(progress, rep.size)
         rep.problems = verify_run(run, progress)
         return rep
     from aptbundle.archive import verify_archive

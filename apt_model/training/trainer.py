@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from aptbundle.checkpoint import CheckpointManager, checkpoint_name, rng_state, set_rng_state, unwrap
+from aptbundle.checkpoint import CheckpointManager, checkpoint_name, rng_file, rng_state, unwrap
 from aptbundle.fsutil import TMP_PREFIX
 from aptbundle.errors import AptBundleError, ResumeError
 from aptbundle.run import Run, environment_info, now_iso
@@ -114,7 +114,6 @@ class Trainer:
         self.s, self.cm, self.quiet = s, cm, quiet
         self.async_save, self.sharded = async_save, sharded
         self.d = dist or Dist()
-        self.stalls: list[float] = []  # seconds the training thread spent in each save
         state = state or {}
         self.global_step = int(state.get("global_step", 0))
         self.epoch = int(state.get("epoch", 0))
@@ -122,7 +121,6 @@ class Trainer:
         self.losses: list[float] = list(state.get("loss_history", []))
         self.log_lines = self._read_log(self.global_step)
         self.last_saved: str | None = None
-        self.start_step = self.global_step
 
     def _read_log(self, upto: int) -> list[bytes]:
         """Metrics lines up to the restored step: later ones belong to a lost future."""
@@ -155,14 +153,12 @@ class Trainer:
         hist[-1].update(stop_step=self.global_step, stopped_at=now_iso(), reason=reason)
         if metrics["loss"] != metrics["loss"]:
             metrics.pop("loss")
-        t0 = time.perf_counter()
         common = dict(step=self.global_step, epoch=self.epoch, scheduler=s.scheduler, trainer_state=state,
                       metrics=metrics, run_files={METRICS_FILE: b"".join(self.log_lines)}, device=s.device.type)
         if not (self.d.enabled or self.sharded):
             entry = self.cm.save(model=s.model, optimizer=s.optimizer, background=self.async_save, **common)
         else:
             entry = self._save_collective(common)
-        self.stalls.append(time.perf_counter() - t0)
         self.last_saved = entry.name
         _log(self.quiet, f"saved {s.run.name}/checkpoints/{entry.name} (step {self.global_step}, epoch"
                          f" {self.epoch}, loss {metrics.get('loss', float('nan')):.4f}"
@@ -178,7 +174,7 @@ class Trainer:
             shutil.rmtree(stage, ignore_errors=True)
             stage.mkdir(parents=True)
         d.barrier()
-        torch.save(rng_state(), stage / f"rng_state-rank{d.rank}.pt")
+        torch.save(rng_state(), stage / rng_file(d.rank))
         if self.sharded:
             save_sharded(stage / DCP_DIR, s.model, s.optimizer)
         d.barrier()
@@ -187,62 +183,71 @@ class Trainer:
             rng=False, stage_dir=stage, **common))
         return entry
 
-    def fit(self, stop_at_step: int | None = None) -> TrainResult:
+    def _step(self, idx: torch.Tensor) -> float:
+        """One optimisation step on the batch ``idx``; returns its loss (mean over ranks)."""
         s = self.s
-        cfg, spe = s.cfg, s.sampler.num_batches()
+        batch = s.train_blocks[idx].to(s.device)
+        _, loss = s.model(batch[:, :-1], batch[:, 1:])
+        s.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if s.cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(s.model.parameters(), s.cfg.grad_clip)
+        s.optimizer.step()
+        s.scheduler.step()
+        self.global_step += 1
+        self.position += 1
+        value = self.d.mean(loss.item())
+        self.losses.append(value)
+        if self.position == s.sampler.num_batches():
+            self.epoch, self.position = self.epoch + 1, 0
+        if self.global_step % s.cfg.log_every == 0:
+            self.log_lines.append((json.dumps({
+                "step": self.global_step, "epoch": self.epoch, "loss": value,
+                "lr": s.scheduler.get_last_lr()[0]}) + "\n").encode())
+        return value
+
+    def _save_reason(self, stop: _Stop, stop_at_step: int | None) -> str | None:
+        """Why to checkpoint after this step, or None."""
+        cfg = self.s.cfg
+        if stop_at_step is not None and self.global_step >= stop_at_step:
+            return "stop-at-step"
+        if self.d.any(stop.signal is not None):
+            return f"signal {signal.Signals(stop.signal or signal.SIGTERM).name}"
+        if cfg.save_every and self.global_step % cfg.save_every == 0:
+            return "save-every"
+        if self.position == 0 and (self.epoch % cfg.save_freq == 0 or self.epoch == cfg.epochs):
+            return "epoch"
+        return None
+
+    def fit(self, stop_at_step: int | None = None) -> TrainResult:
+        s, cfg = self.s, self.s.cfg
         if self.epoch >= cfg.epochs or (stop_at_step is not None and self.global_step >= stop_at_step):
             _log(self.quiet, f"{s.run.name}: already at step {self.global_step}, epoch {self.epoch} of"
                              f" {cfg.epochs}; nothing to train (use --epochs N for a longer run)")
             return self._result(self.epoch >= cfg.epochs)
         s.run.manifest.history.append({
             "started_at": now_iso(), "start_step": self.global_step, "stop_step": self.global_step,
-            "processes": self.d.world, **{k: v for k, v in environment_info(s.device.type).items()}})
+            "processes": self.d.world, **environment_info(s.device.type)})
         s.model.train()
         bar = _Bar(s.total_steps, self.global_step, self.quiet)
         saved_at = None
         with _Stop() as stop:
             while self.epoch < cfg.epochs:
                 for idx in s.sampler.batches(self.epoch, self.position):
-                    batch = s.train_blocks[idx].to(s.device)
-                    _, loss = s.model(batch[:, :-1], batch[:, 1:])
-                    s.optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    if cfg.grad_clip > 0:
-                        torch.nn.utils.clip_grad_norm_(s.model.parameters(), cfg.grad_clip)
-                    s.optimizer.step()
-                    s.scheduler.step()
-                    self.global_step += 1
-                    self.position += 1
-                    value = self.d.mean(loss.item())
-                    self.losses.append(value)
-                    if self.position == spe:
-                        self.epoch, self.position = self.epoch + 1, 0
-                    if self.global_step % cfg.log_every == 0:
-                        self.log_lines.append((json.dumps({
-                            "step": self.global_step, "epoch": self.epoch, "loss": value,
-                            "lr": s.scheduler.get_last_lr()[0]}) + "\n").encode())
+                    value = self._step(idx)
                     bar.update(self.global_step, value)
-                    epoch_end = self.position == 0
-                    reason = None
-                    if stop_at_step is not None and self.global_step >= stop_at_step:
-                        reason = "stop-at-step"
-                    elif self.d.any(stop.signal is not None):
-                        reason = f"signal {signal.Signals(stop.signal or signal.SIGTERM).name}"
-                    elif cfg.save_every and self.global_step % cfg.save_every == 0:
-                        reason = "save-every"
-                    elif epoch_end and (self.epoch % cfg.save_freq == 0 or self.epoch == cfg.epochs):
-                        reason = "epoch"
+                    reason = self._save_reason(stop, stop_at_step)
                     if reason:
                         bar.clear()
                         self.save(reason)
                         saved_at = self.global_step
-                        if reason.startswith(("stop", "signal")):
-                            bar.close()
-                            if reason.startswith("signal"):
-                                _log(self.quiet, f"stopped by {reason[7:]} at step {self.global_step};"
-                                                 f" continue with `aptbundle resume {s.run.path}`")
-                            return self._result(False)
-                    if epoch_end:
+                    if reason and reason.startswith(("stop", "signal")):
+                        bar.close()
+                        if reason.startswith("signal"):
+                            _log(self.quiet, f"stopped by {reason[7:]} at step {self.global_step};"
+                                             f" continue with `aptbundle resume {s.run.path}`")
+                        return self._result(False)
+                    if self.position == 0:  # the epoch is over: the sampler's order changes
                         break
         bar.close()
         if saved_at != self.global_step:
@@ -388,19 +393,14 @@ def _restore(s: Session, cm: CheckpointManager, which: str, d: Dist, dev: torch.
     entry = s.run.resolve_checkpoint(which)
     ckpt = s.run.checkpoint_dir(entry.name)
     shard = is_sharded(ckpt)
+    # a rank the run never had keeps this stream of its own; the others get theirs restored
+    torch.manual_seed(s.cfg.seed * 1_000_003 + d.rank + 7919 * (entry.step + 1))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         state = cm.load(which, model=None if shard else s.model, optimizer=None if shard else s.optimizer,
-                        scheduler=s.scheduler, map_location=dev, restore_rng=False)
+                        scheduler=s.scheduler, map_location=dev, rank=d.rank)
         if shard:
             load_sharded(ckpt / DCP_DIR, s.model, s.optimizer, f"{entry.name}/{DCP_DIR}")
-        rng_file = ckpt / f"rng_state-rank{d.rank}.pt"
-        if not rng_file.exists() and d.rank == 0:
-            rng_file = ckpt / "rng_state.pt"
-        if rng_file.exists():
-            set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=True))
-        else:  # a rank the run never had: its own seeded stream
-            torch.manual_seed(s.cfg.seed * 1_000_003 + d.rank + 7919 * int(state.get("global_step", 0)))
     for w in caught:
         _log(quiet, f"warning: {w.message}")
     old_world = int(state.get("world_size", 1))
