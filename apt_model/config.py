@@ -13,9 +13,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-
-class ConfigError(ValueError):
-    """A config value is out of range or of the wrong type."""
+from apt_model.errors import ConfigError
 
 
 @dataclass

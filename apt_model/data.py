@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from aptbundle.errors import ResumeError
+from apt_model.errors import DataError
 
 COPY_LIMIT = 64 * 1024 * 1024
 SOURCE_FILE = "data/source.json"
@@ -35,9 +35,9 @@ def read_text(path: str | Path) -> str:
     try:
         return p.read_bytes().decode("utf-8")
     except FileNotFoundError:
-        raise ResumeError(f"{path}: no such data file; pass an existing UTF-8 text file with --data") from None
+        raise DataError(f"{path}: no such data file; pass an existing UTF-8 text file with --data") from None
     except UnicodeDecodeError as e:
-        raise ResumeError(f"{path}: not UTF-8 text (byte {e.start}); --data expects a UTF-8 text file") from None
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start}); --data expects a UTF-8 text file") from None
 
 
 def describe_source(path: str | Path) -> dict:
@@ -51,7 +51,7 @@ def source_record(run_path: Path) -> dict:
     try:
         return json.loads((run_path / SOURCE_FILE).read_text("utf-8"))
     except (OSError, ValueError) as e:
-        raise ResumeError(f"{run_path.name}/{SOURCE_FILE}: unreadable ({e}); the run does not say what data it used") from None
+        raise DataError(f"{run_path.name}/{SOURCE_FILE}: unreadable ({e}); the run does not say what data it used") from None
 
 
 def resolve_data(run_path: Path, data: str | Path | None, allow_change: bool) -> tuple[Path, bool]:
@@ -63,14 +63,14 @@ def resolve_data(run_path: Path, data: str | Path | None, allow_change: bool) ->
     rec = source_record(run_path)
     if data is None:
         if not rec.get("copied"):
-            raise ResumeError(
+            raise DataError(
                 f"{run_path.name}: its corpus {rec.get('name')!r} ({rec.get('size')} bytes) was too large to travel"
                 " with the run; pass the same file with --data")
         return run_path / "data" / rec["name"], False
     found = describe_source(data)
     if found["sha256"] != rec.get("sha256"):
         if not allow_change:
-            raise ResumeError(
+            raise DataError(
                 f"{data}: differs from the corpus this run was trained on ({rec.get('name')!r}, sha256"
                 f" {str(rec.get('sha256'))[:12]}…, found {found['sha256'][:12]}…); resuming on other data is"
                 " not an exact resume. Pass --allow-data-change to do it anyway")
@@ -82,7 +82,7 @@ def make_blocks(ids: list[int], block_size: int) -> torch.Tensor:
     """Non-overlapping windows of ``block_size + 1`` tokens (inputs plus next-token targets)."""
     n = (len(ids) - 1) // block_size
     if n < 2:
-        raise ResumeError(f"corpus of {len(ids)} tokens is too short for block_size {block_size}; use more text")
+        raise DataError(f"corpus of {len(ids)} tokens is too short for block_size {block_size}; use more text")
     t = torch.tensor(ids[: n * block_size + 1], dtype=torch.long)
     return torch.stack([t[i * block_size: i * block_size + block_size + 1] for i in range(n)])
 

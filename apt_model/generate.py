@@ -5,12 +5,10 @@
 
 from __future__ import annotations
 
-import argparse
-import sys
-
+import click
 import torch
 
-from aptbundle.errors import AptBundleError
+from aptbundle.commands.exits import CONTEXT, Command
 
 
 def generate_text(path: str, prompt: str, max_new_tokens: int = 120, temperature: float = 0.8,
@@ -29,22 +27,17 @@ def generate_text(path: str, prompt: str, max_new_tokens: int = 120, temperature
     return prompt + tok.decode(out[0, len(ids):].tolist())
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m apt_model.generate", description=__doc__.splitlines()[0])
-    p.add_argument("path", help="a run folder or a checkpoint folder inside one")
-    p.add_argument("--prompt", default="The ")
-    p.add_argument("--max-new-tokens", type=int, default=120)
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--which", default="best", help="best, latest or a checkpoint name (for a run folder)")
-    args = p.parse_args(argv)
-    try:
-        print(generate_text(args.path, args.prompt, args.max_new_tokens, args.temperature, args.seed, args.which))
-    except (AptBundleError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+@click.command(cls=Command, context_settings=CONTEXT)
+@click.argument("path", type=click.Path())
+@click.option("--prompt", default="The ", show_default=True, help="Text to continue.")
+@click.option("--max-new-tokens", type=int, default=120, show_default=True, help="Characters to sample.")
+@click.option("--temperature", type=float, default=0.8, show_default=True, help="Sampling temperature.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sampler.")
+@click.option("--which", default="best", show_default=True, help="best, latest or a checkpoint name (for a run folder).")
+def main(path: str, prompt: str, max_new_tokens: int, temperature: float, seed: int, which: str) -> None:
+    """Continue PROMPT with the model of a run folder or a checkpoint folder inside one."""
+    click.echo(generate_text(path, prompt, max_new_tokens, temperature, seed, which))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

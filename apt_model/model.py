@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from apt_model.config import APTConfig
+from apt_model.errors import ConfigError
 
 
 class AutopoieticAttention(nn.Module):
@@ -80,7 +81,7 @@ class APTModel(nn.Module):
     def __init__(self, cfg: APTConfig):
         super().__init__()
         if cfg.vocab_size < 1:
-            raise ValueError("config field vocab_size: set it from the tokenizer before building the model")
+            raise ConfigError("config field vocab_size: set it from the tokenizer before building the model")
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_emb = nn.Embedding(cfg.block_size, cfg.d_model)
@@ -104,7 +105,7 @@ class APTModel(nn.Module):
         """Logits ``(B, T, vocab)``; with ``targets``, also the mean cross-entropy loss."""
         b, t = idx.shape
         if t > self.cfg.block_size:
-            raise ValueError(f"sequence of {t} tokens is longer than block_size {self.cfg.block_size}")
+            raise ConfigError(f"sequence of {t} tokens is longer than block_size {self.cfg.block_size}")
         pos = torch.arange(t, device=idx.device)
         x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))
         for blk in self.blocks:

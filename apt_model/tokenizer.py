@@ -10,12 +10,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from apt_model.errors import APTError
+
 SPECIALS = ["<pad>", "<unk>", "<bos>", "<eos>"]
 VOCAB_FILE = "vocab.json"
 CONFIG_FILE = "tokenizer_config.json"
 
 
-class TokenizerError(ValueError):
+class TokenizerError(APTError):
     """The tokenizer files are missing or malformed."""
 
 

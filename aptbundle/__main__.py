@@ -1,5 +1,5 @@
 """``python -m aptbundle`` is the ``aptbundle`` command."""
 
-from aptbundle.cli import main
+from aptbundle.commands.cli import main
 
 main()

@@ -7,7 +7,7 @@ import json
 
 import zstandard
 
-from aptbundle.tarstream import _header, _pax_record, end_of_archive, padding
+from aptbundle.archive.tarstream import _header, _pax_record, end_of_archive, padding
 
 SHA0 = hashlib.sha256(b"").hexdigest()
 

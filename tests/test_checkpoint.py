@@ -1,4 +1,4 @@
-"""CheckpointManager: complete state round-trips, retention, verification, crash safety."""
+"""Checkpointer: complete state round-trips, retention, verification, crash safety."""
 
 import os
 import random
@@ -11,10 +11,11 @@ import time
 import pytest
 import torch
 
-from aptbundle.checkpoint import CheckpointManager
+from aptbundle.checkpoint import Checkpointer
 from aptbundle.errors import CheckpointError, VerifyError
 from aptbundle.manifest import load_manifest
 from aptbundle.run import Run
+from aptbundle.verify import verify_run
 from conftest import cli, no_traceback
 
 
@@ -46,8 +47,8 @@ def trained(steps=3):
 
 def test_tied_model_round_trips_exactly(tmp_path):
     m, opt, sched = trained()
-    cm = CheckpointManager(Run.create(tmp_path / "run", trainer="t"))
-    cm.save(step=3, epoch=0, model=m, optimizer=opt, scheduler=sched, metrics={"loss": 1.0})
+    run = Run.create(tmp_path / "run", trainer="t")
+    Checkpointer(run, model=m, optimizer=opt, scheduler=sched).save(step=3, epoch=0, metrics={"loss": 1.0})
     from safetensors import safe_open
 
     with safe_open(str(tmp_path / "run/checkpoints/step-00000003/model.safetensors"), "pt") as f:
@@ -57,7 +58,7 @@ def test_tied_model_round_trips_exactly(tmp_path):
     m2 = Tied()
     opt2 = torch.optim.AdamW(m2.parameters(), lr=1e-2)
     sched2 = torch.optim.lr_scheduler.StepLR(opt2, step_size=2, gamma=0.5)
-    state = cm.load("latest", model=m2, optimizer=opt2, scheduler=sched2)
+    state = Checkpointer(run, model=m2, optimizer=opt2, scheduler=sched2).load("latest")
     assert state["step"] == 3
     assert m2.head.weight is m2.emb.weight  # still tied
     for (k, a), (_, b) in zip(m.state_dict().items(), m2.state_dict().items()):
@@ -71,43 +72,43 @@ def test_tied_model_round_trips_exactly(tmp_path):
 
 def test_rng_state_is_restored(tmp_path):
     m, opt, _ = trained(1)
-    cm = CheckpointManager(Run.create(tmp_path / "run", trainer="t"))
+    cm = Checkpointer(Run.create(tmp_path / "run", trainer="t"), model=m, optimizer=opt)
     torch.manual_seed(7)
     random.seed(7)
-    cm.save(step=1, epoch=0, model=m, optimizer=opt)
+    cm.save(step=1, epoch=0)
     expect = (torch.rand(5), random.random())
     torch.manual_seed(99)
     random.seed(99)
-    cm.load("latest", model=m)
+    Checkpointer(cm.run, model=m).load("latest")
     assert torch.equal(torch.rand(5), expect[0]) and random.random() == expect[1]
 
 
 def test_retention_keeps_last_k_best_and_latest(tmp_path):
     m, opt, sched = trained(1)
     run = Run.create(tmp_path / "run", trainer="t")
-    cm = CheckpointManager(run, keep_last=2)
+    cm = Checkpointer(run, model=m, optimizer=opt, scheduler=sched, keep_last=2)
     losses = [5.0, 0.5, 4.0, 3.0, 2.0]
     for i, loss in enumerate(losses, 1):
-        cm.save(step=i * 10, epoch=0, model=m, optimizer=opt, scheduler=sched, metrics={"loss": loss})
+        cm.save(step=i * 10, epoch=0, metrics={"loss": loss})
     names = [c.name for c in Run.open(tmp_path / "run").checkpoints]
     assert names == ["step-00000020", "step-00000040", "step-00000050"]
     assert run.manifest.best.name == "step-00000020" and run.manifest.latest == "step-00000050"
     assert sorted(p.name for p in (tmp_path / "run/checkpoints").iterdir()) == names
-    assert Run.open(tmp_path / "run").verify() == []
+    assert verify_run(Run.open(tmp_path / "run")).problems == []
 
 
 def test_load_refuses_damaged_checkpoint(tmp_path):
     m, opt, _ = trained(1)
-    cm = CheckpointManager(Run.create(tmp_path / "run", trainer="t"))
-    cm.save(step=1, epoch=0, model=m, optimizer=opt)
+    cm = Checkpointer(Run.create(tmp_path / "run", trainer="t"), model=m, optimizer=opt)
+    cm.save(step=1, epoch=0)
     p = tmp_path / "run/checkpoints/step-00000001/optimizer.pt"
     data = bytearray(p.read_bytes())
     data[-30] ^= 0xFF
     p.write_bytes(bytes(data))
     with pytest.raises(VerifyError, match="optimizer.pt"):
-        cm.load("latest", model=m, optimizer=opt)
+        cm.load("latest")
     with pytest.raises(CheckpointError, match="keep_last"):
-        CheckpointManager(tmp_path / "run", keep_last=0)
+        Checkpointer(tmp_path / "run", keep_last=0)
 
 
 @pytest.mark.parametrize("action", ["flip", "delete", "add", "truncate"])
@@ -143,20 +144,20 @@ def test_verify_cli_names_every_damaged_file(run_copy, action):
 SAVER = textwrap.dedent("""
     import sys, torch
     from aptbundle.run import Run
-    from aptbundle.checkpoint import CheckpointManager
+    from aptbundle.checkpoint import Checkpointer
     torch.manual_seed(0)
     path = sys.argv[1]
     run = Run.open(path) if Run.is_run(path) else Run.create(path, trainer="t")
     with run.lock():
         run.recover()
-        cm = CheckpointManager(run, keep_last=2)
         m = torch.nn.Sequential(torch.nn.Linear(512, 512), torch.nn.Linear(512, 512))
         opt = torch.optim.AdamW(m.parameters())
+        cm = Checkpointer(run, model=m, optimizer=opt, keep_last=2)
         m(torch.randn(2, 512)).sum().backward(); opt.step()
         start = run.latest.step if run.latest else 0
         print("ready", flush=True)
         for step in range(start + 1, start + 10000):
-            cm.save(step=step, epoch=0, model=m, optimizer=opt, metrics={"loss": 1.0 / step},
+            cm.save(step=step, epoch=0, metrics={"loss": 1.0 / step},
                     run_files={"logs/metrics.jsonl": b"x" * step})
 """)
 
@@ -178,12 +179,12 @@ def test_sigkill_inside_save_never_breaks_the_manifest(tmp_path):
         run = Run.open(run_dir)
         assert man.latest is not None
         listed = [f.path for f in man.files if f.path.startswith("checkpoints/")]
-        assert run.verify(only=listed) == []  # every listed checkpoint file is complete
+        assert verify_run(run, only=listed).problems == []  # every listed checkpoint file is complete
         for c in man.checkpoints:
             assert (run_dir / "checkpoints" / c.name / "model.safetensors").is_file()
     assert kills == 8
     run = Run.open(run_dir)
     with run.lock():
         run.recover()
-    problems = run.verify()
+    problems = verify_run(run).problems
     assert all(p.path == "logs/metrics.jsonl" for p in problems), problems

@@ -15,6 +15,7 @@ import pytest
 
 from aptbundle.manifest import load_manifest
 from aptbundle.run import Run
+from aptbundle.verify import verify_run
 from conftest import APTBUNDLE, TRAINER, cli, no_traceback, sh
 
 KILL_ROUNDS = int(os.environ.get("APTBUNDLE_KILL_ROUNDS", "25"))
@@ -56,7 +57,7 @@ def test_random_sigkills_lose_nothing_and_end_bit_exact(tmp_path):
                 lost += 1
             best_step = max(best_step, latest)
             listed = [f.path for f in run.manifest.files if f.path.startswith("checkpoints/")]
-            assert run.verify(only=listed) == [], "a listed checkpoint is incomplete"
+            assert verify_run(run, only=listed).problems == [], "a listed checkpoint is incomplete"
     r = sh(*TRAINER, *args, "--resume-from", "latest", cwd=tmp_path, timeout=300)
     assert r.returncode == 0, r.stderr
     assert lost == 0
@@ -65,7 +66,7 @@ def test_random_sigkills_lose_nothing_and_end_bit_exact(tmp_path):
     assert final == straight.name
     for f in ("model.safetensors", "optimizer.pt"):
         assert (run_dir / "checkpoints" / final / f).read_bytes() == (straight / f).read_bytes()
-    assert Run.open(run_dir).verify() == []
+    assert verify_run(Run.open(run_dir)).problems == []
     print(f"\nkills survived: {kills}, checkpoints lost: {lost}")
 
 
@@ -87,7 +88,8 @@ def test_sigkill_during_pack_and_unpack_leaves_nothing_at_the_name(tmp_path):
     run_dir = big_run(tmp_path)
     out = tmp_path / "big.aptrun.tar.zst"
     p = subprocess.Popen([*APTBUNDLE, "pack", str(run_dir), "-o", str(out), "-q"])
-    wait_for(lambda: any(x.name.startswith(".aptrun-tmp-big.aptrun") for x in tmp_path.iterdir()))
+    wait_for(lambda: any(x.name.startswith(".aptrun-tmp-") and x.name.endswith("-big.aptrun.tar.zst")
+                         for x in tmp_path.iterdir()))
     p.send_signal(signal.SIGKILL)
     p.wait()
     assert not out.exists()
@@ -98,7 +100,8 @@ def test_sigkill_during_pack_and_unpack_leaves_nothing_at_the_name(tmp_path):
 
     dest = tmp_path / "dest"
     p = subprocess.Popen([*APTBUNDLE, "unpack", str(out), "-C", str(dest), "-q"])
-    wait_for(lambda: dest.is_dir() and any(x.name.startswith(".aptrun-tmp-big") for x in dest.iterdir()))
+    wait_for(lambda: dest.is_dir() and any(x.name.startswith(".aptrun-tmp-") and x.name.endswith("-big")
+                                           for x in dest.iterdir()))
     p.send_signal(signal.SIGKILL)
     p.wait()
     assert not (dest / "big").exists()
@@ -120,11 +123,11 @@ def test_full_disk_is_a_clear_error_and_loses_no_checkpoint(tmp_path):
     assert run.latest.step == 10
     assert {f.path: f.sha256 for f in run.manifest.files} == before
     listed = [f.path for f in run.manifest.files if f.path.startswith("checkpoints/")]
-    assert run.verify(only=listed) == []
+    assert verify_run(run, only=listed).problems == []
     r = sh(*TRAINER, "--run-dir", tmp_path / "r", "--resume-from", "latest", "--stop-at-step", "12", "-q",
            cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    assert Run.open(tmp_path / "r").verify() == []
+    assert verify_run(Run.open(tmp_path / "r")).problems == []
 
     out = tmp_path / "r.aptrun.tar.zst"
     p = subprocess.run([*APTBUNDLE, "pack", str(tmp_path / "r"), "-o", str(out)], capture_output=True, text=True,
@@ -160,7 +163,7 @@ def test_pack_while_training_gives_consistent_archives(tmp_path):
             dest = tmp_path / f"u{i}"
             assert cli("unpack", out, "-C", dest, "-q").exit_code == 0
             unpacked = Run.open(dest / "r")
-            assert unpacked.verify() == []
+            assert verify_run(unpacked).problems == []
             steps.append(unpacked.latest.step)
             time.sleep(0.2)
         assert p.poll() is None, "the trainer should still be running"

@@ -9,11 +9,11 @@ import zipfile
 
 import pytest
 
-from aptbundle.archive import _write_archive
+from aptbundle.archive.writer import _write_archive
 from aptbundle.errors import UnsafeContentError
 from aptbundle.manifest import load_manifest
 from aptbundle.run import Run
-from aptbundle.scan import check_safetensors, scan_torch_file
+from aptbundle.format.scan import scan_file
 from conftest import cli, no_traceback
 
 
@@ -54,13 +54,13 @@ def test_planted_pickle_is_refused_by_verify_unpack_and_resume(run_copy, tmp_pat
 
     arc = tmp_path / "evil.aptrun.tar.zst"
     with open(arc, "wb") as f:
-        _write_archive(run_copy, load_manifest(run_copy), f, 3, 1, None)  # a stranger's packer
+        _write_archive(run_copy, load_manifest(run_copy), f, 3, 1, None, scan=False)  # a stranger's packer
     r = cli("verify", arc)
     assert r.exit_code == 1 and victim in r.stderr
     dest = tmp_path / "dest"
     r = cli("unpack", arc, "-C", dest)
     assert r.exit_code == 1 and victim in r.stderr and no_traceback(r.output)
-    assert os.listdir(dest) == []
+    assert not dest.exists()  # left as it was found
 
     r = cli("resume", run_copy, "--quiet")
     assert r.exit_code == 1 and victim in r.stderr and no_traceback(r.output)
@@ -79,7 +79,7 @@ def test_adopted_folder_with_evil_pt_is_refused(tmp_path):
 
 def test_real_torch_files_pass_the_scan(tiny_run):
     for p in tiny_run.rglob("*.pt"):
-        names = scan_torch_file(p, p.name)
+        names = scan_file(p, p.name)
         if p.name in ("optimizer.pt", "rng_state.pt"):
             assert "torch._utils._rebuild_tensor_v2" in names  # it did read the globals
 
@@ -99,14 +99,14 @@ def test_safetensors_header_checks(tmp_path, body, match):
     raw = body.encode()
     p.write_bytes(struct.pack("<Q", len(raw)) + raw + b"\0" * 8)
     with pytest.raises(UnsafeContentError, match=match):
-        check_safetensors(p, "model.safetensors")
+        scan_file(p, "model.safetensors")
 
 
 def test_safetensors_huge_header_claim(tmp_path):
     p = tmp_path / "model.safetensors"
     p.write_bytes(struct.pack("<Q", 1 << 40) + b"{}")
     with pytest.raises(UnsafeContentError, match="header claims"):
-        check_safetensors(p, "model.safetensors")
+        scan_file(p, "model.safetensors")
 
 
 def test_damaged_safetensors_in_run_is_refused_before_loading(run_copy):

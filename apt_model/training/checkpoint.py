@@ -1,4 +1,4 @@
-"""The APT-facing checkpoint API, on top of ``aptbundle``.
+"""The APT-facing checkpoint API: a thin adapter over ``aptbundle.Checkpointer``.
 
 ``CheckpointManager(save_dir)`` keeps the familiar ``save_checkpoint`` / ``load_checkpoint``
 calls, but writes a portable aptbundle run: safetensors weights, full optimizer, scheduler and
@@ -8,17 +8,14 @@ from a run or a checkpoint folder, for inference or fine-tuning.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from aptbundle.checkpoint import MODEL_FILE, STATE_FILE
-from aptbundle.checkpoint import CheckpointManager as _Manager
-from aptbundle.checkpoint import checkpoint_name
+from aptbundle import Checkpointer, Run, verify_checkpoint
 from aptbundle.errors import CheckpointError
-from aptbundle.run import Run
+from aptbundle.state.checkpoint import MODEL_FILE, checkpoint_name
 from apt_model.config import APTConfig
 from apt_model.model import APTModel
 from apt_model.tokenizer import CharTokenizer
@@ -36,7 +33,7 @@ class CheckpointManager:
     def __init__(self, save_dir: str | Path, keep_last: int | None = None):
         path = Path(save_dir)
         self.run = Run.open(path) if Run.is_run(path) else Run.create(path, trainer=TRAINER_NAME)
-        self.manager = _Manager(self.run, keep_last=keep_last)
+        self.keep_last = keep_last
 
     def save_checkpoint(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
                         epoch: int, global_step: int, loss_history: list[float], metrics: dict | None = None,
@@ -51,10 +48,11 @@ class CheckpointManager:
         metrics = dict(metrics or {})
         if "loss" not in metrics and loss_history:
             metrics["loss"] = float(loss_history[-1])
-        entry = self.manager.save(step=global_step, epoch=epoch, model=model, optimizer=optimizer,
-                                  scheduler=scheduler, metrics=metrics, run_files=files, is_best=is_best or None,
-                                  trainer_state={"global_step": global_step, "loss_history": list(loss_history),
-                                                 "metrics": metrics})
+        ckpt = Checkpointer(self.run, model=model, optimizer=optimizer, scheduler=scheduler, keep_last=self.keep_last)
+        with self.run.writer():
+            entry = ckpt.save(step=global_step, epoch=epoch, metrics=metrics, run_files=files, is_best=is_best or None,
+                              trainer_state={"global_step": global_step, "loss_history": list(loss_history),
+                                             "metrics": metrics})
         return self.run.checkpoint_dir(entry.name)
 
     def load_checkpoint(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
@@ -65,8 +63,8 @@ class CheckpointManager:
         Returns ``(epoch, global_step, loss_history, metrics)``.
         """
         which = "latest" if checkpoint_path is None else Path(checkpoint_path).name
-        state = self.manager.load(which, model=model, optimizer=optimizer, scheduler=scheduler,
-                                  map_location=map_location)
+        ckpt = Checkpointer(self.run, model=model, optimizer=optimizer, scheduler=scheduler)
+        state = ckpt.load(which, map_location=map_location)
         return (state.get("epoch", 0), state.get("global_step", state.get("step", 0)),
                 state.get("loss_history", []), state.get("metrics", {}))
 
@@ -83,22 +81,15 @@ def load_model(path: str | Path, *, which: str = "best", device: str = "cpu"
     p = Path(path)
     if Run.is_run(p):
         run = Run.open(p)
-        entry = run.resolve_checkpoint(which) if (which != "best" or run.best) else run.resolve_checkpoint("latest")
-        ckpt = run.checkpoint_dir(entry.name)
-        _Manager(run).verify_checkpoint(entry)
+        which = which if (which != "best" or run.best) else "latest"
     elif (p / MODEL_FILE).exists() and Run.is_run(p.parent.parent):
-        run, ckpt = Run.open(p.parent.parent), p
-        entry = run.resolve_checkpoint(p.name)
-        _Manager(run).verify_checkpoint(entry)
+        run, which = Run.open(p.parent.parent), p.name
     else:
         raise CheckpointError(f"{path}: neither a run nor a checkpoint folder of one; expected a folder with"
                               " aptrun.json or a checkpoints/step-N folder inside a run")
+    verified = verify_checkpoint(run, which)
     cfg = APTConfig.load(run.path / CONFIG_FILE)
     tok = CharTokenizer.load(run.path / TOKENIZER_DIR)
-    model = APTModel(cfg)
-    from safetensors.torch import load_model as st_load
-
-    st_load(model, str(ckpt / MODEL_FILE), device=device)
-    model.to(device).eval()
-    json.loads((ckpt / STATE_FILE).read_text("utf-8"))  # a checkpoint without readable state is not one
-    return model, tok, cfg
+    model = APTModel(cfg).to(device)
+    Checkpointer(run, model=model).load(verified, restore_rng=False)
+    return model.eval(), tok, cfg

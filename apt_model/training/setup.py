@@ -13,8 +13,9 @@ from pathlib import Path
 
 import torch
 
-from aptbundle.errors import ResumeError, RunError
-from aptbundle.run import Run
+from aptbundle import Run
+from aptbundle.errors import RunError
+from apt_model.errors import TrainingError
 from apt_model.config import APTConfig
 from apt_model.data import (SOURCE_FILE, ResumableSampler, builtin_corpus, describe_source, make_blocks,
                             read_text, resolve_data, split_blocks)
@@ -39,9 +40,9 @@ def pick_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
-        raise ResumeError("--device cuda: no CUDA GPU is available here; use --device cpu or auto")
+        raise TrainingError("--device cuda: no CUDA GPU is available here; use --device cpu or auto")
     if device not in ("cpu", "cuda"):
-        raise ResumeError(f"--device {device!r}: expected auto, cpu or cuda")
+        raise TrainingError(f"--device {device!r}: expected auto, cpu or cuda")
     return torch.device(device)
 
 
@@ -106,30 +107,24 @@ def new_run(run_dir: Path, cfg: APTConfig, data: str | Path | None) -> tuple[Run
     run.write_file(CONFIG_FILE, cfg.to_json().encode("utf-8"))
     for name, blob in tok.files().items():
         run.write_file(f"{TOKENIZER_DIR}/{name}", blob)
-    run.save_manifest()
+    with run.committing():
+        run.save_manifest()
     return run, cfg, tok, text
 
 
 def reopen_run(run: Run, data: str | Path | None, allow_change: bool,
                overrides: dict) -> tuple[APTConfig, CharTokenizer, str, bool]:
-    """Config and tokenizer from the run (never rebuilt), and the corpus to continue on."""
-    problems = run.verify(only=[CONFIG_FILE, f"{TOKENIZER_DIR}/vocab.json", SOURCE_FILE])
-    if problems:
-        raise ResumeError(f"{run.name}: " + "; ".join(map(str, problems)))
+    """Config and tokenizer from the run (never rebuilt), and the corpus to continue on.
+
+    The run's own files were verified with the checkpoint, at the boundary of the resume.
+    """
     cfg = APTConfig.load(run.path / CONFIG_FILE)
     allowed = {"epochs", "save_every", "save_freq", "keep_last", "log_every"}
     bad = sorted(k for k, v in overrides.items() if v is not None and k not in allowed and v != getattr(cfg, k))
     if bad:
-        raise ResumeError(f"{run.name}: {', '.join(bad)} cannot change when resuming (the run was built with"
+        raise TrainingError(f"{run.name}: {', '.join(bad)} cannot change when resuming (the run was built with"
                           f" {', '.join(f'{k}={getattr(cfg, k)}' for k in bad)}); start a new run to change them")
     cfg = cfg.replace(**{k: v for k, v in overrides.items() if v is not None and k in allowed})
     tok = CharTokenizer.load(run.path / TOKENIZER_DIR)
     path, changed = resolve_data(run.path, data, allow_change)
-    if not changed:
-        rec = json.loads((run.path / SOURCE_FILE).read_text("utf-8"))
-        inside = f"data/{rec['name']}"
-        if data is None and run.manifest.file_map().get(inside):
-            problems = run.verify(only=[inside])
-            if problems:
-                raise ResumeError(f"{run.name}: " + "; ".join(map(str, problems)))
     return cfg, tok, read_text(path), changed

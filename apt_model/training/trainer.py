@@ -1,41 +1,57 @@
 """Train an APT model into an aptbundle run, and continue such a run bit-exactly.
 
-``train`` creates a run (or continues one with ``resume_from``), trains with AdamW, warm-up and
-cosine decay and gradient clipping, logs per-step metrics to ``logs/metrics.jsonl`` and saves
-complete checkpoints through ``aptbundle.checkpoint.CheckpointManager``. Every RNG it touches
-is saved and the data position is a number, so stopping at any step and resuming gives the same
-weights, optimizer state and loss history as a run that never stopped (same hardware kind,
-torch version and thread count). SIGINT/SIGTERM finish the current step, save and exit cleanly.
+``train`` creates a run (or continues one with ``resume_from``) and runs ``Trainer.fit``: AdamW
+with warm-up and cosine decay, gradient clipping, a metrics line per step in
+``logs/metrics.jsonl``, and complete checkpoints through ``aptbundle.Checkpointer``. Every RNG
+training touches is saved and the data position is a number, so stopping at any step and
+resuming gives the same weights, optimizer state and loss history as a run that never stopped
+(same hardware kind, torch version and thread count). SIGINT/SIGTERM finish the current step,
+save and stop.
 
 Command line: ``python -m apt_model.training.trainer --run-dir outputs/run1 --epochs 2``.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
+import enum
 import json
-import shutil
 import signal
-import sys
-import time
+import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import click
 import torch
 
-from aptbundle.checkpoint import CheckpointManager, checkpoint_name, rng_file, rng_state, unwrap
-from aptbundle.fsutil import TMP_PREFIX
-from aptbundle.errors import AptBundleError, ResumeError
-from aptbundle.run import Run, environment_info, now_iso
-from apt_model.config import APTConfig, ConfigError, preset
-from apt_model.training.distributed import DCP_DIR, Dist, is_sharded, load_sharded, save_sharded
+from aptbundle import Checkpointer, Run, VerifiedCheckpoint, verify_run
+from aptbundle.commands.exits import CONTEXT, Command
+from aptbundle.commands.progress import progress
+from aptbundle.errors import VerifyError
+from aptbundle.format.run import environment_info
+from aptbundle.state.checkpoint import unwrap, verify_on_main
+from apt_model.config import APTConfig, preset
+from apt_model.errors import TrainingError
+from apt_model.training.distributed import Dist
 from apt_model.training.setup import Session, build, new_run, pick_device, reopen_run
-from apt_model.utils.cache_manager import CacheManager
 
 METRICS_FILE = "logs/metrics.jsonl"
 LOSS_WINDOW = 20
+
+
+class SaveReason(enum.Enum):
+    """Why a checkpoint is written after a step."""
+
+    STOP_AT_STEP = "stop-at-step"
+    SIGNAL = "signal"
+    EVERY = "save-every"
+    EPOCH = "epoch"
+    END = "end"
+
+    @property
+    def stops(self) -> bool:
+        return self in (SaveReason.STOP_AT_STEP, SaveReason.SIGNAL)
 
 
 @dataclass
@@ -48,45 +64,35 @@ class TrainResult:
     finished: bool
     losses: list[float] = field(default_factory=list)
     last_checkpoint: str | None = None
+    stopped_by: str | None = None  # the signal's name, when one stopped the session
 
 
-class _Stop:
+class StopRequest:
     """Turns SIGINT/SIGTERM into a request to save and stop after the current step."""
 
     def __init__(self):
         self.signal: int | None = None
         self._old: dict = {}
 
-    def __enter__(self):
-        import threading
-
+    def __enter__(self) -> "StopRequest":
         if threading.current_thread() is threading.main_thread():
             for s in (signal.SIGINT, signal.SIGTERM):
                 self._old[s] = signal.signal(s, self._handle)
         return self
 
-    def _handle(self, signum, frame):
+    def _handle(self, signum, frame) -> None:
         if self.signal is not None:  # a second signal: the user really wants out now
             raise KeyboardInterrupt
         self.signal = signum
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc) -> None:
         for s, h in self._old.items():
             signal.signal(s, h)
 
 
 def _log(quiet: bool, msg: str) -> None:
     if not quiet:
-        print(msg, file=sys.stderr, flush=True)
-
-
-def _warn_environment(run: Run, device: torch.device, quiet: bool) -> None:
-    """Resuming is exact only on the same torch, thread count and device kind: say when not."""
-    was, now = run.manifest.environment, environment_info(device.type)
-    for key, label in (("torch", "torch version"), ("threads", "thread count"), ("device", "device")):
-        if key in was and was.get(key) != now.get(key):
-            _log(quiet, f"warning: {label} differs: run written with {was.get(key)}, resuming with {now.get(key)};"
-                        " the state is restored exactly, float rounding may differ")
+        click.echo(msg, err=True)
 
 
 @torch.no_grad()
@@ -107,83 +113,47 @@ def evaluate(s: Session) -> float | None:
 
 
 class Trainer:
-    """One training session over a run (new or resumed)."""
+    """One training session over a run: the loop, the metrics log and the checkpoints."""
 
-    def __init__(self, s: Session, cm: CheckpointManager, *, state: dict | None, quiet: bool,
-                 async_save: bool = False, dist: Dist | None = None, sharded: bool = False):
-        self.s, self.cm, self.quiet = s, cm, quiet
-        self.async_save, self.sharded = async_save, sharded
-        self.d = dist or Dist()
+    def __init__(self, s: Session, ckpt: Checkpointer, d: Dist, *, state: dict | None, quiet: bool):
+        self.s, self.ckpt, self.d, self.quiet = s, ckpt, d, quiet
         state = state or {}
         self.global_step = int(state.get("global_step", 0))
         self.epoch = int(state.get("epoch", 0))
-        self.position = int(state.get("position", 0))
+        self.position = int(state.get("position", 0))  # batches of this epoch already done
         self.losses: list[float] = list(state.get("loss_history", []))
         self.log_lines = self._read_log(self.global_step)
         self.last_saved: str | None = None
 
-    def _read_log(self, upto: int) -> list[bytes]:
-        """Metrics lines up to the restored step: later ones belong to a lost future."""
-        path = self.s.run.path / METRICS_FILE
-        if not path.exists():
-            return []
-        keep = []
-        for line in path.read_bytes().splitlines():
-            try:
-                if json.loads(line).get("step", 0) <= upto:
-                    keep.append(line + b"\n")
-            except ValueError:
-                continue
-        return keep
+    def fit(self, stop_at_step: int | None = None) -> TrainResult:
+        """Train to the planned number of epochs (or ``stop_at_step``); save as configured."""
+        s, cfg = self.s, self.s.cfg
+        if self.epoch >= cfg.epochs or (stop_at_step is not None and self.global_step >= stop_at_step):
+            _log(self.quiet, f"{s.run.name}: already at step {self.global_step}, epoch {self.epoch} of"
+                             f" {cfg.epochs}; nothing to train (use --epochs N for a longer run)")
+            return self._result(self.epoch >= cfg.epochs)
+        self.ckpt.start_session(device=s.device.type, start_step=self.global_step)
+        s.model.train()
+        with StopRequest() as stop, progress("training", self.quiet or not self.d.is_main, s.total_steps) as bar:
+            if bar:
+                bar(self.global_step)
+            while self.epoch < cfg.epochs:
+                for batch in s.sampler.batches(self.epoch, self.position):
+                    loss = self.train_step(batch)
+                    if bar:
+                        bar(1, f"step {self.global_step} loss {loss:.4f}")
+                    reason = self.save_reason(stop, stop_at_step)
+                    if reason is not None:
+                        self.save(reason, stop)
+                    if reason is not None and reason.stops:
+                        return self._stopped(reason, stop)
+                    if self.position == 0:  # the epoch is over: the sampler's order changes
+                        break
+        if self.last_saved != self._name_at(self.global_step):
+            self.save(SaveReason.END, None)
+        return self._result(True)
 
-    def save(self, reason: str) -> str:
-        s = self.s
-        window = self.losses[-LOSS_WINDOW:]
-        metrics = {"loss": sum(window) / len(window) if window else float("nan"),
-                   "lr": s.scheduler.get_last_lr()[0]}
-        val = evaluate(s)
-        if val is not None:
-            metrics["val_loss"] = val
-        state = {"global_step": self.global_step, "position": self.position, "world_size": self.d.world,
-                 "sharded": self.sharded,
-                 "samples_seen": self.global_step * s.cfg.batch_size * s.sampler.world,
-                 "steps_per_epoch": s.sampler.num_batches(), "total_steps": s.total_steps,
-                 "planned_epochs": s.cfg.epochs, "loss_history": self.losses, "metrics": metrics}
-        hist = s.run.manifest.history
-        hist[-1].update(stop_step=self.global_step, stopped_at=now_iso(), reason=reason)
-        if metrics["loss"] != metrics["loss"]:
-            metrics.pop("loss")
-        common = dict(step=self.global_step, epoch=self.epoch, scheduler=s.scheduler, trainer_state=state,
-                      metrics=metrics, run_files={METRICS_FILE: b"".join(self.log_lines)}, device=s.device.type)
-        if not (self.d.enabled or self.sharded):
-            entry = self.cm.save(model=s.model, optimizer=s.optimizer, background=self.async_save, **common)
-        else:
-            entry = self._save_collective(common)
-        self.last_saved = entry.name
-        _log(self.quiet, f"saved {s.run.name}/checkpoints/{entry.name} (step {self.global_step}, epoch"
-                         f" {self.epoch}, loss {metrics.get('loss', float('nan')):.4f}"
-                         + (f", val {val:.4f})" if val is not None else ")"))
-        return entry.name
-
-    def _save_collective(self, common: dict):
-        """Every rank writes its RNG state (and, sharded, its DCP shards) into one staging
-        folder; rank 0 adds the rest and commits it; all wait until the checkpoint is complete."""
-        s, d = self.s, self.d
-        stage = s.run.path / "checkpoints" / f"{TMP_PREFIX}{checkpoint_name(self.global_step)}-ranks"
-        if d.is_main:
-            shutil.rmtree(stage, ignore_errors=True)
-            stage.mkdir(parents=True)
-        d.barrier()
-        torch.save(rng_state(), stage / rng_file(d.rank))
-        if self.sharded:
-            save_sharded(stage / DCP_DIR, s.model, s.optimizer)
-        d.barrier()
-        entry = d.on_main(lambda: self.cm.save(
-            model=None if self.sharded else s.model, optimizer=None if self.sharded else s.optimizer,
-            rng=False, stage_dir=stage, **common))
-        return entry
-
-    def _step(self, idx: torch.Tensor) -> float:
+    def train_step(self, idx: torch.Tensor) -> float:
         """One optimisation step on the batch ``idx``; returns its loss (mean over ranks)."""
         s = self.s
         batch = s.train_blocks[idx].to(s.device)
@@ -206,108 +176,93 @@ class Trainer:
                 "lr": s.scheduler.get_last_lr()[0]}) + "\n").encode())
         return value
 
-    def _save_reason(self, stop: _Stop, stop_at_step: int | None) -> str | None:
+    def save_reason(self, stop: StopRequest, stop_at_step: int | None) -> SaveReason | None:
         """Why to checkpoint after this step, or None."""
         cfg = self.s.cfg
         if stop_at_step is not None and self.global_step >= stop_at_step:
-            return "stop-at-step"
+            return SaveReason.STOP_AT_STEP
         if self.d.any(stop.signal is not None):
-            return f"signal {signal.Signals(stop.signal or signal.SIGTERM).name}"
+            return SaveReason.SIGNAL
         if cfg.save_every and self.global_step % cfg.save_every == 0:
-            return "save-every"
+            return SaveReason.EVERY
         if self.position == 0 and (self.epoch % cfg.save_freq == 0 or self.epoch == cfg.epochs):
-            return "epoch"
+            return SaveReason.EPOCH
         return None
 
-    def fit(self, stop_at_step: int | None = None) -> TrainResult:
-        s, cfg = self.s, self.s.cfg
-        if self.epoch >= cfg.epochs or (stop_at_step is not None and self.global_step >= stop_at_step):
-            _log(self.quiet, f"{s.run.name}: already at step {self.global_step}, epoch {self.epoch} of"
-                             f" {cfg.epochs}; nothing to train (use --epochs N for a longer run)")
-            return self._result(self.epoch >= cfg.epochs)
-        s.run.manifest.history.append({
-            "started_at": now_iso(), "start_step": self.global_step, "stop_step": self.global_step,
-            "processes": self.d.world, **environment_info(s.device.type)})
-        s.model.train()
-        bar = _Bar(s.total_steps, self.global_step, self.quiet)
-        saved_at = None
-        with _Stop() as stop:
-            while self.epoch < cfg.epochs:
-                for idx in s.sampler.batches(self.epoch, self.position):
-                    value = self._step(idx)
-                    bar.update(self.global_step, value)
-                    reason = self._save_reason(stop, stop_at_step)
-                    if reason:
-                        bar.clear()
-                        self.save(reason)
-                        saved_at = self.global_step
-                    if reason and reason.startswith(("stop", "signal")):
-                        bar.close()
-                        if reason.startswith("signal"):
-                            _log(self.quiet, f"stopped by {reason[7:]} at step {self.global_step};"
-                                             f" continue with `aptbundle resume {s.run.path}`")
-                        return self._result(False)
-                    if self.position == 0:  # the epoch is over: the sampler's order changes
-                        break
-        bar.close()
-        if saved_at != self.global_step:
-            self.save("end")
-        return self._result(True)
+    def save(self, reason: SaveReason, stop: StopRequest | None) -> None:
+        """Checkpoint the current state, with the metrics log, in one commit."""
+        s = self.s
+        window = self.losses[-LOSS_WINDOW:]
+        metrics = {"loss": sum(window) / len(window), "lr": s.scheduler.get_last_lr()[0]} if window else \
+            {"lr": s.scheduler.get_last_lr()[0]}
+        val = evaluate(s)
+        if val is not None:
+            metrics["val_loss"] = val
+        state = {"global_step": self.global_step, "position": self.position, "world_size": self.d.world,
+                 "sharded": self.ckpt.mode == "sharded",
+                 "samples_seen": self.global_step * s.cfg.batch_size * s.sampler.world,
+                 "steps_per_epoch": s.sampler.num_batches(), "total_steps": s.total_steps,
+                 "planned_epochs": s.cfg.epochs, "loss_history": self.losses, "metrics": metrics}
+        label = reason.value if reason is not SaveReason.SIGNAL else f"signal {self._signal_name(stop)}"
+        entry = self.ckpt.save(step=self.global_step, epoch=self.epoch, trainer_state=state, metrics=metrics,
+                               run_files={METRICS_FILE: b"".join(self.log_lines)}, device=s.device.type,
+                               reason=label)
+        self.last_saved = entry.name
+        _log(self.quiet, f"saved {s.run.name}/checkpoints/{entry.name} (step {self.global_step}, epoch"
+                         f" {self.epoch}, loss {metrics.get('loss', float('nan')):.4f}"
+                         + (f", val {val:.4f})" if val is not None else ")"))
+
+    # -- helpers ---------------------------------------------------------------------------
+    def _read_log(self, upto: int) -> list[bytes]:
+        """Metrics lines up to the restored step: later ones belong to a lost future."""
+        path = self.s.run.path / METRICS_FILE
+        if not path.exists():
+            return []
+        keep = []
+        for line in path.read_bytes().splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= upto:
+                    keep.append(line + b"\n")
+            except (ValueError, AttributeError):
+                continue
+        return keep
+
+    @staticmethod
+    def _signal_name(stop: StopRequest | None) -> str:
+        return signal.Signals(stop.signal if stop and stop.signal else signal.SIGTERM).name
+
+    @staticmethod
+    def _name_at(step: int) -> str:
+        return f"step-{step:08d}"
+
+    def _stopped(self, reason: SaveReason, stop: StopRequest) -> TrainResult:
+        by = None
+        if reason is SaveReason.SIGNAL:
+            by = self._signal_name(stop)
+            _log(self.quiet, f"stopped by {by} at step {self.global_step};"
+                             f" continue with `aptbundle resume {self.s.run.path}`")
+        result = self._result(False)
+        result.stopped_by = by
+        return result
 
     def _result(self, finished: bool) -> TrainResult:
-        self.cm.wait()  # a background save must be complete before the session ends
+        self.ckpt.wait()  # a background save must be complete before the session ends
         return TrainResult(self.s.run.path, self.global_step, self.epoch, finished, self.losses, self.last_saved)
 
 
-class _Bar:
-    """A one-line progress bar on stderr when it is a terminal; silent otherwise."""
-
-    def __init__(self, total: int, start: int, quiet: bool):
-        self.total, self.on = total, (not quiet) and sys.stderr.isatty()
-        self.t0, self.start = time.time(), start
-
-    def update(self, step: int, loss: float) -> None:
-        if not self.on:
-            return
-        frac = step / max(1, self.total)
-        rate = (step - self.start) / max(1e-9, time.time() - self.t0)
-        print(f"\r[{'#' * int(frac * 30):<30}] {step}/{self.total} loss {loss:.4f} {rate:.1f} step/s",
-              end="", file=sys.stderr, flush=True)
-
-    def clear(self) -> None:
-        if self.on:
-            print("\r\033[K", end="", file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.on:
-            print(file=sys.stderr, flush=True)
-
-
-def _locate(resume_from: str, run_dir: Path | None) -> tuple[Path, str]:
-    """``latest``/``best``/a checkpoint name with ``run_dir``, or a path to a run or checkpoint."""
-    if resume_from in ("latest", "best") or (run_dir is not None and not Path(resume_from).exists()):
-        if run_dir is None:
-            raise ResumeError(f"--resume-from {resume_from}: also give --run-dir")
-        return run_dir, resume_from
-    p = Path(resume_from)
-    if Run.is_run(p):
-        return p, "latest"
-    if (p / "trainer_state.json").exists() and Run.is_run(p.parent.parent):
-        return p.parent.parent, p.name
-    raise ResumeError(f"--resume-from {resume_from}: expected latest, best, a run folder or a checkpoint folder")
-
-
+# -- starting a session ------------------------------------------------------------------------
 def train(config: APTConfig | None = None, run_dir: str | Path | None = None, *, model_size: str = "tiny",
           data: str | Path | None = None, resume_from: str | None = None, stop_at_step: int | None = None,
           device: str = "auto", allow_data_change: bool = False, quiet: bool = False,
-          async_save: bool = False, sharded: bool = False, **overrides) -> TrainResult:
+          async_save: bool = False, sharded: bool = False, checkpoint: VerifiedCheckpoint | None = None,
+          **overrides) -> TrainResult:
     """Train a new run or continue one (in one process, or in each of ``torchrun``'s).
 
     ``overrides`` are APTConfig fields (``epochs``, ``batch_size``, ``lr``, ``seed``, ``save_every``,
     ``save_freq``, ``keep_last``...); None values are ignored. ``async_save`` writes checkpoints
     in a background thread (the training thread only copies the state); ``sharded`` saves model
     and optimizer with torch.distributed.checkpoint, which reshards when the number of
-    processes changes.
+    processes changes. ``checkpoint`` is one already verified by the caller (``aptbundle resume``).
 
     >>> # train(run_dir="outputs/run1", model_size="tiny", epochs=2, quiet=True).finished
     True
@@ -316,91 +271,105 @@ def train(config: APTConfig | None = None, run_dir: str | Path | None = None, *,
     d = Dist.from_env(dev)
     if d.enabled and dev.type == "cuda":
         dev = torch.device("cuda", d.local_rank)
-    quiet = quiet or not d.is_main
     if async_save and (d.enabled or sharded):
-        raise ResumeError("--async-save works in one process without --sharded; drop one of them")
+        raise TrainingError("--async-save works in one process without --sharded; drop one of them")
     try:
-        return _train(d, config, run_dir, model_size, data, resume_from, stop_at_step, dev,
-                      allow_data_change, quiet, async_save, sharded, overrides)
+        return _train(d, dev, config, run_dir, model_size, data, resume_from, stop_at_step, allow_data_change,
+                      quiet or not d.is_main, "async" if async_save else "sharded" if sharded else "sync",
+                      checkpoint, {k: v for k, v in overrides.items() if v is not None})
     finally:
         d.close()
 
 
-def _train(d: Dist, config, run_dir, model_size, data, resume_from, stop_at_step, dev, allow_data_change,
-           quiet, async_save, sharded, overrides) -> TrainResult:
+def _train(d: Dist, dev: torch.device, config, run_dir, model_size, data, resume_from, stop_at_step,
+           allow_data_change, quiet, mode, checkpoint, overrides) -> TrainResult:
     run_path = Path(run_dir) if run_dir is not None else None
-    overrides = {k: v for k, v in overrides.items() if v is not None}
     which = None
     if resume_from:
         run_path, which = _locate(resume_from, run_path)
     elif run_path is None:
-        raise ResumeError("--run-dir: required, the folder of the new run (for example outputs/run1)")
+        raise TrainingError("--run-dir: required, the folder of the new run (for example outputs/run1)")
     else:
         cfg0 = (config or preset(model_size)).replace(**overrides)
-
-        def create() -> None:
-            torch.manual_seed(cfg0.seed)
-            new_run(run_path, cfg0, data)
-
-        d.on_main(create)
+        d.on_main(lambda: new_run(run_path, cfg0, data) and None)
     run = Run.open(run_path)
-    lock = run.lock() if d.is_main else contextlib.nullcontext()
-    temp = CacheManager().session_temp(run.name) if not d.enabled else None
-    with lock:
+    with run.writer() if d.is_main else contextlib.nullcontext():
+        if which is not None and d.is_main:
+            removed = run.recover()
+            if removed:
+                _log(quiet, f"cleaned what an interrupted session left: {', '.join(removed)}")
+        d.barrier()
+        run.reload()
+        if which == "latest" and run.latest is None:
+            # killed before its first checkpoint: start again from the same seed, same result
+            _log(quiet, f"{run.name} has no checkpoint yet; training it from the start")
+            which = None
+            d.on_main(lambda: _verify_run_files(run))
+        elif which is not None and checkpoint is None:
+            checkpoint = verify_on_main(run, which)  # the boundary: verified once, loaded once
+        cfg, tok, text, changed = reopen_run(run, data, allow_data_change, overrides if which else {})
+        if changed:
+            _log(quiet, "warning: training continues on different data (--allow-data-change)")
+        if checkpoint is not None:
+            _warn_environment(run, dev, quiet)
+            if checkpoint.has("dcp/.metadata"):
+                mode = "sharded"  # a sharded run stays sharded
+        torch.manual_seed(cfg.seed)
+        session = build(run, cfg, tok, text, dev, d.rank, d.world)
+        if d.enabled:  # same initial weights everywhere, then a dropout stream of each rank's own
+            torch.manual_seed(cfg.seed * 1_000_003 + d.rank)
+        ckpt = Checkpointer(run, model=session.model, optimizer=session.optimizer, scheduler=session.scheduler,
+                            keep_last=cfg.keep_last, best_metric="loss", mode=mode)
+        state = _restore(session, ckpt, checkpoint, d, allow_data_change, quiet) if checkpoint else None
+        if d.enabled:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            session.model = DDP(session.model, device_ids=[dev.index] if dev.type == "cuda" else None)
         try:
-            if which is not None and d.is_main:
-                removed = run.recover()
-                if removed:
-                    _log(quiet, f"cleaned what an interrupted session left: {', '.join(removed)}")
-            d.barrier()
-            run = Run.open(run_path)
-            cfg, tok, text, changed = reopen_run(run, data, allow_data_change, overrides if which else {})
-            if changed:
-                _log(quiet, "warning: training continues on different data (--allow-data-change)")
-            if which is not None:
-                _warn_environment(run, dev, quiet)
-            if which == "latest" and run.latest is None:
-                # killed before its first checkpoint: start again from the same seed, same result
-                _log(quiet, f"{run.name} has no checkpoint yet; training it from the start")
-                which = None
-            torch.manual_seed(cfg.seed)
-            session = build(run, cfg, tok, text, dev, d.rank, d.world)
-            if d.enabled:  # same initial weights everywhere, then a dropout stream of each rank's own
-                torch.manual_seed(cfg.seed * 1_000_003 + d.rank)
-            cm = CheckpointManager(run, keep_last=cfg.keep_last, best_metric="loss", temp_dir=temp)
-            state = _restore(session, cm, which, d, dev, allow_data_change, quiet) if which else None
-            sharded = sharded or bool(state and state.get("sharded"))  # a sharded run stays sharded
-            if d.enabled:
-                from torch.nn.parallel import DistributedDataParallel as DDP
-
-                session.model = DDP(session.model, device_ids=[dev.index] if dev.type == "cuda" else None)
-            trainer = Trainer(session, cm, state=state, quiet=quiet, async_save=async_save, dist=d,
-                              sharded=sharded)
-            try:
-                return trainer.fit(stop_at_step)
-            finally:
-                cm.wait()
-                session.model = unwrap(session.model)  # drop the DDP wrapper before the group goes
+            return Trainer(session, ckpt, d, state=state, quiet=quiet).fit(stop_at_step)
         finally:
-            if temp is not None:
-                shutil.rmtree(temp, ignore_errors=True)
+            ckpt.wait()
+            session.model = unwrap(session.model)  # drop the DDP wrapper before the group goes
 
 
-def _restore(s: Session, cm: CheckpointManager, which: str, d: Dist, dev: torch.device,
+def _locate(resume_from: str, run_dir: Path | None) -> tuple[Path, str]:
+    """``latest``/``best``/a checkpoint name with ``run_dir``, or a path to a run or checkpoint."""
+    if resume_from in ("latest", "best") or (run_dir is not None and not Path(resume_from).exists()):
+        if run_dir is None:
+            raise TrainingError(f"--resume-from {resume_from}: also give --run-dir")
+        return run_dir, resume_from
+    p = Path(resume_from)
+    if Run.is_run(p):
+        return p, "latest"
+    if (p / "trainer_state.json").exists() and Run.is_run(p.parent.parent):
+        return p.parent.parent, p.name
+    raise TrainingError(f"--resume-from {resume_from}: expected latest, best, a run folder or a checkpoint folder")
+
+
+def _verify_run_files(run: Run) -> None:
+    rep = verify_run(run, only=[f.path for f in run.run_files()])
+    if not rep.ok:
+        raise VerifyError(rep.problems, what=f"{run.name} (not resumed)")
+
+
+def _warn_environment(run: Run, device: torch.device, quiet: bool) -> None:
+    """Resuming is exact only on the same torch, thread count and device kind: say when not."""
+    was, now = run.manifest.environment, environment_info(device.type)
+    for key, label in (("torch", "torch version"), ("threads", "thread count"), ("device", "device")):
+        if key in was and was.get(key) != now.get(key):
+            _log(quiet, f"warning: {label} differs: run written with {was.get(key)}, resuming with {now.get(key)};"
+                        " the state is restored exactly, float rounding may differ")
+
+
+def _restore(s: Session, ckpt: Checkpointer, checkpoint: VerifiedCheckpoint, d: Dist,
              allow_data_change: bool, quiet: bool) -> dict:
     """Load model, optimizer, scheduler and this rank's RNG; carry the data position across a
     change in the number of processes."""
-    entry = s.run.resolve_checkpoint(which)
-    ckpt = s.run.checkpoint_dir(entry.name)
-    shard = is_sharded(ckpt)
     # a rank the run never had keeps this stream of its own; the others get theirs restored
-    torch.manual_seed(s.cfg.seed * 1_000_003 + d.rank + 7919 * (entry.step + 1))
+    torch.manual_seed(s.cfg.seed * 1_000_003 + d.rank + 7919 * (checkpoint.entry.step + 1))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        state = cm.load(which, model=None if shard else s.model, optimizer=None if shard else s.optimizer,
-                        scheduler=s.scheduler, map_location=dev, rank=d.rank)
-        if shard:
-            load_sharded(ckpt / DCP_DIR, s.model, s.optimizer, f"{entry.name}/{DCP_DIR}")
+        state = ckpt.load(checkpoint, map_location=s.device)
     for w in caught:
         _log(quiet, f"warning: {w.message}")
     old_world = int(state.get("world_size", 1))
@@ -410,74 +379,57 @@ def _restore(s: Session, cm: CheckpointManager, which: str, d: Dist, dev: torch.
         _log(quiet, f"the run had {old_world} process(es), now {d.world}: continuing after {seen} samples"
                     f" of epoch {state.get('epoch')} (batch {state['position']})")
     elif state.get("steps_per_epoch") not in (None, s.sampler.num_batches()) and not allow_data_change:
-        raise ResumeError(f"{s.run.name}: the data gives {s.sampler.num_batches()} steps per epoch,"
-                          f" the run had {state['steps_per_epoch']}; pass --allow-data-change")
-    _log(quiet, f"resuming {s.run.name} from {entry.name} (step {state.get('global_step')},"
-                f" epoch {state.get('epoch')}) on {dev.type}" + (f" x{d.world}" if d.enabled else ""))
+        raise TrainingError(f"{s.run.name}: the data gives {s.sampler.num_batches()} steps per epoch,"
+                            f" the run had {state['steps_per_epoch']}; pass --allow-data-change")
+    _log(quiet, f"resuming {s.run.name} from {checkpoint.name} (step {state.get('global_step')},"
+                f" epoch {state.get('epoch')}) on {s.device.type}" + (f" x{d.world}" if d.enabled else ""))
     return state
 
 
-def resume_run(run_dir: str | Path, *, which: str = "latest", epochs: int | None = None,
-               stop_at_step: int | None = None, device: str = "auto", data: str | Path | None = None,
-               allow_data_change: bool = False, quiet: bool = False) -> TrainResult:
+def resume_run(run_dir: str | Path, *, which: str = "latest", checkpoint: VerifiedCheckpoint | None = None,
+               epochs: int | None = None, stop_at_step: int | None = None, device: str = "auto",
+               data: str | Path | None = None, allow_data_change: bool = False, quiet: bool = False) -> TrainResult:
     """The ``aptbundle.trainers`` entry point: continue ``run_dir`` to its planned length."""
-    return train(run_dir=run_dir, resume_from=which, epochs=epochs, stop_at_step=stop_at_step,
-                 device=device, data=data, allow_data_change=allow_data_change, quiet=quiet)
+    return train(run_dir=run_dir, resume_from=which, checkpoint=checkpoint, epochs=epochs,
+                 stop_at_step=stop_at_step, device=device, data=data, allow_data_change=allow_data_change,
+                 quiet=quiet)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m apt_model.training.trainer",
-                                description="Train an APT model into a portable aptbundle run.")
-    p.add_argument("--run-dir", "--checkpoint-dir", dest="run_dir", help="the run folder (created if new)")
-    p.add_argument("--config", help="APTConfig JSON file (fields not given keep the preset's values)")
-    p.add_argument("--model-size", default="tiny", choices=["tiny", "small", "base"])
-    p.add_argument("--data", help="UTF-8 text corpus (default: the built-in sample corpus)")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--save-every", type=int, help="also checkpoint every N steps")
-    p.add_argument("--save-freq", type=int, help="checkpoint every N epochs")
-    p.add_argument("--keep-last", type=int, help="checkpoints kept besides best and latest")
-    p.add_argument("--stop-at-step", type=int, help="save and stop once global step N is done")
-    p.add_argument("--resume-from", help="latest, best, a checkpoint name, or a run/checkpoint path")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--allow-data-change", action="store_true")
-    p.add_argument("--async-save", action="store_true", help="write checkpoints in a background thread")
-    p.add_argument("--sharded", action="store_true",
-                   help="save model and optimizer with torch.distributed.checkpoint (reshards on resume)")
-    p.add_argument("--quiet", "-q", action="store_true")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        config = None
-        if args.config:
-            config = preset(args.model_size).replace(**APTConfig.load(args.config).to_dict())
-        res = train(config, args.run_dir, model_size=args.model_size, data=args.data,
-                    resume_from=args.resume_from, stop_at_step=args.stop_at_step, device=args.device,
-                    allow_data_change=args.allow_data_change, quiet=args.quiet, async_save=args.async_save,
-                    sharded=args.sharded,
-                    epochs=args.epochs,
-                    batch_size=args.batch_size, lr=args.lr, seed=args.seed, save_every=args.save_every,
-                    save_freq=args.save_freq, keep_last=args.keep_last)
-    except (AptBundleError, ConfigError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except OSError as e:  # disk full, permissions: the last complete checkpoint is untouched
-        where = f"{e.filename}: " if e.filename else ""
-        print(f"error: {where}{e.strerror or e}; the last complete checkpoint is intact."
-              " Free space (or fix permissions) and resume with --resume-from latest", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    status = "finished" if res.finished else "stopped"
-    _log(args.quiet, f"{status} at step {res.global_step}: {res.run_dir}")
-    return 0
+# -- the command line ----------------------------------------------------------------------------
+@click.command(cls=Command, context_settings=CONTEXT)
+@click.option("--run-dir", "--checkpoint-dir", "run_dir", type=click.Path(file_okay=False),
+              help="The run folder (created if new).")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False),
+              help="APTConfig JSON file (fields not given keep the preset's values).")
+@click.option("--model-size", type=click.Choice(["tiny", "small", "base"]), default="tiny", show_default=True,
+              help="Model preset.")
+@click.option("--data", type=click.Path(dir_okay=False), help="UTF-8 text corpus [default: the built-in corpus].")
+@click.option("--epochs", type=int, help="Planned length in epochs [default: 2].")
+@click.option("--batch-size", type=int, help="Sequences per step [default: the preset's].")
+@click.option("--lr", type=float, help="Peak learning rate [default: the preset's].")
+@click.option("--seed", type=int, help="Seeds weights, data order and dropout [default: 1234].")
+@click.option("--save-every", type=int, help="Also checkpoint every N steps [default: 0, only at epoch ends].")
+@click.option("--save-freq", type=int, help="Checkpoint every N epochs [default: 1].")
+@click.option("--keep-last", type=int, help="Checkpoints kept besides best and latest [default: 3].")
+@click.option("--stop-at-step", type=int, help="Save and stop once global step N is done.")
+@click.option("--resume-from", help="latest, best, a checkpoint name, or a run/checkpoint path.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="Where to train.")
+@click.option("--allow-data-change", is_flag=True, help="Continue even if the data differs from the run's.")
+@click.option("--async-save", is_flag=True, help="Write checkpoints in a background thread.")
+@click.option("--sharded", is_flag=True,
+              help="Save model and optimizer with torch.distributed.checkpoint (reshards on resume).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar or messages.")
+def main(run_dir, config_file, model_size, data, epochs, batch_size, lr, seed, save_every, save_freq, keep_last,
+         stop_at_step, resume_from, device, allow_data_change, async_save, sharded, quiet) -> None:
+    """Train an APT model into a portable aptbundle run."""
+    config = preset(model_size).replace(**APTConfig.load(config_file).to_dict()) if config_file else None
+    res = train(config, run_dir, model_size=model_size, data=data, resume_from=resume_from,
+                stop_at_step=stop_at_step, device=device, allow_data_change=allow_data_change, quiet=quiet,
+                async_save=async_save, sharded=sharded, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
+                save_every=save_every, save_freq=save_freq, keep_last=keep_last)
+    _log(quiet, f"{'finished' if res.finished else 'stopped'} at step {res.global_step}: {res.run_dir}")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -11,7 +11,7 @@ import shutil
 import time
 from pathlib import Path
 
-from aptbundle.fsutil import pid_alive
+from aptbundle.ground.temporaries import pid_alive
 
 SUBFOLDERS = ("temp", "logs", "models", "data")
 

@@ -6,15 +6,24 @@ well. Byte grouping (the technique behind ZipNN) rewrites each block of ``BLOCK`
 first bytes of its W-byte words, then all second bytes, and so on, so the exponent bytes form
 long, very compressible runs. It is a permutation: sizes are unchanged and ``ungroup`` restores
 the exact bytes, which is what the manifest's hashes cover. W is 4 for fp32, 2 for fp16/bf16.
+
+This module is also the only one that knows how the codec is marked in an archive: the
+manifest member carries ``APTBUNDLE.requires=dense`` and each grouped member
+``APTBUNDLE.dense=W`` (pax records). ``archive_records``/``member_records`` write them;
+``check_archive_records`` and ``member_decoder`` read them back and refuse what they do not
+know.
 """
 
 from __future__ import annotations
 
 import json
 import struct
+from collections import deque
 from pathlib import Path
+from typing import Callable
 
-import numpy as np
+from aptbundle.format.scan import scan_file
+from aptbundle.ground.errors import ArchiveError
 
 BLOCK = 4 << 20  # a multiple of every width; the unit the codec works on
 MIN_SIZE = 64 << 10  # smaller files are not worth it
@@ -24,26 +33,35 @@ PAX_REQUIRES = "APTBUNDLE.requires"
 _ST_WIDTH = {"F32": 4, "F16": 2, "BF16": 2}
 
 
-_WORD = {2: np.dtype("<u2"), 4: np.dtype("<u4")}
+def _np():
+    import numpy  # only archives that use the codec pay for importing numpy
+
+    return numpy
+
+
+def _word(width: int):
+    return _np().dtype("<u2" if width == 2 else "<u4")
 
 
 def group(block: bytes | memoryview, width: int) -> bytes:
     """Bytes of ``block`` grouped by significance (a trailing partial word stays in place)."""
+    np, word = _np(), _word(width)
     n = len(block) // width * width
-    words = np.frombuffer(block, dtype=_WORD[width], count=n // width)
+    words = np.frombuffer(block, dtype=word, count=n // width)
     out = np.empty((width, n // width), dtype=np.uint8)
     for i in range(width):  # shifts over whole words: several times faster than a byte transpose
-        out[i] = words >> _WORD[width].type(8 * i)  # a typed shift: a Python int is 10x slower
+        out[i] = words >> word.type(8 * i)  # a typed shift: a Python int is 10x slower
     return out.tobytes() + bytes(block[n:])
 
 
 def ungroup(block: bytes | memoryview, width: int) -> bytes:
     """The inverse of ``group`` for one block."""
+    np, word = _np(), _word(width)
     n = len(block) // width * width
     planes = np.frombuffer(block, dtype=np.uint8, count=n).reshape(width, -1)
-    words = planes[0].astype(_WORD[width])
+    words = planes[0].astype(word)
     for i in range(1, width):
-        words |= planes[i].astype(_WORD[width]) << _WORD[width].type(8 * i)
+        words |= planes[i].astype(word) << word.type(8 * i)
     return words.tobytes() + bytes(block[n:])
 
 
@@ -69,10 +87,8 @@ def dense_width(path: Path, rel: str, size: int) -> int | None:
     if rel.endswith(".safetensors"):
         return _safetensors_width(path)
     if rel.endswith((".pt", ".pth", ".bin")):
-        from aptbundle.scan import scan_torch_file
-
         try:
-            names = scan_torch_file(path, rel)
+            names = scan_file(path, rel)
         except Exception:
             return None
         if "torch.FloatStorage" in names or "torch.float32" in names:
@@ -104,3 +120,61 @@ class Ungrouper:
                 out.append(ungroup(self.view[:self.fill], self.width))
                 self.fill = 0
         return out
+
+
+# -- how the codec is marked in an archive -------------------------------------------------
+def archive_records(dense: bool) -> dict[str, str] | None:
+    """The pax records of the manifest member: what the archive needs beyond plain tar."""
+    return {PAX_REQUIRES: "dense"} if dense else None
+
+
+def member_records(width: int | None) -> dict[str, str] | None:
+    """The pax records of one member: its word width when it is grouped."""
+    return {PAX_WIDTH: str(width)} if width else None
+
+
+def check_archive_records(pax: dict[str, str], shown: str) -> str | None:
+    """What the archive requires (None or "dense"); refuses records of a newer aptbundle."""
+    unknown = sorted(k for k in pax if k.startswith("APTBUNDLE.") and k != PAX_REQUIRES)
+    if unknown or pax.get(PAX_REQUIRES, "dense") != "dense":
+        raise ArchiveError(f"{shown}: needs archive features this aptbundle does not know"
+                           f" ({unknown or pax[PAX_REQUIRES]}); upgrade aptbundle")
+    return pax.get(PAX_REQUIRES)
+
+
+RawRead = Callable[[int], bytes]
+
+
+def member_decoder(pax: dict[str, str], requires: str | None, size: int, shown: str,
+                   name: str) -> Callable[[RawRead], RawRead] | None:
+    """For a member marked as grouped, a transform from its stored bytes to the original ones.
+
+    Returns None for a member stored as it is; refuses records it does not know.
+    """
+    width = pax.get(PAX_WIDTH)
+    unknown = sorted(k for k in pax if k.startswith("APTBUNDLE.") and k != PAX_WIDTH)
+    if unknown or (width is not None and (width not in ("2", "4") or requires != "dense")):
+        raise ArchiveError(f"{shown}: member {name!r} has aptbundle records {unknown or width!r} this"
+                           " version does not know; upgrade aptbundle")
+    if width is None:
+        return None
+    return lambda raw: _ungrouping(raw, int(width), size)
+
+
+def _ungrouping(raw: RawRead, width: int, size: int) -> RawRead:
+    ug = Ungrouper(width, size)
+    pending: deque = deque()
+
+    def read(n: int) -> bytes:
+        while not pending:
+            b = raw(BLOCK)
+            if not b:
+                return b""
+            pending.extend(ug.feed(b))
+        piece = pending.popleft()
+        if len(piece) > n:
+            pending.appendleft(piece[n:])
+            piece = piece[:n]
+        return piece
+
+    return read

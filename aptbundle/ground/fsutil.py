@@ -1,8 +1,8 @@
 """Small file-system helpers shared by every module that writes: atomic writes and hashing.
 
-A write is atomic: a temporary name in the same folder (prefix ``.aptrun-tmp-``, never listed,
-packed or verified), flush, fsync, ``os.replace``, fsync of the folder. A crash leaves either
-the old file or the new one, never a mix; leftovers are removed by ``Run.recover``.
+A write is atomic: a temporary name in the same folder (see ``temporaries``), flush, fsync,
+``os.replace``, fsync of the folder. A crash leaves either the old file or the new one, never a
+mix; leftovers are removed by ``Run.recover``.
 """
 
 from __future__ import annotations
@@ -10,11 +10,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import secrets
 from pathlib import Path
 from typing import Callable, Iterator
 
-TMP_PREFIX = ".aptrun-tmp-"
+from aptbundle.ground.temporaries import temp_path
+
 BLOCK = 1 << 20  # 1 MiB reads: large enough for full hashing speed, small enough for flat memory
 
 Progress = Callable[[int], None]
@@ -24,16 +24,6 @@ def announce_total(progress: Progress | None, total: int) -> None:
     """Tell a progress callback how many bytes to expect, if it wants to know (``set_total``)."""
     if progress is not None and hasattr(progress, "set_total"):
         progress.set_total(total)
-
-
-def is_temp_name(name: str) -> bool:
-    """True for names aptbundle uses for work in progress."""
-    return name.startswith(TMP_PREFIX)
-
-
-def temp_sibling(path: Path, suffix: str = "") -> Path:
-    """A fresh temporary name beside ``path`` (same folder, so ``os.replace`` is atomic)."""
-    return path.parent / f"{TMP_PREFIX}{path.name}-{secrets.token_hex(4)}{suffix}"
 
 
 def fsync_dir(path: Path) -> None:
@@ -57,7 +47,7 @@ def atomic_open(path: str | Path, mode: int = 0o644) -> Iterator:
     >>> # with atomic_open("run/config.json") as f: f.write(b"{}")
     """
     path = Path(path)
-    tmp = temp_sibling(path)
+    tmp = temp_path(path.parent, path.name)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), mode)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -109,14 +99,3 @@ def fsync_file(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def pid_alive(pid: int) -> bool:
-    """True if a process with this id exists (used to tell stale temporaries from live ones)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

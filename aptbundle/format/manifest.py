@@ -15,8 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from aptbundle.errors import ManifestError, UnsafePathError
-from aptbundle.paths import check_collisions, check_name, normalize_relpath
+from aptbundle.ground.errors import ManifestError, UnsafePathError
+from aptbundle.ground.lock import is_lock_name
+from aptbundle.ground.paths import check_collisions, check_name, normalize_relpath
+from aptbundle.ground.temporaries import is_temp_name
 
 MANIFEST_NAME = "aptrun.json"
 FORMAT = "aptrun"
@@ -218,6 +220,8 @@ def _from_dict(raw: dict, source: str) -> Manifest:
             raise ManifestError(f"{where}: path {path!r} is not NFC-normalised")
         if norm == MANIFEST_NAME:
             raise ManifestError(f"{where}: the manifest may not list itself")
+        if is_lock_name(norm) or any(is_temp_name(c) for c in norm.split("/")):
+            raise ManifestError(f"{where}: {norm!r} is a name aptbundle reserves for locks and work in progress")
         size = _req(f, "size", int, where)
         if size < 0:
             raise ManifestError(f"{where}: size {size} is negative")

@@ -1,76 +1,20 @@
 """The ``aptbundle`` command line: parse, call the library, print. No logic lives here.
 
-Errors a user can cause become one line on stderr and exit status 1; misuse of flags is exit
-status 2 (click's own). ``--json`` prints machine-readable output on stdout; progress goes to
-stderr and only when it is a terminal and ``--quiet`` is not given.
+Exit statuses follow ``exits``: 0 done, 1 failed (one line per problem on stderr), 2 misuse,
+130 interrupted. ``--json`` prints machine-readable output on stdout; progress goes to stderr
+and only when it is a terminal and ``--quiet`` is not given.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import sys
-from typing import Any, Iterator
 
 import click
 
-from aptbundle.errors import AptBundleError, VerifyError
-
-
-class _Group(click.Group):
-    def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except VerifyError as e:
-            for p in e.problems:
-                click.echo(f"error: {p}", err=True)
-            click.echo(f"error: {e.args[0].split(':')[0]}: {len(e.problems)} problem(s)", err=True)
-            ctx.exit(1)
-        except AptBundleError as e:
-            click.echo(f"error: {e}", err=True)
-            ctx.exit(1)
-        except OSError as e:  # disk full, permission denied, ...: the user's environment, not a bug
-            where = f"{e.filename}: " if getattr(e, "filename", None) else ""
-            click.echo(f"error: {where}{e.strerror or e}; check the path, free space and permissions", err=True)
-            ctx.exit(1)
-        except KeyboardInterrupt:
-            click.echo("interrupted", err=True)
-            ctx.exit(130)
-
-
-class Bar:
-    """A byte-counting progress bar on stderr; its total may be learnt late (``set_total``)."""
-
-    def __init__(self, label: str, total: int = 0):
-        self.label, self.total, self._bar = label, total, None
-
-    def set_total(self, total: int) -> None:
-        self.total = total
-
-    def __call__(self, n: int) -> None:
-        if self._bar is None:
-            self._bar = click.progressbar(length=max(self.total, 1), label=self.label, file=sys.stderr,
-                                          show_pos=False, show_percent=True, show_eta=True)
-            self._bar.__enter__()
-        self._bar.update(n)
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.__exit__(None, None, None)
-            self._bar = None
-
-
-@contextlib.contextmanager
-def progress(label: str, quiet: bool) -> Iterator[Bar | None]:
-    """A progress bar, or None when ``--quiet`` is given or stderr is not a terminal."""
-    if quiet or not sys.stderr.isatty():
-        yield None
-        return
-    bar = Bar(label)
-    try:
-        yield bar
-    finally:
-        bar.close()
+from aptbundle.commands.exits import CONTEXT, Group
+from aptbundle.commands.progress import progress
+from aptbundle.commands.render import human, render
 
 
 def emit(as_json: bool, data: dict, text: str) -> None:
@@ -81,21 +25,11 @@ def emit(as_json: bool, data: dict, text: str) -> None:
         click.echo(text)
 
 
-def human(n: int) -> str:
-    """Bytes as 1.2 MB."""
-    size = float(n)
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if size < 1000 or unit == "TB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1000
-    return f"{n} B"
-
-
 json_opt = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON on stdout.")
 quiet_opt = click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 
 
-@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=Group, context_settings=CONTEXT)
 @click.version_option(package_name="aptbundle")
 def main() -> None:
     """Make training runs portable: pack, unpack, verify, inspect and resume them."""
@@ -108,7 +42,7 @@ def main() -> None:
 @quiet_opt
 def init(directory: str, trainer: str | None, as_json: bool, quiet: bool) -> None:
     """Adopt an existing training output folder by writing its aptrun.json."""
-    from aptbundle.run import adopt
+    from aptbundle.format.adopt import adopt
 
     with progress("hashing", quiet) as cb:
         run = adopt(directory, trainer=trainer, progress=cb)
@@ -125,7 +59,7 @@ def init(directory: str, trainer: str | None, as_json: bool, quiet: bool) -> Non
 @quiet_opt
 def verify(path: str, as_json: bool, quiet: bool) -> None:
     """Check a run directory or an archive against its manifest (exit 1 on any problem)."""
-    from aptbundle.verify import verify_path
+    from aptbundle.commands.overview import verify_path
 
     with progress("verifying", quiet) as cb:
         report = verify_path(path, cb)
@@ -158,7 +92,7 @@ def verify(path: str, as_json: bool, quiet: bool) -> None:
 def pack(run_dir: str, output: str | None, level: int | None, threads: int, which: str, dense: bool, as_json: bool,
          quiet: bool) -> None:
     """Pack a run into one verified NAME.aptrun.tar.zst."""
-    from aptbundle.archive import pack as do_pack
+    from aptbundle.archive.writer import pack as do_pack
 
     with progress("packing", quiet) as cb:
         res = do_pack(run_dir, output, level=level, threads=threads, checkpoints=which, progress=cb, dense=dense)
@@ -178,7 +112,7 @@ def pack(run_dir: str, output: str | None, level: int | None, threads: int, whic
 @quiet_opt
 def unpack(archive: str, dest: str, expect_digest: str | None, as_json: bool, quiet: bool) -> None:
     """Unpack an archive into DEST/NAME, verifying every byte before it appears."""
-    from aptbundle.archive import unpack as do_unpack
+    from aptbundle.archive.extract import unpack as do_unpack
 
     with progress("unpacking", quiet) as cb:
         path = do_unpack(archive, dest, expect_digest=expect_digest, progress=cb)
@@ -190,7 +124,7 @@ def unpack(archive: str, dest: str, expect_digest: str | None, as_json: bool, qu
 @json_opt
 def inspect(path: str, as_json: bool) -> None:
     """Show a run's or an archive's manifest: checkpoints, history, sizes, a loss plot."""
-    from aptbundle.inspect import describe, render
+    from aptbundle.commands.overview import describe
 
     info = describe(path)
     emit(as_json, info, render(info))
@@ -209,7 +143,7 @@ def inspect(path: str, as_json: bool) -> None:
 def resume(run_dir: str | None, which: str, epochs: int | None, stop_at_step: int | None, device: str,
            data: str | None, allow_data_change: bool, as_json: bool, quiet: bool) -> None:
     """Continue a run where it stopped (default: the run here or in ./outputs)."""
-    from aptbundle.resume import resume as do_resume
+    from aptbundle.commands.resume import resume as do_resume
 
     res = do_resume(run_dir, which=which, epochs=epochs, stop_at_step=stop_at_step, device=device, data=data,
                     allow_data_change=allow_data_change, quiet=quiet)

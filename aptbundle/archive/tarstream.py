@@ -14,7 +14,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
-from aptbundle.errors import ArchiveError
+from aptbundle.ground.errors import ArchiveError
 
 BLOCK = 512
 RECORD = 20 * BLOCK  # what GNU tar pads the end of an archive to
@@ -120,7 +120,9 @@ class TarReader:
         self._read = read_exact  # read_exact(n) -> bytes of length n or raises ArchiveError
         self._some = read_some or read_exact  # read_some(n) -> 1..n bytes
         self.offset = 0
-        self._pending = 0  # data + padding of the current member not yet consumed
+        self._pending = 0  # data + padding of the current member
+        self._size = 0  # data bytes of the current member
+        self._left = 0  # data bytes of the current member not yet read
 
     def _block(self) -> bytes:
         b = self._read(BLOCK)
@@ -130,7 +132,7 @@ class TarReader:
     def next(self) -> Member | None:
         """The next member's header, or None at the end-of-archive marker."""
         if self._pending:
-            raise ArchiveError("internal: previous member data not consumed")
+            self.end_member()
         pax: dict[str, str] = {}
         longname: str | None = None
         while True:
@@ -191,23 +193,26 @@ class TarReader:
                 if size:
                     raise ArchiveError(f"{self.shown}: member {name!r} is a folder with {size} bytes of data")
                 name = name[:-1] if name.endswith("/") else name
-            self._pending = size + _pad(size)
+            self._pending, self._size, self._left = size + _pad(size), size, size
             return Member(name, kind, size, pax)
 
-    def consume(self, sink, hasher, size: int, chunk: int) -> None:
-        """Feed exactly the current member's data to ``hasher`` (and ``sink`` if given)."""
-        left = size
-        while left:
-            b = self._some(min(chunk, left))
-            left -= len(b)
-            hasher.update(b)
-            if sink is not None:
-                sink.write(b)
-        pad = self._pending - size
+    def read_data(self, n: int) -> bytes:
+        """Up to ``n`` bytes of the current member's data; b"" once all of it was read."""
+        if not self._left:
+            return b""
+        b = self._some(min(n, self._left))
+        self._left -= len(b)
+        return b
+
+    def end_member(self, chunk: int = 1 << 20) -> None:
+        """Skip what is left of the current member's data and its padding."""
+        while self.read_data(chunk):
+            pass
+        pad = self._pending - self._size
         if pad:
             self._read(pad)
         self.offset += self._pending
-        self._pending = 0
+        self._pending = self._size = 0
 
 
 def _parse_pax(data: bytes, where: str) -> dict[str, str]:

@@ -1,9 +1,11 @@
-"""``aptbundle resume``: find the run, check it, find its trainer, continue it.
+"""``aptbundle resume``: find the run, verify the checkpoint once, hand it to the run's trainer.
 
 The trainer is looked up by the name the manifest records among the registered entry points of
-group ``aptbundle.trainers``; a manifest never names a module to import. Before the trainer
-loads anything, the checkpoint to resume from is rehashed and every pickled or safetensors file
-of the run is scanned statically.
+group ``aptbundle.trainers``; a manifest never names a module to import. Everything happens
+under the run's writer lock: a run another trainer is writing is refused at once ("is being
+written by process N"), never misread while it changes. The checkpoint is resolved and
+verified (hashed and scanned) here, once, and the ``VerifiedCheckpoint`` is passed to the
+trainer, which loads it without reading it again.
 """
 
 from __future__ import annotations
@@ -12,9 +14,9 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, Callable
 
-from aptbundle.errors import ResumeError, VerifyError
-from aptbundle.run import Run
-from aptbundle.scan import unsafe_problems
+from aptbundle.format.run import Run
+from aptbundle.format.verify import verify_checkpoint
+from aptbundle.ground.errors import ResumeError
 
 GROUP = "aptbundle.trainers"
 
@@ -64,23 +66,16 @@ def find_trainer(name: str | None, run_name: str) -> Callable[..., Any]:
     return eps[name].load()
 
 
-def check_before_load(run: Run, which: str) -> str:
-    """Rehash the checkpoint ``which`` and scan every pickle/safetensors file of the run."""
-    entry = run.resolve_checkpoint(which)
-    files = [f.path for f in run.files_under(entry.folder)]
-    problems = run.verify(only=files) + unsafe_problems(run.path, [f.path for f in run.manifest.files])
-    if problems:
-        raise VerifyError(problems, what=f"{run.name} (not resumed)")
-    return entry.name
+def resume(run_dir: str | Path | None = None, *, which: str = "latest", **options: Any) -> Any:
+    """Continue a run with its registered trainer; returns what the trainer returns.
 
-
-def resume(run_dir: str | Path | None = None, *, which: str = "latest", epochs: int | None = None,
-           stop_at_step: int | None = None, device: str = "auto", data: str | Path | None = None,
-           allow_data_change: bool = False, quiet: bool = False) -> Any:
-    """Continue a run with its registered trainer; returns what the trainer returns."""
-    path = find_run(run_dir)
-    run = Run.open(path)
+    ``options`` go to the trainer (``epochs``, ``stop_at_step``, ``device``, ``data``,
+    ``allow_data_change``, ``quiet``); it also receives ``checkpoint``, the verified checkpoint
+    (None for a run killed before its first one, which the trainer starts again).
+    """
+    run = Run.open(find_run(run_dir))
     fn = find_trainer(run.manifest.trainer, run.name)
-    check_before_load(run, which)
-    return fn(path, which=which, epochs=epochs, stop_at_step=stop_at_step, device=device, data=data,
-              allow_data_change=allow_data_change, quiet=quiet)
+    with run.writer():
+        fresh = which == "latest" and run.latest is None
+        checkpoint = None if fresh else verify_checkpoint(run, which)
+        return fn(run.path, which=which, checkpoint=checkpoint, **options)

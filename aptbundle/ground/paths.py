@@ -12,7 +12,7 @@ import re
 import unicodedata
 from typing import Iterable
 
-from aptbundle.errors import UnsafePathError
+from aptbundle.ground.errors import UnsafePathError
 
 MAX_COMPONENT_BYTES = 255
 MAX_PATH_BYTES = 4096

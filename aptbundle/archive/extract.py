@@ -1,0 +1,91 @@
+"""Unpacking and verifying an archive: two short loops over the one ``ArchiveReader``.
+
+``unpack`` writes every listed file itself (exclusive create, fixed mode 0644, no links
+followed) into a fresh temporary folder beside ``DEST/NAME`` while hashing and scanning it,
+and renames the folder into place only when every byte checked out; on any problem nothing is
+left behind, not even a ``DEST`` it had to create. ``verify_archive`` runs the same checks and
+writes nothing at all: pickles are scanned as they stream.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable
+
+from aptbundle.archive.reader import ArchiveReader
+from aptbundle.format.manifest import MANIFEST_NAME, Manifest
+from aptbundle.ground import temporaries
+from aptbundle.ground.errors import ArchiveError, ManifestError, UnsafePathError, VerifyError
+from aptbundle.ground.fsutil import Progress, fsync_dir
+from aptbundle.ground.problems import Problem, Report
+
+_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
+
+
+def unpack(archive: str | Path, dest: str | Path = ".", *, expect_digest: str | None = None,
+           progress: Progress | None = None, on_manifest: Callable[[Manifest], None] | None = None) -> Path:
+    """Unpack an archive into ``DEST/NAME`` safely; return that path.
+
+    >>> # unpack("run1.aptrun.tar.zst", "elsewhere")
+    PosixPath('elsewhere/run1')
+    """
+    dest = Path(dest)
+    made = [d for d in [dest, *dest.parents] if not d.exists()]
+    dest.mkdir(parents=True, exist_ok=True)
+    try:
+        with ArchiveReader(archive, progress=progress, expect_digest=expect_digest) as ar:
+            final = dest / ar.name
+            if final.exists() or final.is_symlink():
+                raise ArchiveError(f"{final}: already exists; remove it or unpack with -C into another folder")
+            temporaries.clean_stale(dest, ar.name)
+            if on_manifest:
+                on_manifest(ar.manifest)
+            with temporaries.temp_dir(dest, ar.name) as tmp:
+                _write(tmp / MANIFEST_NAME, ar.manifest_bytes)
+                problems: list[Problem] = []
+                for m in ar.members():
+                    target = tmp / m.rel
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    with open(os.open(target, _CREATE, 0o644), "wb") as out:
+                        problems += m.check(taps=[out.write])
+                problems += ar.problems
+                if problems:
+                    raise VerifyError(problems, what=f"{ar.shown} (not unpacked)")
+                if final.exists():
+                    raise ArchiveError(f"{final}: appeared while unpacking; nothing was changed")
+                os.rename(tmp, final)
+        fsync_dir(dest)
+        return final
+    except BaseException:
+        for d in made:  # leave DEST as it was found: remove the folders this unpack created
+            try:
+                d.rmdir()
+            except OSError:
+                break
+        raise
+
+
+def _write(path: Path, data: bytes) -> None:
+    with open(os.open(path, _CREATE, 0o644), "wb") as f:
+        f.write(data)
+
+
+def verify_archive(path: str | Path, progress: Progress | None = None) -> Report:
+    """Check an archive as a stream, writing nothing to disk; a ``Report`` of every problem.
+
+    >>> # verify_archive("run1.aptrun.tar.zst").ok
+    """
+    rep = Report(str(path), "archive")
+    shown = Path(str(path)).name if "://" not in str(path) else str(path).rsplit("/", 1)[-1]
+    try:
+        with ArchiveReader(path, progress=progress) as ar:
+            man = ar.manifest
+            rep.files, rep.size, rep.digest = len(man.files), man.total_size(), man.digest()
+            for m in ar.members():
+                rep.problems += m.check()
+            rep.problems += ar.problems
+    except (ArchiveError, ManifestError, UnsafePathError) as e:
+        rep.problems.append(Problem(shown, "archive", "a valid aptbundle archive", str(e)))
+    rep.problems.sort(key=lambda p: p.path)
+    return rep

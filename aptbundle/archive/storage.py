@@ -1,0 +1,59 @@
+"""Where archives live: local paths and fsspec URLs, opened for streaming reads and writes.
+
+A local archive is written under a temporary name in its folder (``temporaries``) and renamed
+into place; a URL (``s3://bucket/run1.aptrun.tar.zst``) is read and written through fsspec, an
+upload becoming visible only when it completes.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import BinaryIO
+
+from aptbundle.ground.errors import ArchiveError
+
+SUFFIX = ".aptrun.tar.zst"
+CHUNK = 1 << 20
+
+
+def is_remote(path: str | Path) -> bool:
+    """True for a URL such as ``s3://bucket/run1.aptrun.tar.zst`` (read and written via fsspec)."""
+    return "://" in str(path)
+
+
+def remote_fs(url: str):
+    """``(filesystem, path)`` for a URL, or a clear error naming the package to install."""
+    try:
+        import fsspec
+
+        return fsspec.url_to_fs(url)
+    except ImportError as e:
+        raise ArchiveError(f"{url}: remote archives need fsspec and the backend for this URL ({e.name or e});"
+                           " install them with `pip install aptbundle[s3]`") from None
+    except ValueError as e:
+        raise ArchiveError(f"{url}: not a usable URL ({e})") from None
+
+
+def archive_name(run_name: str) -> str:
+    """``run1`` -> ``run1.aptrun.tar.zst``."""
+    return run_name + SUFFIX
+
+
+def open_source(path: str | Path) -> tuple[BinaryIO, str, int]:
+    """The archive opened for streaming (a local file or a remote object), its name, its size."""
+    if is_remote(path):
+        fs, rpath = remote_fs(str(path))
+        try:
+            size = fs.size(rpath)
+            return fs.open(rpath, "rb", block_size=8 << 20, cache_type="readahead"), str(path).rsplit("/", 1)[-1], size
+        except FileNotFoundError:
+            raise ArchiveError(f"{path}: no such remote archive; check the URL") from None
+    p = Path(path)
+    if p.is_dir():
+        raise ArchiveError(f"{path}: is a folder; expected a {SUFFIX} file")
+    try:
+        f = open(p, "rb")
+    except FileNotFoundError:
+        raise ArchiveError(f"{path}: no such archive; check the path") from None
+    return f, p.name, os.fstat(f.fileno()).st_size

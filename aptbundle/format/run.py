@@ -1,0 +1,258 @@
+"""A run directory: create or open it, list its checkpoints, write into it, clean up after a crash.
+
+The manifest (``aptrun.json``) is the commit point. Files are written atomically first; only
+then does the manifest list them (``Run.save_manifest``, under the commit lock). Checking a run
+against its manifest is ``verify``'s job; keeping writers apart is ``lock``'s.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import platform
+import shutil
+import stat
+import sys
+import uuid
+from pathlib import Path
+
+from aptbundle.format.manifest import MANIFEST_NAME, CheckpointEntry, FileEntry, Manifest, load_manifest
+from aptbundle.ground import lock, temporaries
+from aptbundle.ground.errors import RunError, UnsafePathError
+from aptbundle.ground.fsutil import Progress, atomic_write_bytes, hash_file
+from aptbundle.ground.paths import check_collisions, check_name, normalize_relpath
+from aptbundle.ground.problems import Problem
+
+CHECKPOINTS = "checkpoints"
+
+
+def now_iso() -> str:
+    """UTC time stamp, second precision, ISO 8601."""
+    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+def environment_info(device: str | None = None) -> dict:
+    """Versions and hardware a run is written on. Never imports torch itself."""
+    env = {
+        "python": platform.python_version(),
+        "platform": f"{platform.system()}-{platform.machine()}",
+        "aptbundle": __import__("aptbundle").__version__,
+    }
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        env["torch"] = torch.__version__
+        env["threads"] = torch.get_num_threads()
+    if device is not None:
+        env["device"] = device
+    return env
+
+
+def is_ignored(rel: str) -> bool:
+    """The manifest, the lock files and work in progress are never part of a run's listing."""
+    return rel == MANIFEST_NAME or lock.is_lock_name(rel) or any(
+        temporaries.is_temp_name(c) for c in rel.split("/"))
+
+
+def walk_files(root: Path) -> tuple[list[str], list[Problem]]:
+    """Relative POSIX paths of the regular files below ``root`` and problems with the rest.
+
+    Symbolic links, devices, FIFOs and unportable names are problems; aptbundle's own lock and
+    temporary names are skipped.
+    """
+    files: list[str] = []
+    problems: list[Problem] = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        base = Path(dirpath)
+        rel_base = base.relative_to(root).as_posix()
+        for d in list(dirnames):
+            rel = d if rel_base == "." else f"{rel_base}/{d}"
+            if temporaries.is_temp_name(d):
+                dirnames.remove(d)
+            elif (base / d).is_symlink():
+                dirnames.remove(d)
+                problems.append(Problem(rel, "type", "a regular file or folder", "a symbolic link"))
+        for name in filenames:
+            rel = name if rel_base == "." else f"{rel_base}/{name}"
+            if is_ignored(rel):
+                continue
+            st = os.lstat(base / name)
+            if not stat.S_ISREG(st.st_mode):
+                kind = "a symbolic link" if stat.S_ISLNK(st.st_mode) else "a special file"
+                problems.append(Problem(rel, "type", "a regular file", kind))
+                continue
+            try:
+                files.append(normalize_relpath(rel, what="file"))
+            except UnsafePathError as e:
+                problems.append(Problem(rel, "unsafe", "a portable name", str(e)))
+    files.sort()
+    return files, problems
+
+
+class Run:
+    """An aptbundle run directory.
+
+    >>> # run = Run.open("outputs/run1"); run.latest.name
+    """
+
+    def __init__(self, path: Path, manifest: Manifest):
+        self.path = Path(path)
+        self.manifest = manifest
+
+    # -- opening -----------------------------------------------------------------------------
+    @classmethod
+    def open(cls, path: str | Path) -> "Run":
+        """Open an existing run; ``ManifestError`` if ``path`` holds no valid manifest."""
+        p = Path(path)
+        if not p.is_dir():
+            raise RunError(f"{path}: no such run folder; expected a folder holding {MANIFEST_NAME}")
+        return cls(p, load_manifest(p))
+
+    @classmethod
+    def create(cls, path: str | Path, *, trainer: str | None = None, name: str | None = None) -> "Run":
+        """Create a new empty run at ``path`` (its folder name is the run's name)."""
+        p = Path(path)
+        name = check_name(name or p.resolve().name)
+        if (p / MANIFEST_NAME).exists():
+            raise RunError(f"{p}: already a run; open it instead of creating it")
+        p.mkdir(parents=True, exist_ok=True)
+        t = now_iso()
+        run = cls(p, Manifest(name=name, run_id=uuid.uuid4().hex, trainer=trainer,
+                              created_at=t, updated_at=t, environment=environment_info()))
+        run.save_manifest()
+        return run
+
+    @staticmethod
+    def is_run(path: str | Path) -> bool:
+        """True when ``path`` holds a manifest."""
+        return (Path(path) / MANIFEST_NAME).is_file()
+
+    def reload(self) -> None:
+        """Read the manifest again (another process may have committed)."""
+        self.manifest = load_manifest(self.path)
+
+    # -- locks -------------------------------------------------------------------------------
+    def writer(self):
+        """The writer lock: one training session (or adoption) at a time."""
+        return lock.writer(self.path)
+
+    lock = writer  # the name of 0.1
+
+    def reading(self):
+        """The commit lock, shared: the run does not change until the block ends."""
+        return lock.reading(self.path)
+
+    def committing(self):
+        """The commit lock, exclusive: readers wait until the commit is complete."""
+        return lock.committing(self.path)
+
+    # -- views -------------------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self.manifest.name
+
+    @property
+    def checkpoints(self) -> list[CheckpointEntry]:
+        """Checkpoints in step order."""
+        return list(self.manifest.checkpoints)
+
+    @property
+    def latest(self) -> CheckpointEntry | None:
+        return self.manifest.checkpoint(self.manifest.latest) if self.manifest.latest else None
+
+    @property
+    def best(self) -> CheckpointEntry | None:
+        return self.manifest.checkpoint(self.manifest.best.name) if self.manifest.best else None
+
+    def resolve_checkpoint(self, which: str = "latest") -> CheckpointEntry:
+        """``latest``, ``best`` or a checkpoint name (``step-00000500``) -> its entry."""
+        if which == "latest":
+            entry = self.latest
+        elif which == "best":
+            entry = self.best
+        else:
+            entry = self.manifest.checkpoint(Path(which).name)
+        if entry is None:
+            have = ", ".join(c.name for c in self.checkpoints) or "none"
+            raise RunError(
+                f"{self.name}: no checkpoint {which!r} in the manifest (checkpoints: {have});"
+                " choose latest, best or one of those names"
+            )
+        return entry
+
+    def checkpoint_dir(self, name: str) -> Path:
+        """The folder of checkpoint ``name`` (``checkpoints/NAME`` unless the manifest says otherwise)."""
+        entry = self.manifest.checkpoint(name)
+        return self.path / (entry.folder if entry else f"{CHECKPOINTS}/{name}")
+
+    def files_under(self, prefix: str) -> list[FileEntry]:
+        """Manifest entries inside the folder ``prefix``."""
+        pre = prefix.rstrip("/") + "/"
+        return [f for f in self.manifest.files if f.path.startswith(pre)]
+
+    def run_files(self) -> list[FileEntry]:
+        """Manifest entries outside every checkpoint folder (config, tokenizer, data, logs)."""
+        folders = tuple(c.folder + "/" for c in self.manifest.checkpoints)
+        return [f for f in self.manifest.files if not f.path.startswith(folders)]
+
+    # -- writing (callers hold the writer lock; the manifest is saved under the commit lock) ---
+    def record_file(self, rel: str, progress: Progress | None = None) -> FileEntry:
+        """Hash a file already in the run and list it in the in-memory manifest."""
+        rel = normalize_relpath(rel, what="file")
+        size, sha = hash_file(self.path / rel, progress)
+        entry = FileEntry(rel, size, sha)
+        files = [f for f in self.manifest.files if f.path != rel] + [entry]
+        check_collisions([f.path for f in files], what="file")
+        self.manifest.files = sorted(files, key=lambda f: f.path)
+        return entry
+
+    def write_file(self, rel: str, data: bytes) -> FileEntry:
+        """Atomically write ``data`` to ``rel`` and list it (the manifest is saved by the caller)."""
+        rel = normalize_relpath(rel, what="file")
+        target = self.path / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(target, data)
+        return self.record_file(rel)
+
+    def forget_prefix(self, prefix: str) -> None:
+        """Drop every manifest entry under the folder ``prefix`` (files are not touched)."""
+        pre = prefix.rstrip("/") + "/"
+        self.manifest.files = [f for f in self.manifest.files if not f.path.startswith(pre)]
+
+    def save_manifest(self) -> None:
+        """Atomically write the manifest: the commit point of every change."""
+        self.manifest.updated_at = now_iso()
+        atomic_write_bytes(self.path / MANIFEST_NAME, self.manifest.to_bytes())
+
+    def start_session(self, **info) -> dict:
+        """Append a history entry for a training session (saved with the next commit)."""
+        entry = {"started_at": now_iso(), **info}
+        self.manifest.history.append(entry)
+        return entry
+
+    # -- crash recovery ------------------------------------------------------------------------
+    def recover(self) -> list[str]:
+        """Remove what an interrupted writer left: its temporaries and unlisted checkpoint folders.
+
+        Call only while holding the writer lock. A temporary of a live process (a ``pack``
+        reading the run) is left alone. Returns the relative paths removed.
+        """
+        removed = []
+        for dirpath, dirnames, filenames in os.walk(self.path, followlinks=False):
+            for n in list(dirnames) + filenames:
+                if temporaries.is_temp_name(n) and (temporaries.owner(n) is None or temporaries.is_stale(n)):
+                    full = Path(dirpath) / n
+                    temporaries.remove(full)
+                    removed.append(full.relative_to(self.path).as_posix())
+                if n in dirnames and temporaries.is_temp_name(n):
+                    dirnames.remove(n)
+        listed = {c.name for c in self.manifest.checkpoints}
+        owned = {f.path.split("/")[1] for f in self.files_under(CHECKPOINTS) if f.path.count("/") >= 2}
+        ck = self.path / CHECKPOINTS
+        if ck.is_dir():
+            for d in ck.iterdir():
+                if d.is_dir() and not d.is_symlink() and d.name not in listed and d.name not in owned \
+                        and not temporaries.is_temp_name(d.name):
+                    shutil.rmtree(d)
+                    removed.append(d.relative_to(self.path).as_posix())
+        return removed
+

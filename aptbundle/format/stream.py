@@ -1,0 +1,116 @@
+"""One file's bytes, read once: hashed, copied and scanned in the same pass.
+
+``Stream`` pulls large blocks from a source (a file on disk, a member of an archive) and hands
+each block to its taps (SHA-256, the file being unpacked, a progress bar) exactly once, in
+order. Parsers (the pickle, zip and safetensors checks of ``scan``) read what they need from
+its buffer with small reads, peeks and skips without a second pass over the data; ``drain``
+then pulls the rest through the taps. Memory stays at one block plus what a parser asks for.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from aptbundle.ground.fsutil import BLOCK
+
+RawRead = Callable[[int], bytes]  # returns 1..n bytes, or b"" at the end
+
+
+class Stream:
+    """At most ``size`` bytes of ``raw``; ``taps`` see every byte once, as it is pulled."""
+
+    def __init__(self, raw: RawRead, size: int, taps: list[Callable[[memoryview], None]] | None = None):
+        self._raw = raw
+        self.size = size
+        self.taps = list(taps or [])
+        self._buf = bytearray()
+        self._pos = 0  # read position inside _buf
+        self.pulled = 0  # bytes taken from the source
+        self.short = False  # the source ended before ``size`` bytes
+        self.grew = False  # the source had more than ``size`` bytes (checked by ``drain``)
+
+    # -- the source side -------------------------------------------------------------------
+    def _pull(self) -> bool:
+        """Append one more block to the buffer; False at the end."""
+        left = self.size - self.pulled
+        if left <= 0:
+            return False
+        b = self._raw(min(BLOCK, left))
+        if not b:
+            self.short = True
+            return False
+        self.pulled += len(b)
+        view = memoryview(b)
+        for tap in self.taps:
+            tap(view)
+        if self._pos:
+            del self._buf[:self._pos]
+            self._pos = 0
+        self._buf += b
+        return True
+
+    def _have(self, n: int) -> int:
+        while len(self._buf) - self._pos < n and self._pull():
+            pass
+        return len(self._buf) - self._pos
+
+    # -- the parser side -------------------------------------------------------------------
+    def tell(self) -> int:
+        """Bytes consumed by parsers so far (the offset of the next read)."""
+        return self.pulled - (len(self._buf) - self._pos)
+
+    def peek(self, n: int) -> bytes:
+        """Up to ``n`` next bytes, without consuming them."""
+        have = self._have(n)
+        return bytes(self._buf[self._pos:self._pos + min(n, have)])
+
+    def read(self, n: int = -1) -> bytes:
+        """Up to ``n`` bytes (fewer only at the end)."""
+        if n is None or n < 0:
+            n = self.size
+        have = self._have(n)
+        out = bytes(self._buf[self._pos:self._pos + min(n, have)])
+        self._pos += len(out)
+        return out
+
+    def readline(self) -> bytes:
+        """Bytes up to and including the next newline (for text opcodes of a pickle)."""
+        parts = []
+        while True:
+            have = self._have(1)
+            if not have:
+                return b"".join(parts)
+            i = self._buf.find(b"\n", self._pos)
+            if i >= 0:
+                parts.append(bytes(self._buf[self._pos:i + 1]))
+                self._pos = i + 1
+                return b"".join(parts)
+            parts.append(bytes(self._buf[self._pos:]))
+            self._pos = len(self._buf)
+            if sum(map(len, parts)) > (1 << 20):
+                return b"".join(parts)  # a text line this long is not a pickle's: let the parser refuse it
+
+    def skip(self, n: int) -> int:
+        """Consume up to ``n`` bytes without keeping them; returns how many were skipped."""
+        done = 0
+        while done < n:
+            have = len(self._buf) - self._pos
+            if not have:
+                self._buf.clear()
+                self._pos = 0
+                if not self._pull():
+                    break
+                continue
+            take = min(have, n - done)
+            self._pos += take
+            done += take
+        return done
+
+    def drain(self) -> None:
+        """Pull the rest of the ``size`` bytes through the taps, then see whether the source grew."""
+        self._buf.clear()
+        self._pos = 0
+        while self._pull():
+            self._buf.clear()
+        if not self.short and self.pulled == self.size:
+            self.grew = bool(self._raw(1))

@@ -1,0 +1,175 @@
+"""The one verifier: a run, one checkpoint of it, or one file, against the manifest.
+
+Each file is read once: the same pass hashes it and, where its kind can hide code (pickles,
+safetensors headers, DCP metadata), scans it (``scan``). ``verify_run`` checks a whole run
+(every listed file, and no file that is not listed) or one checkpoint (its files and the run's
+own files: config, tokenizer, data); it holds the run's commit lock, shared, so a trainer's
+commit is never seen half done. ``verify_checkpoint`` is the boundary of every load: it
+resolves ``latest``/``best``/a name, verifies, and returns a ``VerifiedCheckpoint`` that loaders
+take instead of verifying again. Archives are checked member by member with ``check_stream``
+by the archive reader.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from aptbundle.format.manifest import CheckpointEntry, FileEntry
+from aptbundle.format.run import Run, walk_files
+from aptbundle.format.scan import needs_scan, scan_stream, unsafe
+from aptbundle.format.stream import RawRead, Stream
+from aptbundle.ground.errors import ArchiveError, CheckpointError, UnsafeContentError, VerifyError
+from aptbundle.ground.fsutil import Progress, announce_total
+from aptbundle.ground.problems import Problem, Report
+
+
+def scan_verdict(stream: Stream, rel: str) -> Problem | None:
+    """The scan's problem with the file ``rel`` being read from ``stream``, or None."""
+    if not needs_scan(rel):
+        return None
+    try:
+        scan_stream(stream, rel)
+    except UnsafeContentError as e:
+        return unsafe(rel, e)
+    except (ArchiveError, OSError):
+        raise
+    except Exception as e:  # a malformed file the parsers did not foresee: refuse, never crash
+        return unsafe(rel, UnsafeContentError(f"{rel}: cannot be parsed ({type(e).__name__}); the file is"
+                                              " damaged or crafted. Do not load it"))
+    return None
+
+
+def check_stream(raw: RawRead, entry: FileEntry, *, scan: bool = True,
+                 taps: list[Callable[[memoryview], None]] | None = None) -> list[Problem]:
+    """Hash ``entry.size`` bytes of ``raw`` (and scan them) in one pass; the problems found.
+
+    ``taps`` also see every byte (the file being unpacked, a progress bar). A size or hash
+    mismatch is the only problem reported for a file: its content is not the listed one.
+    """
+    h = hashlib.sha256()
+    stream = Stream(raw, entry.size, [h.update, *(taps or [])])
+    found = scan_verdict(stream, entry.path) if scan else None
+    stream.drain()
+    if stream.short:
+        return [Problem(entry.path, "size", f"{entry.size} bytes", f"{stream.pulled} bytes")]
+    if stream.grew:
+        return [Problem(entry.path, "size", f"{entry.size} bytes", "more (the file grew)")]
+    sha = h.hexdigest()
+    if sha != entry.sha256:
+        return [Problem(entry.path, "hash", f"sha256 {entry.sha256[:16]}…", f"sha256 {sha[:16]}…")]
+    return [found] if found else []
+
+
+def check_file(root: Path, entry: FileEntry, *, scan: bool = True, quick: bool = False,
+               progress: Progress | None = None) -> list[Problem]:
+    """``check_stream`` on the file ``root/entry.path``, after cheap checks of its kind and size
+    (``quick``: only those)."""
+    full = root / entry.path
+    try:
+        st = os.lstat(full)
+    except (FileNotFoundError, NotADirectoryError):
+        return [Problem(entry.path, "missing", f"{entry.size} bytes", "no such file")]
+    if not stat.S_ISREG(st.st_mode):
+        return [Problem(entry.path, "type", "a regular file", "a link or special file")]
+    if st.st_size != entry.size:
+        if progress:
+            progress(entry.size)
+        return [Problem(entry.path, "size", f"{entry.size} bytes", f"{st.st_size} bytes")]
+    if quick:
+        return []
+    with open(full, "rb", buffering=0) as f:
+        return check_stream(f.read, entry, scan=scan, taps=[lambda b: progress(len(b))] if progress else None)
+
+
+def hash_and_scan(root: Path, rel: str) -> tuple[FileEntry, Problem | None]:
+    """Size and SHA-256 of a file not yet listed, and the scan's verdict, in one pass."""
+    full = root / rel
+    size = os.lstat(full).st_size
+    h = hashlib.sha256()
+    with open(full, "rb", buffering=0) as f:
+        stream = Stream(f.read, size, [h.update])
+        found = scan_verdict(stream, rel)
+        stream.drain()
+    return FileEntry(rel, stream.pulled, h.hexdigest()), found
+
+
+def verify_run(run: Run, *, checkpoint: CheckpointEntry | None = None, only: list[str] | None = None,
+               scan: bool = True, quick: bool = False, progress: Progress | None = None) -> Report:
+    """Verify the run; every problem at once.
+
+    By default every listed file, and no file that is not listed. ``checkpoint``: only its
+    files and the run's own (config, tokenizer, data, logs). ``only``: only those listed paths
+    (a path the manifest does not list is a problem). ``quick``: presence, kind and size only,
+    no byte read (the cheap gate before a long job).
+
+    >>> # verify_run(Run.open("outputs/run1")).ok
+    """
+    with run.reading():
+        run.reload()
+        if only is not None:
+            listed = run.manifest.file_map()
+            entries = [listed[p] for p in only if p in listed]
+            problems = [Problem(p, "missing", "a file listed in the manifest", "not listed") for p in only
+                        if p not in listed]
+        elif checkpoint is not None:
+            checkpoint = run.resolve_checkpoint(checkpoint.name)
+            entries = run.files_under(checkpoint.folder)
+            if not entries:
+                raise CheckpointError(f"{run.name}: checkpoint {checkpoint.name} lists no files in the manifest")
+            entries += run.run_files()
+            problems: list[Problem] = []
+        else:
+            entries = list(run.manifest.files)
+            on_disk, problems = walk_files(run.path)
+            listed = run.manifest.file_map()
+            problems += [Problem(p, "extra", "no such file (not in the manifest)", "a file on disk")
+                         for p in on_disk if p not in listed]
+        rep = Report(str(run.path), "run" if checkpoint is None else "checkpoint", len(entries),
+                     sum(f.size for f in entries), run.manifest.digest())
+        announce_total(progress, rep.size)
+        for entry in entries:
+            problems += check_file(run.path, entry, scan=scan, quick=quick, progress=progress)
+    rep.problems = sorted(problems, key=lambda p: p.path)
+    return rep
+
+
+@dataclass(frozen=True)
+class VerifiedCheckpoint:
+    """A checkpoint whose files (and the run's own files) matched the manifest and passed the scan.
+
+    Loaders take this instead of a name, so what was verified is what is loaded.
+    """
+
+    run: Run
+    entry: CheckpointEntry
+    files: tuple[FileEntry, ...]
+
+    @property
+    def folder(self) -> Path:
+        return self.run.path / self.entry.folder
+
+    @property
+    def name(self) -> str:
+        return self.entry.name
+
+    def has(self, name: str) -> bool:
+        """True if the checkpoint lists the file ``name`` (relative to its folder)."""
+        return any(f.path == f"{self.entry.folder}/{name}" for f in self.files)
+
+
+def verify_checkpoint(run: Run, which: str = "latest", *, progress: Progress | None = None) -> VerifiedCheckpoint:
+    """Resolve ``which`` and verify it; ``VerifyError`` naming every problem, else the proof.
+
+    >>> # ckpt = verify_checkpoint(Run.open("outputs/run1"), "latest"); ckpt.name
+    """
+    entry = run.resolve_checkpoint(which)
+    rep = verify_run(run, checkpoint=entry, progress=progress)
+    if not rep.ok:
+        raise VerifyError(rep.problems, what=f"checkpoint {entry.name} of {run.name}")
+    entry = run.resolve_checkpoint(entry.name)
+    return VerifiedCheckpoint(run, entry, tuple(run.files_under(entry.folder)))

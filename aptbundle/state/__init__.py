@@ -1,0 +1,1 @@
+"""State: saving and restoring complete training state inside a run (the checkpointer)."""
