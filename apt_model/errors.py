@@ -10,7 +10,7 @@ class APTError(AptBundleError):
     """Base of every error apt_model raises for a problem with the user's input or data."""
 
 
-class ConfigError(APTError, ValueError):
+class ConfigError(APTError):
     """A config value is out of range or of the wrong type."""
 
 

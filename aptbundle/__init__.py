@@ -14,8 +14,7 @@ codec, reader, writer) and ``commands`` (resume, the command line).
 from __future__ import annotations
 
 import importlib
-import importlib.abc
-import importlib.util
+import importlib.machinery
 import sys
 
 __version__ = "0.2.0"
@@ -50,13 +49,14 @@ _MOVED = {
 }
 
 
-class _Moved(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """Serves ``aptbundle.run`` and friends as the modules that now hold their code."""
+class _Moved:
+    """Serves ``aptbundle.run`` and friends as the modules that now hold their code (a finder and
+    loader for ``sys.meta_path``)."""
 
     def find_spec(self, fullname, path=None, target=None):
         head, _, tail = fullname.partition(".")
         if head == "aptbundle" and tail in _MOVED:
-            return importlib.util.spec_from_loader(fullname, self)
+            return importlib.machinery.ModuleSpec(fullname, self)
         return None
 
     def create_module(self, spec):

@@ -3,16 +3,18 @@
     python bench/bench_archive.py [--size 0.65] [--reps 3] [--small-files 0] [--dense]
 
 It builds a realistic run on the fly: a GPT-like model sized so that weights plus AdamW moments
-come to about ``--size`` GB, after a few real AdamW steps, saved with CheckpointManager with a
+come to about ``--size`` GB, after a few real AdamW steps, saved with the Checkpointer with a
 tokenizer and config. Then, on the same files and in the same process, it times:
 
   pack     aptbundle pack                vs  tar -cf - RUN | zstd -3 -T0 > x.tar.zst   (no hashing)
   unpack   aptbundle unpack (verifies)   vs  zstd -d -c x.tar.zst | tar -x ; sha256sum -c
   verify   aptbundle verify RUN          vs  sha256sum -c over the run's files
-  verify   aptbundle verify ARCHIVE      vs  the unpack baseline (the standard way to check one)
+  verify   aptbundle verify ARCHIVE      vs  zstd -d | tar -xO > /dev/null  (reading it, no check)
 
 and prints each median beside its baseline with the ratio, the archive sizes and each process's
 peak RSS. ``--small-files N`` adds a run of N small files to show per-file overhead.
+``--other DIR`` also times the same commands from another checkout of aptbundle (for example a
+``git worktree`` of the previous release), so a change is measured against what it replaces.
 """
 
 from __future__ import annotations
@@ -45,8 +47,7 @@ def make_model_run(root: Path, size_gb: float) -> Path:
     """A run whose checkpoint (weights + AdamW moments) is about ``size_gb`` GB."""
     import torch
 
-    from aptbundle.checkpoint import CheckpointManager
-    from aptbundle.run import Run
+    from aptbundle import Checkpointer, Run
 
     torch.manual_seed(0)
     d, vocab = 768, 8192
@@ -97,15 +98,15 @@ def make_model_run(root: Path, size_gb: float) -> Path:
     run.write_file("tokenizer/vocab.json", vocab_json)
     run.write_file("config.json", json.dumps({"d_model": d, "n_layers": layers, "vocab": vocab}).encode())
     run.save_manifest()
-    CheckpointManager(run).save(step=3, epoch=0, model=model, optimizer=opt, scheduler=sched,
-                                metrics={"loss": loss.item()})
+    Checkpointer(run, model=model, optimizer=opt, scheduler=sched).save(step=3, epoch=0,
+                                                                        metrics={"loss": loss.item()})
     print(f"built run: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {layers} layers,"
           f" {run.manifest.total_size() / 1e9:.2f} GB in {len(run.manifest.files)} files", file=sys.stderr)
     return run.path
 
 
 def make_small_files_run(root: Path, n: int) -> Path:  # no torch: fine in the measuring process
-    from aptbundle.run import Run
+    from aptbundle import Run
 
     run = Run.create(root / "smallrun", trainer=None)
     shard = run.path / "data" / "shards"
@@ -120,45 +121,67 @@ def make_small_files_run(root: Path, n: int) -> Path:  # no torch: fine in the m
 
 
 def sums_file(run: Path, dest: Path) -> Path:
-    from aptbundle.manifest import load_manifest
+    from aptbundle import load_manifest
 
     dest.write_text("".join(f"{f.sha256}  {f.path}\n" for f in load_manifest(run).files))
     return dest
 
 
-def bench_run(run: Path, work: Path, reps: int, dense: bool) -> list[tuple]:
+def _ours(work: Path, run: Path, ours: Path, extra: str, tag: str, other: str | None) -> dict[str, tuple]:
+    """One round of aptbundle's own commands (from ``other``'s checkout when given)."""
+    py = f"PYTHONPATH={other} {PY}" if other else PY
+    for d in (f"u{tag}",):
+        shutil.rmtree(work / d, ignore_errors=True)
+        (work / d).mkdir()
+    return {
+        "pack": timed(f"{py} -m aptbundle pack {run} -o {ours} -q{extra} > /dev/null"),
+        "unpack": timed(f"{py} -m aptbundle unpack {ours} -C {work / f'u{tag}'} -q > /dev/null"),
+        "vrun": timed(f"{py} -m aptbundle verify {run} -q > /dev/null"),
+        "varc": timed(f"{py} -m aptbundle verify {ours} -q > /dev/null"),
+    }
+
+
+def bench_run(run: Path, work: Path, reps: int, dense: bool, other: str | None = None) -> list[tuple]:
     name = run.name
     sums = sums_file(run, work / f"{name}.sha256")
     ours = work / f"{name}.aptrun.tar.zst"
     base = work / f"{name}.tar.zst"
     extra = " --dense" if dense else ""
-    results: dict[str, list] = {k: [] for k in ("pack", "pack_b", "unpack", "unpack_b", "vrun", "vrun_b", "varc")}
+    results: dict[str, list] = {}
     for _ in range(reps):
-        results["pack_b"].append(timed(f"tar -cf - -C {run.parent} {name} | zstd -3 -T0 -q -f -o {base}"))
-        results["pack"].append(timed(f"{PY} -m aptbundle pack {run} -o {ours} -q{extra} > /dev/null"))
-        for d in ("u_b", "u"):
-            shutil.rmtree(work / d, ignore_errors=True)
-            (work / d).mkdir()
-        results["unpack_b"].append(timed(
+        results.setdefault("pack_b", []).append(timed(f"tar -cf - -C {run.parent} {name} | zstd -3 -T0 -q -f -o {base}"))
+        shutil.rmtree(work / "u_b", ignore_errors=True)
+        (work / "u_b").mkdir()
+        results.setdefault("unpack_b", []).append(timed(
             f"zstd -d -c -q {base} | tar -x -C {work / 'u_b'} && cd {work / 'u_b' / name} && sha256sum -c --quiet {sums}"))
-        results["unpack"].append(timed(f"{PY} -m aptbundle unpack {ours} -C {work / 'u'} -q > /dev/null"))
-        results["vrun_b"].append(timed(f"cd {run} && sha256sum -c --quiet {sums}"))
-        results["vrun"].append(timed(f"{PY} -m aptbundle verify {run} -q > /dev/null"))
-        results["varc"].append(timed(f"{PY} -m aptbundle verify {ours} -q > /dev/null"))
+        results.setdefault("vrun_b", []).append(timed(f"cd {run} && sha256sum -c --quiet {sums}"))
+        for k, v in _ours(work, run, ours, extra, "", None).items():
+            results.setdefault(k, []).append(v)
+        results.setdefault("varc_b", []).append(timed(f"zstd -d -c -q {ours} | tar -xO > /dev/null"))
+        if other:
+            other_arc = work / f"other-{name}.aptrun.tar.zst"
+            for k, v in _ours(work, run, other_arc, extra, "o", other).items():
+                results.setdefault(f"{k}_o", []).append(v)
     med = {k: (statistics.median(t for t, _ in v), max(m for _, m in v)) for k, v in results.items()}
     size_ours, size_base = ours.stat().st_size, base.stat().st_size
     rows = [
-        ("pack" + (" --dense" if dense else ""), med["pack"], med["pack_b"], "tar | zstd -3 -T0"),
-        ("unpack + verify", med["unpack"], med["unpack_b"], "zstd -d | tar -x; sha256sum -c"),
-        ("verify run", med["vrun"], med["vrun_b"], "sha256sum -c"),
-        ("verify archive", med["varc"], med["unpack_b"], "zstd -d | tar -x; sha256sum -c"),
+        ("pack" + (" --dense" if dense else ""), "pack", "pack_b", "tar | zstd -3 -T0"),
+        ("unpack + verify", "unpack", "unpack_b", "zstd -d | tar -x; sha256sum -c"),
+        ("verify run", "vrun", "vrun_b", "sha256sum -c"),
+        ("verify archive", "varc", "varc_b", "zstd -d | tar -xO > /dev/null"),
     ]
     total = sum(f.stat().st_size for f in run.rglob("*") if f.is_file())
     print(f"\nrun {name}: {total / 1e6:.1f} MB; archive {size_ours / 1e6:.1f} MB vs tar|zstd -3 {size_base / 1e6:.1f} MB"
           f" (ratio {size_ours / size_base:.3f}); median of {reps}")
-    print(f"  {'operation':<18}{'aptbundle s':>12}{'baseline s':>12}{'ratio':>8}{'RSS MB':>9}{'base RSS':>10}  baseline")
-    for label, (t, m), (tb, mb), what in rows:
-        print(f"  {label:<18}{t:>12.2f}{tb:>12.2f}{t / tb:>8.2f}{m / 1e6:>9.0f}{mb / 1e6:>10.0f}  {what}")
+    head = f"  {'operation':<18}{'aptbundle s':>12}{'baseline s':>12}{'ratio':>8}{'RSS MB':>9}{'base RSS':>10}"
+    print(head + (f"{'other s':>9}{'ratio':>7}" if other else "") + "  baseline")
+    for label, k, kb, what in rows:
+        (t, m), (tb, mb) = med[k], med[kb]
+        line = f"  {label:<18}{t:>12.2f}{tb:>12.2f}{t / tb:>8.2f}{m / 1e6:>9.0f}{mb / 1e6:>10.0f}"
+        if other:
+            to = med[f"{k}_o"][0]
+            line += f"{to:>9.2f}{to / tb:>7.2f}"
+        print(line + f"  {what}")
     return rows
 
 
@@ -169,6 +192,7 @@ def main() -> int:
     ap.add_argument("--small-files", type=int, default=0, help="also bench a run of N small files")
     ap.add_argument("--dense", action="store_true", help="pack with the --dense float codec")
     ap.add_argument("--workdir", default=None, help="where to build the runs (default: a temp folder)")
+    ap.add_argument("--other", default=None, help="also time the commands of the aptbundle checkout in DIR")
     ap.add_argument("--build-only", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.build_only:  # runs in a child, so the measuring process never holds the model's memory
@@ -181,10 +205,10 @@ def main() -> int:
         work = Path(d)
         if args.size > 0:
             subprocess.run([PY, __file__, "--build-only", str(work), "--size", str(args.size)], check=True)
-            bench_run(work / "gptrun", work, args.reps, args.dense)
+            bench_run(work / "gptrun", work, args.reps, args.dense, args.other)
             shutil.rmtree(work / "gptrun")
         if args.small_files:
-            bench_run(make_small_files_run(work, args.small_files), work, args.reps, args.dense)
+            bench_run(make_small_files_run(work, args.small_files), work, args.reps, args.dense, args.other)
     return 0
 
 

@@ -3,7 +3,7 @@
     python bench/bench_trainer.py [--sizes tiny small] [--steps 30]
 
 For each preset it trains on the built-in corpus for a number of steps and reports tokens/s,
-then saves the full training state with CheckpointManager a few times and reports the
+then saves the full training state with the Checkpointer a few times and reports the
 checkpoint's size and the save time, beside the time of a bare ``torch.save`` of the same
 state dicts (the baseline: no safetensors, no hashing, no fsync, no manifest). Last, the training
 stall per checkpoint: how long the training thread waits in a synchronous save against a
@@ -23,8 +23,7 @@ from pathlib import Path
 
 import torch
 
-from aptbundle.checkpoint import CheckpointManager
-from aptbundle.run import Run
+from aptbundle import Checkpointer, Run
 from apt_model.config import preset
 from apt_model.data import builtin_corpus, read_text
 from apt_model.tokenizer import CharTokenizer
@@ -62,12 +61,12 @@ def bench(size: str, steps: int, saves: int, work: Path) -> dict:
         done += 1
     elapsed = time.perf_counter() - t0
     tokens = steps * cfg.batch_size * cfg.block_size
-    cm = CheckpointManager(run, keep_last=1)
+    states = dict(model=s.model, optimizer=s.optimizer, scheduler=s.scheduler, keep_last=1)
+    cm = Checkpointer(run, **states)
     times, base = [], []
     for i in range(saves):
         t = time.perf_counter()
-        cm.save(step=i + 1, epoch=0, model=s.model, optimizer=s.optimizer, scheduler=s.scheduler,
-                trainer_state={"loss_history": []}, metrics={"loss": loss.item()})
+        cm.save(step=i + 1, epoch=0, trainer_state={"loss_history": []}, metrics={"loss": loss.item()})
         times.append(time.perf_counter() - t)
         t = time.perf_counter()
         buf = io.BytesIO()
@@ -75,15 +74,15 @@ def bench(size: str, steps: int, saves: int, work: Path) -> dict:
                     "sched": s.scheduler.state_dict(), "rng": torch.get_rng_state()}, buf)
         base.append(time.perf_counter() - t)
     stall_sync, stall_async = [], []
+    modes = {False: cm, True: Checkpointer(run, mode="async", **states)}
     for i in range(saves):
         for background, out in ((False, stall_sync), (True, stall_async)):
-            cm.wait()
+            modes[True].wait()
             t = time.perf_counter()
-            cm.save(step=100 + 2 * i + background, epoch=0, model=s.model, optimizer=s.optimizer,
-                    scheduler=s.scheduler, trainer_state={"loss_history": []}, metrics={"loss": 1.0},
-                    background=background)
+            modes[background].save(step=100 + 2 * i + background, epoch=0, trainer_state={"loss_history": []},
+                                   metrics={"loss": 1.0})
             out.append(time.perf_counter() - t)  # what the training thread waits for
-    cm.wait()
+    modes[True].wait()
     ck = run.checkpoint_dir(run.manifest.latest)
     size_bytes = sum(p.stat().st_size for p in ck.iterdir())
     return {"size": size, "params": s.model.num_parameters(), "tok_s": tokens / elapsed,

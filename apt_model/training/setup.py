@@ -1,5 +1,5 @@
 """Building or reopening everything a training session needs: run, config, tokenizer, data,
-model, optimizer and schedule. ``trainer.py`` only runs the loop.
+model, optimizer and schedule, and the checks before a resume. ``trainer.py`` runs the loop.
 """
 
 from __future__ import annotations
@@ -11,10 +11,12 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import click
 import torch
 
-from aptbundle import Run
-from aptbundle.errors import RunError
+from aptbundle import Run, verify_run
+from aptbundle.errors import RunError, VerifyError
+from aptbundle.format.run import environment_info
 from apt_model.errors import TrainingError
 from apt_model.config import APTConfig
 from apt_model.data import (SOURCE_FILE, ResumableSampler, builtin_corpus, describe_source, make_blocks,
@@ -128,3 +130,39 @@ def reopen_run(run: Run, data: str | Path | None, allow_change: bool,
     tok = CharTokenizer.load(run.path / TOKENIZER_DIR)
     path, changed = resolve_data(run.path, data, allow_change)
     return cfg, tok, read_text(path), changed
+
+
+def locate(resume_from: str, run_dir: Path | None) -> tuple[Path, str]:
+    """``latest``/``best``/a checkpoint name with ``run_dir``, or a path to a run or checkpoint."""
+    if resume_from in ("latest", "best") or (run_dir is not None and not Path(resume_from).exists()):
+        if run_dir is None:
+            raise TrainingError(f"--resume-from {resume_from}: also give --run-dir")
+        return run_dir, resume_from
+    p = Path(resume_from)
+    if Run.is_run(p):
+        return p, "latest"
+    if (p / "trainer_state.json").exists() and Run.is_run(p.parent.parent):
+        return p.parent.parent, p.name
+    raise TrainingError(f"--resume-from {resume_from}: expected latest, best, a run folder or a checkpoint folder")
+
+
+def verify_run_files(run: Run) -> None:
+    """Verify the run's own files (config, tokenizer, data): a restart from scratch loads them."""
+    rep = verify_run(run, only=[f.path for f in run.run_files()])
+    if not rep.ok:
+        raise VerifyError(rep.problems, what=f"{run.name} (not resumed)")
+
+
+def warn_environment(run: Run, device: torch.device, quiet: bool) -> None:
+    """Resuming is exact only on the same torch, thread count and device kind: say when not."""
+    was, now = run.manifest.environment, environment_info(device.type)
+    for key, label in (("torch", "torch version"), ("threads", "thread count"), ("device", "device")):
+        if key in was and was.get(key) != now.get(key):
+            log(quiet, f"warning: {label} differs: run written with {was.get(key)}, resuming with {now.get(key)};"
+                        " the state is restored exactly, float rounding may differ")
+
+
+def log(quiet: bool, msg: str) -> None:
+    """A message for the person at the terminal, on stderr."""
+    if not quiet:
+        click.echo(msg, err=True)

@@ -25,16 +25,15 @@ from pathlib import Path
 import click
 import torch
 
-from aptbundle import Checkpointer, Run, VerifiedCheckpoint, verify_run
+from aptbundle import Checkpointer, Run, VerifiedCheckpoint
 from aptbundle.commands.exits import CONTEXT, Command
 from aptbundle.commands.progress import progress
-from aptbundle.errors import VerifyError
-from aptbundle.format.run import environment_info
 from aptbundle.state.checkpoint import unwrap, verify_on_main
 from apt_model.config import APTConfig, preset
 from apt_model.errors import TrainingError
 from apt_model.training.distributed import Dist
-from apt_model.training.setup import Session, build, new_run, pick_device, reopen_run
+from apt_model.training.setup import (Session, build, locate, log, new_run, pick_device, reopen_run, verify_run_files,
+                                      warn_environment)
 
 METRICS_FILE = "logs/metrics.jsonl"
 LOSS_WINDOW = 20
@@ -90,11 +89,6 @@ class StopRequest:
             signal.signal(s, h)
 
 
-def _log(quiet: bool, msg: str) -> None:
-    if not quiet:
-        click.echo(msg, err=True)
-
-
 @torch.no_grad()
 def evaluate(s: Session) -> float | None:
     """Mean validation loss (eval mode: no dropout, no RNG drawn)."""
@@ -122,14 +116,14 @@ class Trainer:
         self.epoch = int(state.get("epoch", 0))
         self.position = int(state.get("position", 0))  # batches of this epoch already done
         self.losses: list[float] = list(state.get("loss_history", []))
-        self.log_lines = self._read_log(self.global_step)
+        self.log_lines = self._readlog(self.global_step)
         self.last_saved: str | None = None
 
     def fit(self, stop_at_step: int | None = None) -> TrainResult:
         """Train to the planned number of epochs (or ``stop_at_step``); save as configured."""
         s, cfg = self.s, self.s.cfg
         if self.epoch >= cfg.epochs or (stop_at_step is not None and self.global_step >= stop_at_step):
-            _log(self.quiet, f"{s.run.name}: already at step {self.global_step}, epoch {self.epoch} of"
+            log(self.quiet, f"{s.run.name}: already at step {self.global_step}, epoch {self.epoch} of"
                              f" {cfg.epochs}; nothing to train (use --epochs N for a longer run)")
             return self._result(self.epoch >= cfg.epochs)
         self.ckpt.start_session(device=s.device.type, start_step=self.global_step)
@@ -208,12 +202,12 @@ class Trainer:
                                run_files={METRICS_FILE: b"".join(self.log_lines)}, device=s.device.type,
                                reason=label)
         self.last_saved = entry.name
-        _log(self.quiet, f"saved {s.run.name}/checkpoints/{entry.name} (step {self.global_step}, epoch"
+        log(self.quiet, f"saved {s.run.name}/checkpoints/{entry.name} (step {self.global_step}, epoch"
                          f" {self.epoch}, loss {metrics.get('loss', float('nan')):.4f}"
                          + (f", val {val:.4f})" if val is not None else ")"))
 
     # -- helpers ---------------------------------------------------------------------------
-    def _read_log(self, upto: int) -> list[bytes]:
+    def _readlog(self, upto: int) -> list[bytes]:
         """Metrics lines up to the restored step: later ones belong to a lost future."""
         path = self.s.run.path / METRICS_FILE
         if not path.exists():
@@ -239,7 +233,7 @@ class Trainer:
         by = None
         if reason is SaveReason.SIGNAL:
             by = self._signal_name(stop)
-            _log(self.quiet, f"stopped by {by} at step {self.global_step};"
+            log(self.quiet, f"stopped by {by} at step {self.global_step};"
                              f" continue with `aptbundle resume {self.s.run.path}`")
         result = self._result(False)
         result.stopped_by = by
@@ -286,32 +280,32 @@ def _train(d: Dist, dev: torch.device, config, run_dir, model_size, data, resume
     run_path = Path(run_dir) if run_dir is not None else None
     which = None
     if resume_from:
-        run_path, which = _locate(resume_from, run_path)
+        run_path, which = locate(resume_from, run_path)
     elif run_path is None:
         raise TrainingError("--run-dir: required, the folder of the new run (for example outputs/run1)")
     else:
         cfg0 = (config or preset(model_size)).replace(**overrides)
         d.on_main(lambda: new_run(run_path, cfg0, data) and None)
-    run = Run.open(run_path)
+    run = checkpoint.run if checkpoint is not None else Run.open(run_path)
     with run.writer() if d.is_main else contextlib.nullcontext():
         if which is not None and d.is_main:
             removed = run.recover()
             if removed:
-                _log(quiet, f"cleaned what an interrupted session left: {', '.join(removed)}")
+                log(quiet, f"cleaned what an interrupted session left: {', '.join(removed)}")
         d.barrier()
         run.reload()
         if which == "latest" and run.latest is None:
             # killed before its first checkpoint: start again from the same seed, same result
-            _log(quiet, f"{run.name} has no checkpoint yet; training it from the start")
+            log(quiet, f"{run.name} has no checkpoint yet; training it from the start")
             which = None
-            d.on_main(lambda: _verify_run_files(run))
+            d.on_main(lambda: verify_run_files(run))
         elif which is not None and checkpoint is None:
             checkpoint = verify_on_main(run, which)  # the boundary: verified once, loaded once
         cfg, tok, text, changed = reopen_run(run, data, allow_data_change, overrides if which else {})
         if changed:
-            _log(quiet, "warning: training continues on different data (--allow-data-change)")
+            log(quiet, "warning: training continues on different data (--allow-data-change)")
         if checkpoint is not None:
-            _warn_environment(run, dev, quiet)
+            warn_environment(run, dev, quiet)
             if checkpoint.has("dcp/.metadata"):
                 mode = "sharded"  # a sharded run stays sharded
         torch.manual_seed(cfg.seed)
@@ -332,35 +326,6 @@ def _train(d: Dist, dev: torch.device, config, run_dir, model_size, data, resume
             session.model = unwrap(session.model)  # drop the DDP wrapper before the group goes
 
 
-def _locate(resume_from: str, run_dir: Path | None) -> tuple[Path, str]:
-    """``latest``/``best``/a checkpoint name with ``run_dir``, or a path to a run or checkpoint."""
-    if resume_from in ("latest", "best") or (run_dir is not None and not Path(resume_from).exists()):
-        if run_dir is None:
-            raise TrainingError(f"--resume-from {resume_from}: also give --run-dir")
-        return run_dir, resume_from
-    p = Path(resume_from)
-    if Run.is_run(p):
-        return p, "latest"
-    if (p / "trainer_state.json").exists() and Run.is_run(p.parent.parent):
-        return p.parent.parent, p.name
-    raise TrainingError(f"--resume-from {resume_from}: expected latest, best, a run folder or a checkpoint folder")
-
-
-def _verify_run_files(run: Run) -> None:
-    rep = verify_run(run, only=[f.path for f in run.run_files()])
-    if not rep.ok:
-        raise VerifyError(rep.problems, what=f"{run.name} (not resumed)")
-
-
-def _warn_environment(run: Run, device: torch.device, quiet: bool) -> None:
-    """Resuming is exact only on the same torch, thread count and device kind: say when not."""
-    was, now = run.manifest.environment, environment_info(device.type)
-    for key, label in (("torch", "torch version"), ("threads", "thread count"), ("device", "device")):
-        if key in was and was.get(key) != now.get(key):
-            _log(quiet, f"warning: {label} differs: run written with {was.get(key)}, resuming with {now.get(key)};"
-                        " the state is restored exactly, float rounding may differ")
-
-
 def _restore(s: Session, ckpt: Checkpointer, checkpoint: VerifiedCheckpoint, d: Dist,
              allow_data_change: bool, quiet: bool) -> dict:
     """Load model, optimizer, scheduler and this rank's RNG; carry the data position across a
@@ -371,17 +336,17 @@ def _restore(s: Session, ckpt: Checkpointer, checkpoint: VerifiedCheckpoint, d: 
         warnings.simplefilter("always")
         state = ckpt.load(checkpoint, map_location=s.device)
     for w in caught:
-        _log(quiet, f"warning: {w.message}")
+        log(quiet, f"warning: {w.message}")
     old_world = int(state.get("world_size", 1))
     if old_world != d.world:
         seen = int(state.get("position", 0)) * s.cfg.batch_size * old_world
         state["position"] = min(seen // (s.cfg.batch_size * d.world), s.sampler.num_batches() - 1)
-        _log(quiet, f"the run had {old_world} process(es), now {d.world}: continuing after {seen} samples"
+        log(quiet, f"the run had {old_world} process(es), now {d.world}: continuing after {seen} samples"
                     f" of epoch {state.get('epoch')} (batch {state['position']})")
     elif state.get("steps_per_epoch") not in (None, s.sampler.num_batches()) and not allow_data_change:
         raise TrainingError(f"{s.run.name}: the data gives {s.sampler.num_batches()} steps per epoch,"
                             f" the run had {state['steps_per_epoch']}; pass --allow-data-change")
-    _log(quiet, f"resuming {s.run.name} from {checkpoint.name} (step {state.get('global_step')},"
+    log(quiet, f"resuming {s.run.name} from {checkpoint.name} (step {state.get('global_step')},"
                 f" epoch {state.get('epoch')}) on {s.device.type}" + (f" x{d.world}" if d.enabled else ""))
     return state
 
@@ -428,7 +393,7 @@ def main(run_dir, config_file, model_size, data, epochs, batch_size, lr, seed, s
                 stop_at_step=stop_at_step, device=device, allow_data_change=allow_data_change, quiet=quiet,
                 async_save=async_save, sharded=sharded, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
                 save_every=save_every, save_freq=save_freq, keep_last=keep_last)
-    _log(quiet, f"{'finished' if res.finished else 'stopped'} at step {res.global_step}: {res.run_dir}")
+    log(quiet, f"{'finished' if res.finished else 'stopped'} at step {res.global_step}: {res.run_dir}")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from aptbundle.ground.temporaries import pid_alive
+from apt_model.errors import APTError
 
 SUBFOLDERS = ("temp", "logs", "models", "data")
 
@@ -28,7 +29,7 @@ class CacheManager:
     def get_cache_path(self, kind: str = "temp", name: str | None = None, create: bool = True) -> Path:
         """``ROOT/kind`` (or ``ROOT/kind/name``), created unless ``create`` is False."""
         if "/" in kind or kind in ("", ".", ".."):
-            raise ValueError(f"cache kind {kind!r}: expected a simple folder name such as 'temp'")
+            raise APTError(f"cache kind {kind!r}: expected a simple folder name such as 'temp'")
         path = self.root / kind
         if create:
             path.mkdir(parents=True, exist_ok=True)

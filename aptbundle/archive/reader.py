@@ -15,6 +15,8 @@ here imports torch.
 
 from __future__ import annotations
 
+import queue
+import threading
 from typing import BinaryIO, Callable, Iterator
 
 import zstandard
@@ -32,7 +34,13 @@ from aptbundle.ground.problems import Problem
 
 
 class _Decoder:
-    """Decompressed bytes of one zstd frame, with a hard cap on how many may come out."""
+    """Decompressed bytes of one zstd frame, with a hard cap on how many may come out.
+
+    zstd runs in a thread of its own, a few blocks ahead of the reader (it releases the GIL),
+    so decompressing overlaps with hashing and scanning on another core. ``close`` stops it.
+    """
+
+    AHEAD = 8  # blocks decompressed ahead of the reader: memory stays at a few MiB
 
     def __init__(self, raw: BinaryIO, shown: str):
         self.shown = shown
@@ -41,12 +49,58 @@ class _Decoder:
             self.guard, read_size=CHUNK, read_across_frames=False, closefd=False)
         self.total = 0
         self.cap = MAX_MANIFEST_BYTES + 4 * 65536 + 16 * TAR_BLOCK
+        self._queue: queue.Queue = queue.Queue(self.AHEAD)
+        self._stop = threading.Event()
+        self._cur, self._at, self._done = b"", 0, False
+        self._thread = threading.Thread(target=self._run, name="zstd", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                try:
+                    b = self.reader.read(CHUNK)
+                except zstandard.ZstdError as e:
+                    b = ArchiveError(f"{self.shown}: corrupt zstd data ({e}); the archive is damaged")
+                except BaseException as e:  # handed to the reading thread
+                    b = e
+                self._put(b)
+                if not isinstance(b, bytes) or not b:
+                    return
+        finally:
+            self._stop.set()
+
+    def _put(self, item) -> None:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def close(self) -> None:
+        """Stop the decompressing thread (it may be blocked handing out a block)."""
+        self._stop.set()
+        self._thread.join()
 
     def _raw_read(self, n: int) -> bytes:
-        try:
-            return self.reader.read(n)
-        except zstandard.ZstdError as e:
-            raise ArchiveError(f"{self.shown}: corrupt zstd data ({e}); the archive is damaged") from None
+        if self._at >= len(self._cur):
+            if self._done:
+                return b""
+            item = self._queue.get()
+            if isinstance(item, BaseException):
+                self._done = True
+                raise item
+            if not item:
+                self._done = True
+                return b""
+            self._cur, self._at = item, 0
+        if self._at == 0 and n >= len(self._cur):
+            self._at = len(self._cur)
+            return self._cur
+        b = self._cur[self._at:self._at + n]
+        self._at += len(b)
+        return b
 
     def read_some(self, n: int) -> bytes:
         if self.total + n > self.cap:
@@ -80,6 +134,7 @@ class _Decoder:
             slack += len(b)
             if slack > RECORD or b.count(0) != len(b):
                 raise ArchiveError(f"{self.shown}: data after the tar end-of-archive marker; expected nothing")
+        self.close()
         self.guard.finish()
 
 
@@ -123,11 +178,14 @@ class ArchiveReader:
             self._tar = TarReader(self._dec.read_exact, self._dec.read_some, self.shown)
             self._read_manifest()
         except BaseException:
+            if hasattr(self, "_dec"):
+                self._dec.close()
             self._raw.close()
             raise
         return self
 
     def __exit__(self, *exc) -> None:
+        self._dec.close()
         self._raw.close()
 
     def _read_manifest(self) -> None:

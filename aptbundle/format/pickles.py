@@ -60,12 +60,34 @@ def global_allowed(name: str, dcp: bool = False) -> bool:
     return name in _ALLOWED or bool(_STORAGE.match(name)) or (dcp and name in _DCP_ALLOWED)
 
 
-def scan_pickle(stream, shown: str, dcp: bool = False) -> list[str]:
+class _Global(str):
+    """A global named by the pickle (told apart from a plain string on the modelled stack)."""
+
+
+_INT_OPS = {"BININT", "BININT1", "BININT2", "LONG1", "LONG4", "INT", "LONG"}
+# bytes per element of torch's storage classes, for the storages a torch.save pickle declares
+_STORAGE_BYTES = {"Float": 4, "Double": 8, "Half": 2, "BFloat16": 2, "Long": 8, "Int": 4, "Short": 2,
+                  "Char": 1, "Byte": 1, "Bool": 1, "ComplexFloat": 8, "ComplexDouble": 16, "QInt8": 1,
+                  "QUInt8": 1, "QInt32": 4, "QUInt4x2": 1, "QUInt2x4": 1, "Untyped": 1}
+
+
+def _storage_bytes(cls: str, numel: int) -> int | None:
+    """Bytes of a declared storage, or None for a class whose element size is not known here."""
+    name = cls.rsplit(".", 1)[-1]
+    if not name.endswith("Storage"):
+        return None
+    per = _STORAGE_BYTES.get(name[:-len("Storage")])
+    return None if per is None or numel < 0 else per * numel
+
+
+def scan_pickle(stream, shown: str, dcp: bool = False, storages: dict[str, int] | None = None) -> list[str]:
     """Walk one pickle of ``stream`` up to its STOP opcode without executing it.
 
     Returns the globals it names. Raises ``UnsafeContentError`` for a global outside the
     allow-list, an opcode that builds arbitrary objects, or a pickle that cannot be parsed.
-    ``stream`` needs ``read`` and ``readline``; it is left just after the STOP opcode.
+    ``stream`` needs ``read`` and ``readline``; it is left just after the STOP opcode. With
+    ``storages``, the storages a ``torch.save`` pickle declares (``('storage', class, key,
+    location, numel)``) are recorded there as key -> bytes.
     """
     names: list[str] = []
     memo: dict[int, object] = {}
@@ -97,10 +119,17 @@ def scan_pickle(stream, shown: str, dcp: bool = False) -> list[str]:
                         " loaded; expected only tensors and plain data. Do not load this file"
                     )
                 names.append(name)
-                stack.append(None)
+                stack.append(_Global(name))
                 continue
-            if n in _STR_OPS:
+            if n in _STR_OPS or n in _INT_OPS:
                 stack.append(arg)
+            elif n == "TUPLE" and storages is not None and len(stack) >= 5:
+                tag, cls, key, _loc, numel = stack[-5:]
+                if tag == "storage" and isinstance(cls, _Global) and isinstance(key, str) and type(numel) is int:
+                    size = _storage_bytes(cls, numel)
+                    if size is not None:
+                        storages[key] = size
+                stack.append(None)
             elif n in _GET_OPS:
                 stack.append(memo.get(arg))
             elif n in _PUT_OPS:

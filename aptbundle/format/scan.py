@@ -112,32 +112,40 @@ def _zip64_sizes(extra: bytes) -> dict[int, bytes]:
     return out
 
 
-def _find_descriptor(stream: Stream, start: int, zip64: bool, shown: str, name: str) -> int:
+def _find_descriptor(stream: Stream, start: int, zip64: bool, shown: str, name: str,
+                     expect: int | None = None) -> int:
     """Skip a stored entry of unknown size up to its data descriptor; return the data's size.
 
     The descriptor is found by its signature followed by two copies of the size read so far; a
     forged one inside the data only makes the walk disagree with the central directory, which
-    is then refused.
+    is then refused. ``expect``, the size the pickle declared for this storage, is tried first:
+    then the data is skipped, not searched.
     """
-    width = 8 if zip64 else 4
-    dlen = 8 + 2 * width
+    fmt = "<QQ" if zip64 else "<II"
+    dlen = 8 + struct.calcsize(fmt)
+    done = stream.tell() - start
+    if expect is not None and expect >= done:
+        stream.skip(expect - done)
+        if stream.buffered(dlen) >= dlen and stream.find(_DESC, 0, 4) == 0 \
+                and stream.unpack_from(fmt, 8) == (expect, expect):
+            return expect
     while True:
-        window = stream.peek(1 << 16)
-        if len(window) < dlen:
+        avail = stream.buffered(dlen)
+        if avail < dlen:
             raise UnsafeContentError(f"{shown}: zip entry {name!r} has no data descriptor; the file is damaged")
-        i = window.find(_DESC)
-        while 0 <= i <= len(window) - dlen:
-            count = stream.tell() + i - start
-            sizes = struct.unpack_from("<QQ" if zip64 else "<II", window, i + 8)
-            if sizes[0] == sizes[1] == count:
+        i = stream.find(_DESC, 0, avail - dlen + 4)
+        while i >= 0:
+            sizes = stream.unpack_from(fmt, i + 8)
+            if sizes[0] == sizes[1] == stream.tell() + i - start:
                 stream.skip(i)
-                return count
-            i = window.find(_DESC, i + 1)
-        stream.skip(len(window) - dlen + 1)
+                return sizes[0]
+            i = stream.find(_DESC, i + 1, avail - dlen + 4)
+        stream.skip(avail - dlen + 1)
 
 
 def _scan_zip(stream: Stream, shown: str) -> list[str]:
     names: list[str] = []
+    storages: dict[str, int] = {}  # storage key -> bytes, as data.pkl declares them
     local: dict[int, tuple[str, int, int]] = {}  # offset -> (name, method, data size)
     while True:
         at = stream.tell()
@@ -159,9 +167,10 @@ def _scan_zip(stream: Stream, shown: str) -> list[str]:
         z64 = _zip64_sizes(extra).get(1)
         start = stream.tell()
         if name.endswith(".pkl"):
-            names += scan_pickle(stream, f"{shown}:{name}")
+            names += scan_pickle(stream, f"{shown}:{name}", storages=storages)
         if flags & 0x8:
-            size = _find_descriptor(stream, start, z64 is not None, shown, name)
+            key = name.rsplit("/data/", 1)[1] if "/data/" in name else None
+            size = _find_descriptor(stream, start, z64 is not None, shown, name, storages.get(key))
             _need(stream, 24 if z64 is not None else 16, shown, "data descriptor")
         else:
             if csize == 0xFFFFFFFF and z64 is not None and len(z64) >= 16:

@@ -9,6 +9,7 @@ then pulls the rest through the taps. Memory stays at one block plus what a pars
 
 from __future__ import annotations
 
+import struct
 from typing import Callable
 
 from aptbundle.ground.fsutil import BLOCK
@@ -30,8 +31,9 @@ class Stream:
         self.grew = False  # the source had more than ``size`` bytes (checked by ``drain``)
 
     # -- the source side -------------------------------------------------------------------
-    def _pull(self) -> bool:
-        """Append one more block to the buffer; False at the end."""
+    def _pull(self, keep: bool = True) -> bool:
+        """Take one more block from the source, through the taps, into the buffer if ``keep``;
+        False at the end."""
         left = self.size - self.pulled
         if left <= 0:
             return False
@@ -43,6 +45,8 @@ class Stream:
         view = memoryview(b)
         for tap in self.taps:
             tap(view)
+        if not keep:
+            return True
         if self._pos:
             del self._buf[:self._pos]
             self._pos = 0
@@ -58,6 +62,19 @@ class Stream:
     def tell(self) -> int:
         """Bytes consumed by parsers so far (the offset of the next read)."""
         return self.pulled - (len(self._buf) - self._pos)
+
+    def buffered(self, at_least: int = 0) -> int:
+        """Bytes readable without pulling, after pulling until there are ``at_least`` (or the end)."""
+        return self._have(at_least)
+
+    def find(self, sub: bytes, start: int, end: int) -> int:
+        """Offset from the read position of ``sub`` in the buffered bytes [start, end), or -1."""
+        i = self._buf.find(sub, self._pos + start, self._pos + end)
+        return i - self._pos if i >= 0 else -1
+
+    def unpack_from(self, fmt: str, offset: int) -> tuple:
+        """``struct.unpack_from`` at ``offset`` from the read position (bytes must be buffered)."""
+        return struct.unpack_from(fmt, self._buf, self._pos + offset)
 
     def peek(self, n: int) -> bytes:
         """Up to ``n`` next bytes, without consuming them."""
@@ -92,16 +109,15 @@ class Stream:
 
     def skip(self, n: int) -> int:
         """Consume up to ``n`` bytes without keeping them; returns how many were skipped."""
-        done = 0
-        while done < n:
-            have = len(self._buf) - self._pos
-            if not have:
-                self._buf.clear()
-                self._pos = 0
-                if not self._pull():
-                    break
-                continue
-            take = min(have, n - done)
+        done = min(n, len(self._buf) - self._pos)
+        self._pos += done
+        while n - done >= BLOCK and self.size - self.pulled >= BLOCK:  # whole blocks: to the taps only
+            before = self.pulled
+            if not self._pull(keep=False):
+                return done
+            done += self.pulled - before
+        while done < n and self._have(1):
+            take = min(len(self._buf) - self._pos, n - done)
             self._pos += take
             done += take
         return done
@@ -110,7 +126,7 @@ class Stream:
         """Pull the rest of the ``size`` bytes through the taps, then see whether the source grew."""
         self._buf.clear()
         self._pos = 0
-        while self._pull():
-            self._buf.clear()
+        while self._pull(keep=False):
+            pass
         if not self.short and self.pulled == self.size:
             self.grew = bool(self._raw(1))

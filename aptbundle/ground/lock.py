@@ -28,8 +28,6 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-import portalocker
-
 from aptbundle.ground.errors import RunLockedError
 
 WRITER_LOCK = ".aptrun.lock"
@@ -51,11 +49,18 @@ def _key(run_dir: Path) -> str:
     return os.path.realpath(run_dir)
 
 
-def _try(f, flags) -> bool:
+def _portalocker():
+    import portalocker  # imported on first use: it costs 40 ms, and archive commands take no lock
+
+    return portalocker
+
+
+def _try(f, exclusive: bool) -> bool:
+    pl = _portalocker()
     try:
-        portalocker.lock(f, flags | portalocker.LOCK_NB)
+        pl.lock(f, (pl.LOCK_EX if exclusive else pl.LOCK_SH) | pl.LOCK_NB)
         return True
-    except (portalocker.exceptions.LockException, BlockingIOError):
+    except (pl.exceptions.LockException, BlockingIOError):
         return False
 
 
@@ -84,9 +89,12 @@ def writer(run_dir: str | Path) -> Iterator[None]:
     path = run_dir / WRITER_LOCK
     while True:
         f = open(path, "a+b")
-        if not _try(f, portalocker.LOCK_EX):
-            f.seek(0)
-            holder = f.read(64).decode("ascii", "replace").strip() or "another process"
+        if not _try(f, True):
+            try:  # Windows forbids reading a locked range: then the holder stays unnamed
+                f.seek(0)
+                holder = f.read(64).decode("ascii", "replace").strip() or "another process"
+            except OSError:
+                holder = "another process"
             f.close()
             raise RunLockedError(f"{run_dir}: is being written by process {holder}; wait for it to finish"
                                  " or stop it, then try again")
@@ -166,11 +174,10 @@ def _commit_lock(run_dir: str | Path, exclusive: bool, wait_s: float) -> Iterato
     if f is None:
         yield
         return
-    flags = portalocker.LOCK_EX if exclusive else portalocker.LOCK_SH
     deadline = time.monotonic() + wait_s
     delay = 0.005
     try:
-        while not _try(f, flags):
+        while not _try(f, exclusive):
             if time.monotonic() > deadline:
                 what = "a reader to finish" if exclusive else "a commit to finish"
                 raise RunLockedError(f"{run_dir}: waited {wait_s:.0f} s for {what}; the run is busy,"
