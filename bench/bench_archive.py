@@ -129,7 +129,8 @@ def sums_file(run: Path, dest: Path) -> Path:
 
 def _ours(work: Path, run: Path, ours: Path, extra: str, tag: str, other: str | None) -> dict[str, tuple]:
     """One round of aptbundle's own commands (from ``other``'s checkout when given)."""
-    py = f"PYTHONPATH={other} {PY}" if other else PY
+    # from inside the other checkout, so that its package, not the one beside this script, is imported
+    py = f"cd {Path(other).resolve()} && PYTHONPATH=. {PY}" if other else PY
     for d in (f"u{tag}",):
         shutil.rmtree(work / d, ignore_errors=True)
         (work / d).mkdir()

@@ -18,7 +18,7 @@ from aptbundle.run import Run
 from aptbundle.verify import verify_run
 from conftest import APTBUNDLE, TRAINER, cli, no_traceback, sh
 
-KILL_ROUNDS = int(os.environ.get("APTBUNDLE_KILL_ROUNDS", "25"))
+KILL_ROUNDS = int(os.environ.get("APTBUNDLE_KILL_ROUNDS", "6"))  # 25 or more: the long round
 
 
 def _limit_fsize(limit):

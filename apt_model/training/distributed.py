@@ -11,30 +11,24 @@ from __future__ import annotations
 import gc
 import os
 from dataclasses import dataclass
-from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 
-from aptbundle.errors import AptBundleError
+from aptbundle.state.collective import Group
 from apt_model.errors import TrainingError
 
 
-@dataclass
-class Dist:
-    """This process's place among the training processes (rank 0 of 1 without torchrun)."""
+@dataclass(frozen=True)
+class Dist(Group):
+    """This process's place among the training processes (rank 0 of 1 without torchrun), with
+    aptbundle's ``barrier`` and ``on_main`` and the loop's own collectives."""
 
-    rank: int = 0
-    world: int = 1
     local_rank: int = 0
 
     @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
     def enabled(self) -> bool:
-        return self.world > 1
+        return self.several
 
     @classmethod
     def from_env(cls, device: torch.device) -> "Dist":
@@ -49,10 +43,6 @@ class Dist:
         if device.type == "cuda":
             torch.cuda.set_device(d.local_rank)
         return d
-
-    def barrier(self) -> None:
-        if self.enabled:
-            dist.barrier()
 
     def mean(self, value: float) -> float:
         """The mean of ``value`` over all ranks (the value itself in one process)."""
@@ -69,22 +59,6 @@ class Dist:
         t = torch.tensor([1 if flag else 0])
         dist.all_reduce(t)
         return bool(t.item())
-
-    def on_main(self, fn: Callable[[], Any]) -> Any:
-        """Run ``fn`` on rank 0; every rank gets its result, or raises its error."""
-        result, error = None, None
-        if self.is_main:
-            try:
-                result = fn()
-            except AptBundleError as e:
-                error = str(e)
-        if self.enabled:
-            box = [(result, error)]
-            dist.broadcast_object_list(box, src=0)
-            result, error = box[0]
-        if error is not None:
-            raise TrainingError(error)
-        return result
 
     def close(self) -> None:
         if self.enabled and dist.is_initialized():

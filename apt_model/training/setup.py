@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,8 @@ import click
 import torch
 
 from aptbundle import Run, verify_run
+from aptbundle.ground import temporaries
+from aptbundle.ground.paths import check_name
 from aptbundle.errors import RunError, VerifyError
 from aptbundle.format.run import environment_info
 from apt_model.errors import TrainingError
@@ -87,7 +90,11 @@ def build(run: Run, cfg: APTConfig, tok: CharTokenizer, text: str, device: torch
 
 
 def new_run(run_dir: Path, cfg: APTConfig, data: str | Path | None) -> tuple[Run, APTConfig, CharTokenizer, str]:
-    """Create the run folder: config, tokenizer, the corpus (or its record)."""
+    """Create the run folder: config, tokenizer, the corpus (or its record).
+
+    It is built under a temporary name beside ``run_dir`` and renamed into place complete, so a
+    process killed while creating it leaves no half-made run behind.
+    """
     if Run.is_run(run_dir):
         run = Run.open(run_dir)
         at = f" (latest checkpoint {run.latest.name})" if run.latest else ""
@@ -99,19 +106,25 @@ def new_run(run_dir: Path, cfg: APTConfig, data: str | Path | None) -> tuple[Run
     text = read_text(src)
     tok = CharTokenizer.build(text)
     cfg = cfg.replace(vocab_size=len(tok))
-    run = Run.create(run_dir, trainer=TRAINER_NAME)
-    rec = describe_source(src)
-    if rec["copied"]:
-        (run.path / "data").mkdir(exist_ok=True)
-        shutil.copyfile(src, run.path / "data" / rec["name"])
-        run.record_file(f"data/{rec['name']}")
-    run.write_file(SOURCE_FILE, json.dumps(rec, indent=1, sort_keys=True).encode("utf-8"))
-    run.write_file(CONFIG_FILE, cfg.to_json().encode("utf-8"))
-    for name, blob in tok.files().items():
-        run.write_file(f"{TOKENIZER_DIR}/{name}", blob)
-    with run.committing():
+    name = check_name(run_dir.resolve().name)
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    temporaries.clean_stale(run_dir.parent, name)
+    with temporaries.temp_dir(run_dir.parent, name) as tmp:
+        run = Run.create(tmp, trainer=TRAINER_NAME, name=name)
+        rec = describe_source(src)
+        if rec["copied"]:
+            (run.path / "data").mkdir(exist_ok=True)
+            shutil.copyfile(src, run.path / "data" / rec["name"])
+            run.record_file(f"data/{rec['name']}")
+        run.write_file(SOURCE_FILE, json.dumps(rec, indent=1, sort_keys=True).encode("utf-8"))
+        run.write_file(CONFIG_FILE, cfg.to_json().encode("utf-8"))
+        for fname, blob in tok.files().items():
+            run.write_file(f"{TOKENIZER_DIR}/{fname}", blob)
         run.save_manifest()
-    return run, cfg, tok, text
+        if run_dir.exists():
+            run_dir.rmdir()  # empty, checked above
+        os.rename(tmp, run_dir)
+    return Run.open(run_dir), cfg, tok, text
 
 
 def reopen_run(run: Run, data: str | Path | None, allow_change: bool,

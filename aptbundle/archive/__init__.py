@@ -3,13 +3,21 @@
 ``tarstream`` (a strict tar writer and reader, one zstd frame), ``codec`` (the ``--dense``
 per-member transform), ``writer`` (``pack``), ``reader`` (the one ``ArchiveReader``),
 ``extract`` (``unpack`` and ``verify_archive``, loops over the reader) and ``storage`` (local
-paths and fsspec URLs). Nothing here imports torch.
+paths and fsspec URLs). Nothing here imports torch. The names below load their module on first
+use, so a command imports only what it runs.
 """
 
-from aptbundle.archive.extract import unpack, verify_archive
-from aptbundle.archive.reader import ArchiveReader, read_archive_manifest
-from aptbundle.archive.storage import SUFFIX, archive_name
-from aptbundle.archive.writer import PackResult, pack, select_checkpoints
+from __future__ import annotations
 
-__all__ = ["SUFFIX", "ArchiveReader", "PackResult", "archive_name", "pack", "read_archive_manifest",
-           "select_checkpoints", "unpack", "verify_archive"]
+import importlib
+
+_NAMES = {"unpack": "extract", "verify_archive": "extract", "ArchiveReader": "reader",
+          "read_archive_manifest": "reader", "SUFFIX": "storage", "archive_name": "storage",
+          "PackResult": "writer", "pack": "writer", "select_checkpoints": "writer"}
+__all__ = sorted(_NAMES)
+
+
+def __getattr__(name: str):
+    if name in _NAMES:
+        return getattr(importlib.import_module(f"aptbundle.archive.{_NAMES[name]}"), name)
+    raise AttributeError(f"module 'aptbundle.archive' has no attribute {name!r}")

@@ -30,6 +30,7 @@ from aptbundle.archive.storage import CHUNK, archive_name, is_remote, remote_fs
 from aptbundle.archive.tarstream import end_of_archive, member_header, padding
 from aptbundle.format.manifest import MANIFEST_NAME, Manifest
 from aptbundle.format.run import Run
+from aptbundle.format.stream import file_source
 from aptbundle.format.verify import check_stream, verify_run
 from aptbundle.ground import temporaries
 from aptbundle.ground.errors import ArchiveError, VerifyError
@@ -216,7 +217,7 @@ def _write_archive(root: Path, man: Manifest, raw: BinaryIO, level: int, threads
             grouping = _Grouping(width, put) if width else None
             taps = [grouping or put] + ([lambda b: progress(len(b))] if progress else [])
             with open(root / f.path, "rb", buffering=0) as src:
-                problems += check_stream(src.read, f, scan=scan, taps=taps)
+                problems += check_stream(file_source(src), f, scan=scan, taps=taps)
             if grouping:
                 grouping.flush()
             put(padding(f.size))

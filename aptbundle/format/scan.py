@@ -22,7 +22,7 @@ import struct
 from pathlib import Path
 
 from aptbundle.format.pickles import MAX_PICKLE_BYTES, scan_pickle
-from aptbundle.format.stream import Stream
+from aptbundle.format.stream import Stream, file_source
 from aptbundle.ground.errors import UnsafeContentError
 from aptbundle.ground.problems import Problem
 
@@ -73,9 +73,8 @@ def scan_stream(stream: Stream, rel: str) -> list[str]:
 
 def scan_file(path: Path, rel: str) -> list[str]:
     """``scan_stream`` on a file on disk."""
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        return scan_stream(Stream(f.read, size), rel)
+    with open(path, "rb", buffering=0) as f:
+        return scan_stream(Stream(file_source(f), os.fstat(f.fileno()).st_size), rel)
 
 
 def unsafe_problems(root: Path, paths) -> list[Problem]:

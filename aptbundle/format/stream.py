@@ -17,6 +17,20 @@ from aptbundle.ground.fsutil import BLOCK
 RawRead = Callable[[int], bytes]  # returns 1..n bytes, or b"" at the end
 
 
+def file_source(f) -> RawRead:
+    """Read an open binary file into one reused block: no allocation per block.
+
+    What it returns is valid until the next call; ``Stream`` hands it to its taps at once and
+    copies only what a parser keeps.
+    """
+    view = memoryview(bytearray(BLOCK))
+
+    def read(n: int) -> memoryview:
+        return view[:f.readinto(view[:min(n, BLOCK)])]
+
+    return read
+
+
 class Stream:
     """At most ``size`` bytes of ``raw``; ``taps`` see every byte once, as it is pulled."""
 

@@ -22,7 +22,7 @@ from typing import Callable
 from aptbundle.format.manifest import CheckpointEntry, FileEntry
 from aptbundle.format.run import Run, walk_files
 from aptbundle.format.scan import needs_scan, scan_stream, unsafe
-from aptbundle.format.stream import RawRead, Stream
+from aptbundle.format.stream import RawRead, Stream, file_source
 from aptbundle.ground.errors import ArchiveError, CheckpointError, UnsafeContentError, VerifyError
 from aptbundle.ground.fsutil import Progress, announce_total
 from aptbundle.ground.problems import Problem, Report
@@ -83,7 +83,8 @@ def check_file(root: Path, entry: FileEntry, *, scan: bool = True, quick: bool =
     if quick:
         return []
     with open(full, "rb", buffering=0) as f:
-        return check_stream(f.read, entry, scan=scan, taps=[lambda b: progress(len(b))] if progress else None)
+        return check_stream(file_source(f), entry, scan=scan,
+                            taps=[lambda b: progress(len(b))] if progress else None)
 
 
 def hash_and_scan(root: Path, rel: str) -> tuple[FileEntry, Problem | None]:
@@ -92,7 +93,7 @@ def hash_and_scan(root: Path, rel: str) -> tuple[FileEntry, Problem | None]:
     size = os.lstat(full).st_size
     h = hashlib.sha256()
     with open(full, "rb", buffering=0) as f:
-        stream = Stream(f.read, size, [h.update])
+        stream = Stream(file_source(f), size, [h.update])
         found = scan_verdict(stream, rel)
         stream.drain()
     return FileEntry(rel, stream.pulled, h.hexdigest()), found
