@@ -122,3 +122,68 @@ def test_damaged_safetensors_in_run_is_refused_before_loading(run_copy):
     assert r.exit_code == 1 and "model.safetensors" in r.stderr
     r = cli("resume", run_copy, "--quiet")
     assert r.exit_code == 1 and "model.safetensors" in r.stderr and no_traceback(r.output)
+
+
+def _zip_entries(data: bytes) -> dict:
+    """name -> (central record offset, local header offset) of a zip made by ``zipfile``."""
+    out = {}
+    pos = struct.unpack_from("<I", data, data.rfind(b"PK\x05\x06") + 16)[0]  # where the directory starts
+    while data[pos:pos + 4] == b"PK\x01\x02":
+        nlen, elen, clen = struct.unpack_from("<HHH", data, pos + 28)
+        name = data[pos + 46:pos + 46 + nlen].decode()
+        out[name] = (pos, struct.unpack_from("<I", data, pos + 42)[0])
+        pos += 46 + nlen + elen + clen
+    return out
+
+
+def test_a_zip_directory_pointing_into_another_entry_is_refused(tmp_path):
+    """torch.load follows the central directory: a pickle hidden inside a tensor's bytes, which
+    the directory points at, must not slip past a scan that walks the entries in order."""
+    marker = tmp_path / "PWNED"
+    hidden = io.BytesIO()
+    with zipfile.ZipFile(hidden, "w", zipfile.ZIP_STORED) as z:
+        z.writestr("archive/data.pkl", pickle.dumps({"state": Boom(marker)}, protocol=2))
+    inner = hidden.getvalue()
+    inner = inner[:inner.find(b"PK\x01\x02")]  # the local header and the evil pickle only
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as z:
+        z.writestr("archive/data.pkl", pickle.dumps({"ok": 1}, protocol=2))
+        z.writestr("archive/data/0", inner)
+    data = bytearray(buf.getvalue())
+    entries = _zip_entries(bytes(data))
+    _, tensor_at = entries["archive/data/0"]
+    nlen, elen = struct.unpack_from("<HH", data, tensor_at + 26)
+    inner_at = tensor_at + 30 + nlen + elen  # where the hidden local header starts
+    cd_at, _ = entries["archive/data.pkl"]
+    crc, csize, usize = struct.unpack_from("<III", inner, 14)
+    struct.pack_into("<III", data, cd_at + 16, crc, csize, usize)
+    struct.pack_into("<I", data, cd_at + 42, inner_at)
+    assert zipfile.ZipFile(io.BytesIO(bytes(data))).read("archive/data.pkl") == inner[30 + len("archive/data.pkl"):]
+    p = tmp_path / "optimizer.pt"
+    p.write_bytes(bytes(data))
+    with pytest.raises(UnsafeContentError, match="does not match the entry"):
+        scan_file(p, "optimizer.pt")
+
+
+@pytest.mark.parametrize("flag,method,match", [(0x1, 0, "encrypted"), (0, 99, "compression method")])
+def test_zip_entries_torch_never_writes_are_refused(tmp_path, flag, method, match):
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as z:
+        z.writestr("archive/data.pkl", pickle.dumps({"ok": 1}, protocol=2))
+    data = bytearray(buf.getvalue())
+    struct.pack_into("<HH", data, 6, flag, method)
+    p = tmp_path / "x.pt"
+    p.write_bytes(bytes(data))
+    with pytest.raises(UnsafeContentError, match=match):
+        scan_file(p, "x.pt")
+
+
+def test_every_pickle_of_a_legacy_torch_file_is_walked(tmp_path):
+    """A legacy torch.save file is five pickles in a row; the object itself is the fourth."""
+    marker = tmp_path / "PWNED"
+    parts = [pickle.dumps(x, protocol=2) for x in (0x1950A86A20F9469CFC6C, 1001, {"little_endian": True})]
+    p = tmp_path / "legacy.pt"
+    p.write_bytes(b"".join(parts) + pickle.dumps(Boom(marker), protocol=2) + pickle.dumps([], protocol=2))
+    with pytest.raises(UnsafeContentError, match="system"):
+        scan_file(p, "legacy.pt")
+    assert not marker.exists()
