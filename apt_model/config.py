@@ -43,11 +43,14 @@ class APTConfig:
     save_freq: int = 1  # checkpoint every N epochs
     keep_last: int = 3  # checkpoints kept besides the best and the latest
     log_every: int = 1  # write a metrics line every N steps
+    eval_every: int = 0  # also log the validation loss every N steps (0: at epoch ends only)
+    best_metric: str = "loss"  # the metric that picks the best checkpoint (loss or val_loss)
+    best_mode: str = "min"  # whether the best checkpoint has the lowest (min) or highest (max) value
 
     def __post_init__(self) -> None:
         for f in fields(self):
             v = getattr(self, f.name)
-            want = {"int": int, "float": (int, float), "bool": bool}[str(f.type)]
+            want = {"int": int, "float": (int, float), "bool": bool, "str": str}[str(f.type)]
             if isinstance(v, bool) and str(f.type) != "bool" or not isinstance(v, want):
                 raise ConfigError(f"config field {f.name}: expected {f.type}, found {v!r}")
         positive = ("d_model", "n_layers", "n_heads", "d_ff", "block_size", "epochs", "batch_size",
@@ -55,9 +58,13 @@ class APTConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"config field {name}: must be at least 1, found {getattr(self, name)}")
-        for name in ("vocab_size", "warmup_steps", "save_every", "seed", "grad_clip", "weight_decay"):
+        for name in ("vocab_size", "warmup_steps", "save_every", "eval_every", "seed", "grad_clip", "weight_decay"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"config field {name}: must not be negative, found {getattr(self, name)}")
+        if self.best_metric not in ("loss", "val_loss"):
+            raise ConfigError(f"config field best_metric: expected loss or val_loss, found {self.best_metric!r}")
+        if self.best_mode not in ("min", "max"):
+            raise ConfigError(f"config field best_mode: expected min or max, found {self.best_mode!r}")
         if self.d_model % self.n_heads:
             raise ConfigError(f"config field n_heads: {self.n_heads} does not divide d_model {self.d_model}")
         if not 0 <= self.dropout < 1:

@@ -122,8 +122,9 @@ class APTModel(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 0.8,
-                 top_k: int | None = 20, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Sample ``max_new_tokens`` continuations of ``idx`` (B, T)."""
+                 top_k: int | None = 20, generator: torch.Generator | None = None,
+                 progress=None) -> torch.Tensor:
+        """Sample ``max_new_tokens`` continuations of ``idx`` (B, T); ``progress(1)`` after each."""
         for _ in range(max_new_tokens):
             ctx = idx[:, -self.cfg.block_size:]
             logits = self(ctx)[:, -1, :] / max(temperature, 1e-5)
@@ -132,4 +133,6 @@ class APTModel(nn.Module):
                 logits = logits.masked_fill(logits < kth, float("-inf"))
             nxt = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)
             idx = torch.cat([idx, nxt], dim=1)
+            if progress:
+                progress(1)
         return idx

@@ -122,7 +122,7 @@ def test_cli_misuse_is_exit_2_and_missing_files_exit_1(tmp_path):
     assert cli("pack").exit_code == 2
     assert cli("pack", tmp_path, "--checkpoints", "some").exit_code == 2
     r = cli("unpack", tmp_path / "nope.aptrun.tar.zst")
-    assert r.exit_code == 1 and "no such archive" in r.stderr
+    assert r.exit_code == 1 and "no such file or folder" in r.stderr
     r = cli("verify", tmp_path)
     assert r.exit_code == 1 and "aptbundle init" in r.stderr
 

@@ -106,6 +106,7 @@ def new_run(run_dir: Path, cfg: APTConfig, data: str | Path | None) -> tuple[Run
     text = read_text(src)
     tok = CharTokenizer.build(text)
     cfg = cfg.replace(vocab_size=len(tok))
+    load_blocks(text, tok, cfg)  # a corpus too short to train on is refused before anything is created
     name = check_name(run_dir.resolve().name)
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     temporaries.clean_stale(run_dir.parent, name)

@@ -16,7 +16,7 @@ from typing import Callable
 from aptbundle.archive.reader import ArchiveReader
 from aptbundle.format.manifest import MANIFEST_NAME, Manifest
 from aptbundle.ground import temporaries
-from aptbundle.ground.errors import ArchiveError, ManifestError, UnsafePathError, VerifyError
+from aptbundle.ground.errors import ArchiveError, ManifestError, SourceError, UnsafePathError, VerifyError
 from aptbundle.ground.fsutil import Progress, fsync_dir
 from aptbundle.ground.problems import Problem, Report
 
@@ -85,7 +85,9 @@ def verify_archive(path: str | Path, progress: Progress | None = None) -> Report
             for m in ar.members():
                 rep.problems += m.check()
             rep.problems += ar.problems
+    except SourceError:  # an archive that cannot be opened at all is an error, not a report
+        raise
     except (ArchiveError, ManifestError, UnsafePathError) as e:
-        rep.problems.append(Problem(shown, "archive", "a valid aptbundle archive", str(e)))
+        rep.problems.append(Problem(shown, "archive", "a valid aptbundle archive", str(e).removeprefix(f"{shown}: ")))
     rep.problems.sort(key=lambda p: p.path)
     return rep

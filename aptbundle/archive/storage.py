@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import BinaryIO
 
-from aptbundle.ground.errors import ArchiveError
+from aptbundle.ground.errors import SourceError
 
 SUFFIX = ".aptrun.tar.zst"
 CHUNK = 1 << 20
@@ -29,10 +29,10 @@ def remote_fs(url: str):
 
         return fsspec.url_to_fs(url)
     except ImportError as e:
-        raise ArchiveError(f"{url}: remote archives need fsspec and the backend for this URL ({e.name or e});"
+        raise SourceError(f"{url}: remote archives need fsspec and the backend for this URL ({e.name or e});"
                            " install them with `pip install aptbundle[s3]`") from None
     except ValueError as e:
-        raise ArchiveError(f"{url}: not a usable URL ({e})") from None
+        raise SourceError(f"{url}: not a usable URL ({e})") from None
 
 
 def archive_name(run_name: str) -> str:
@@ -48,12 +48,16 @@ def open_source(path: str | Path) -> tuple[BinaryIO, str, int]:
             size = fs.size(rpath)
             return fs.open(rpath, "rb", block_size=8 << 20, cache_type="readahead"), str(path).rsplit("/", 1)[-1], size
         except FileNotFoundError:
-            raise ArchiveError(f"{path}: no such remote archive; check the URL") from None
+            raise SourceError(f"{path}: no such remote archive; check the URL") from None
     p = Path(path)
     if p.is_dir():
-        raise ArchiveError(f"{path}: is a folder; expected a {SUFFIX} file")
+        raise SourceError(f"{path}: is a folder without {'aptrun.json'}; expected a run folder or a {SUFFIX} file")
     try:
         f = open(p, "rb")
     except FileNotFoundError:
-        raise ArchiveError(f"{path}: no such archive; check the path") from None
-    return f, p.name, os.fstat(f.fileno()).st_size
+        raise SourceError(f"{path}: no such file or folder; expected a run folder or a {SUFFIX} file") from None
+    size = os.fstat(f.fileno()).st_size
+    if size == 0:
+        f.close()
+        raise SourceError(f"{path}: is an empty file; expected a {SUFFIX} archive")
+    return f, p.name, size

@@ -110,7 +110,19 @@ def pack(run_dir: str | Path, out: str | Path | None = None, *, level: int | Non
             temporaries.remove(snap)
 
 
-def _target(run: Run, out: str | Path | None) -> Path | str:
+def plan(run_dir: str | Path, out: str | Path | None = None, *, checkpoints: str = "all") -> dict:
+    """What ``pack`` would write, without writing anything: the archive's name, files and size."""
+    run = Run.open(run_dir)
+    with run.reading():
+        run.reload()
+        man = select_checkpoints(run.manifest, checkpoints)
+    target = _target(run, out, clean=False)
+    return {"archive": str(target), "name": man.name, "digest": man.digest(), "data_size": man.total_size(),
+            "files": [{"path": f.path, "size": f.size} for f in man.files],
+            "checkpoints": [c.name for c in man.checkpoints]}
+
+
+def _target(run: Run, out: str | Path | None, clean: bool = True) -> Path | str:
     if out is not None and is_remote(out):
         return str(out) + (archive_name(run.name) if str(out).endswith("/") else "")
     target = Path(out) if out is not None else Path(archive_name(run.name))
@@ -118,7 +130,8 @@ def _target(run: Run, out: str | Path | None) -> Path | str:
         target = target / archive_name(run.name)
     if not target.parent.is_dir():
         raise ArchiveError(f"{target}: the folder {target.parent} does not exist; create it or choose another -o")
-    temporaries.clean_stale(target.parent, target.name)
+    if clean:
+        temporaries.clean_stale(target.parent, target.name)
     return target
 
 

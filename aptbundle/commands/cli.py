@@ -12,9 +12,9 @@ import sys
 
 import click
 
-from aptbundle.commands.exits import CONTEXT, Group
+from aptbundle.commands.exits import CONTEXT, Group, status_for
 from aptbundle.commands.progress import progress
-from aptbundle.commands.render import human, render
+from aptbundle.commands.render import human, render, render_diff, shown
 
 
 def emit(as_json: bool, data: dict, text: str) -> None:
@@ -35,7 +35,7 @@ def main() -> None:
     """Make training runs portable: pack, unpack, verify, inspect and resume them."""
 
 
-@main.command()
+@main.command(short_help="Adopt a training output folder (write its manifest).")
 @click.argument("directory", type=click.Path(file_okay=False))
 @click.option("--trainer", default=None, help="Registered trainer that can resume this run.")
 @json_opt
@@ -53,7 +53,7 @@ def init(directory: str, trainer: str | None, as_json: bool, quiet: bool) -> Non
          f" {len(m.checkpoints)} checkpoint(s); digest {m.digest()}")
 
 
-@main.command()
+@main.command(short_help="Check a run or an archive against its manifest.")
 @click.argument("path", type=click.Path())
 @json_opt
 @quiet_opt
@@ -76,7 +76,7 @@ def verify(path: str, as_json: bool, quiet: bool) -> None:
         sys.exit(1)
 
 
-@main.command()
+@main.command(short_help="Pack a run into one verified NAME.aptrun.tar.zst.")
 @click.argument("run_dir", type=click.Path(file_okay=False))
 @click.option("-o", "--output", default=None, type=click.Path(),
               help="Archive path or folder (default: ./NAME.aptrun.tar.zst).")
@@ -87,12 +87,21 @@ def verify(path: str, as_json: bool, quiet: bool) -> None:
               type=click.Choice(["all", "latest", "best"]), help="Which checkpoints to pack.")
 @click.option("--dense", is_flag=True,
               help="Byte-group float tensors before zstd: smaller, but only aptbundle can unpack it.")
+@click.option("--dry-run", is_flag=True, help="Say what would go in, and its size; write nothing.")
 @json_opt
 @quiet_opt
-def pack(run_dir: str, output: str | None, level: int | None, threads: int, which: str, dense: bool, as_json: bool,
-         quiet: bool) -> None:
+def pack(run_dir: str, output: str | None, level: int | None, threads: int, which: str, dense: bool,
+         dry_run: bool, as_json: bool, quiet: bool) -> None:
     """Pack a run into one verified NAME.aptrun.tar.zst."""
     from aptbundle.archive.writer import pack as do_pack
+    from aptbundle.archive.writer import plan
+
+    if dry_run:
+        info = plan(run_dir, output, checkpoints=which)
+        lines = [f"{human(f['size']):>10}  {shown(f['path'])}" for f in info["files"]]
+        emit(as_json, info, "\n".join(lines + [f"would pack {len(info['files'])} files, {human(info['data_size'])}"
+                                                f" of data, into {shown(info['archive'])} (nothing written)"]))
+        return
 
     with progress("packing", quiet) as cb:
         res = do_pack(run_dir, output, level=level, threads=threads, checkpoints=which, progress=cb, dense=dense)
@@ -103,7 +112,7 @@ def pack(run_dir: str, output: str | None, level: int | None, threads: int, whic
          f"\n  digest {res.digest}")
 
 
-@main.command()
+@main.command(short_help="Unpack an archive into DEST/NAME, verified.")
 @click.argument("archive", type=click.Path())
 @click.option("-C", "--dest", default=".", show_default=True, type=click.Path(file_okay=False),
               help="Folder to create NAME/ in.")
@@ -119,23 +128,79 @@ def unpack(archive: str, dest: str, expect_digest: str | None, as_json: bool, qu
     emit(as_json, {"path": str(path)}, str(path))
 
 
-@main.command()
+@main.command(short_help="Show a run or archive: checkpoints, history, loss chart.")
 @click.argument("path", type=click.Path())
+@click.option("--plot", "plot_file", type=click.Path(dir_okay=False),
+              help="Also draw the loss curves into FILE.png or FILE.svg (needs aptbundle[plot]).")
 @json_opt
-def inspect(path: str, as_json: bool) -> None:
-    """Show a run's or an archive's manifest: checkpoints, history, sizes, a loss plot."""
+def inspect(path: str, plot_file: str | None, as_json: bool) -> None:
+    """Show a run's or an archive's manifest: checkpoints, history, sizes, and the loss curves
+    (training and validation) of its metrics log as a chart."""
     from aptbundle.commands.overview import describe
 
     info = describe(path)
-    emit(as_json, info, render(info))
+    if plot_file:
+        from aptbundle.commands.plot import plot_curves
+
+        info["plot"] = str(plot_curves(info["curves"], info["name"], plot_file))
+    emit(as_json, info, render(info) + (f"\n  plot      {shown(info['plot'])}" if plot_file else ""))
 
 
-@main.command()
+@main.command(name="ls", short_help="List the runs and archives under a folder.")
+@click.argument("directory", default=".", type=click.Path(file_okay=False))
+@json_opt
+def ls_(directory: str, as_json: bool) -> None:
+    """List the runs and archives under DIRECTORY (default: here): steps, best loss, size, digest."""
+    from aptbundle.commands.overview import list_runs
+
+    runs = list_runs(directory)
+    rows = [f"{'name':<20}{'kind':<9}{'steps':>7}{'best loss':>11}{'size':>11}  {'digest':<14}path"]
+    for r in runs:
+        if r["kind"] == "unreadable":
+            rows.append(f"{'?':<20}{'error':<9}{'':>7}{'':>11}{'':>11}  {'':<14}{shown(r['path'])}: {shown(r['error'])}")
+            continue
+        loss = f"{r['best_loss']:.4f}" if r["best_loss"] is not None else "-"
+        rows.append(f"{shown(r['name']):<20}{r['kind']:<9}{r['steps']:>7}{loss:>11}{human(r['size']):>11}"
+                    f"  {r['digest'][:12]:<14}{shown(r['path'])}")
+    emit(as_json, {"runs": runs}, "\n".join(rows) if runs else f"no runs or archives under {shown(directory)}")
+
+
+@main.command(short_help="Compare two runs or archives.")
+@click.argument("a", type=click.Path())
+@click.argument("b", type=click.Path())
+@json_opt
+def diff(a: str, b: str, as_json: bool) -> None:
+    """Compare two runs or archives: config, files, checkpoints and final metrics."""
+    from aptbundle.commands.overview import diff as do_diff
+
+    d = do_diff(a, b)
+    emit(as_json, d, render_diff(d))
+
+
+@main.command(short_help="Delete all but the last K checkpoints of a run.")
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--keep-last", type=click.IntRange(1), required=True,
+              help="Checkpoints to keep (the latest and the best are always kept).")
+@click.option("--dry-run", is_flag=True, help="Say what would go; delete nothing.")
+@json_opt
+def prune(run_dir: str, keep_last: int, dry_run: bool, as_json: bool) -> None:
+    """Delete all but the last K checkpoints of a run, in one commit (latest and best stay)."""
+    from aptbundle.format.run import prune as do_prune
+
+    names, size = do_prune(run_dir, keep_last, dry_run=dry_run)
+    verb = "would prune" if dry_run else "pruned"
+    emit(as_json, {"run": run_dir, "pruned": names, "bytes": size, "dry_run": dry_run},
+         f"{verb} {len(names)} checkpoint(s), {human(size)}: {', '.join(names) or 'none'}")
+
+
+@main.command(short_help="Continue a run where it stopped.")
 @click.argument("run_dir", required=False, type=click.Path(file_okay=False))
 @click.option("--from", "which", default="latest", show_default=True, help="latest, best or a checkpoint name.")
-@click.option("--epochs", type=click.IntRange(1), default=None, help="Train to N epochs in total.")
+@click.option("--epochs", type=click.IntRange(1), default=None,
+              help="Train to N epochs in total, and keep that as the plan [default: the run's plan].")
 @click.option("--stop-at-step", type=click.IntRange(1), default=None, help="Save and stop after global step N.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="Where to train (auto: a GPU if there is one).")
 @click.option("--data", type=click.Path(dir_okay=False), default=None, help="The corpus, when it did not travel.")
 @click.option("--allow-data-change", is_flag=True, help="Continue even if the data differs from the run's.")
 @json_opt
@@ -153,3 +218,6 @@ def resume(run_dir: str | None, which: str, epochs: int | None, stop_at_step: in
     emit(as_json, {"run": str(where), "global_step": step, "finished": done,
                    "checkpoint": getattr(res, "last_checkpoint", None)},
          f"{'finished' if done else 'stopped'} at step {step}: {where}")
+    stopped_by = getattr(res, "stopped_by", None)
+    if stopped_by:
+        sys.exit(status_for(stopped_by))

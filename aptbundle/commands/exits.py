@@ -1,44 +1,105 @@
 """One rule for exit statuses, for every program of the project (``aptbundle``, the trainer,
-``generate``): 0 done, 1 failed (one line per problem on stderr, never a traceback for a
-problem with the user's input or disk), 2 misuse of flags (click's own), 130 interrupted.
+``generate``):
+
+====  =======================================================================
+0     done
+1     failed: one line per problem on stderr, never a traceback for a problem
+      with the user's input or disk
+2     misuse of flags (click's own)
+130   stopped by SIGINT (Ctrl-C); 143 by SIGTERM, 129 by SIGHUP (128 + the
+      signal), after saving or cleaning up
+====  =======================================================================
+
+SIGTERM and SIGHUP are turned into an exception, like Ctrl-C, so ``finally`` blocks run and a
+command killed by ``timeout``, Slurm or a closed terminal leaves no temporaries behind. Messages
+name the user's paths: aptbundle's temporary names are shown as what they stand for.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+import re
+import signal
+import threading
+from typing import Any, Iterator
 
 import click
 
 from aptbundle.ground.errors import AptBundleError, VerifyError
 
-FAILED, USAGE, INTERRUPTED = 1, 2, 130
+FAILED, USAGE = 1, 2
+_TEMP = re.compile(r"\.aptrun-tmp-\d+-[0-9a-f]+-")
+
+
+class Stopped(BaseException):
+    """The process was asked to stop by a signal (SIGTERM, SIGHUP)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def status_for(signum: int) -> int:
+    """The exit status of a command stopped by ``signum``: 128 + the signal, as shells report."""
+    return 128 + signum
+
+
+def plain(text: str) -> str:
+    """``text`` with aptbundle's temporary names replaced by the names they stand for."""
+    return _TEMP.sub("", text)
+
+
+def _say(text: str) -> None:
+    click.echo(plain(text), err=True)
 
 
 def report(error: BaseException) -> int:
     """Print ``error`` as the user should see it; return the exit status it means."""
     if isinstance(error, VerifyError):
         for p in error.problems:
-            click.echo(f"error: {p}", err=True)
-        click.echo(f"error: {error.args[0].split(':')[0]}: {len(error.problems)} problem(s)", err=True)
+            _say(f"error: {p}")
+        _say(f"error: {error.args[0].split(':')[0]}: {len(error.problems)} problem(s)")
         return FAILED
     if isinstance(error, AptBundleError):
-        click.echo(f"error: {error}", err=True)
+        _say(f"error: {error}")
         return FAILED
     if isinstance(error, OSError):  # disk full, permission denied: the user's environment, not a bug
         where = f"{error.filename}: " if getattr(error, "filename", None) else ""
-        click.echo(f"error: {where}{error.strerror or error}; check the path, free space and permissions", err=True)
+        _say(f"error: {where}{error.strerror or error}; check the path, free space and permissions")
         return FAILED
     if isinstance(error, KeyboardInterrupt):
-        click.echo("interrupted", err=True)
-        return INTERRUPTED
+        _say("interrupted")
+        return status_for(signal.SIGINT)
+    if isinstance(error, Stopped):
+        _say(f"stopped by {signal.Signals(error.signum).name}")
+        return status_for(error.signum)
     raise error
+
+
+@contextlib.contextmanager
+def signals_stop() -> Iterator[None]:
+    """SIGTERM and SIGHUP raise ``Stopped`` in the main thread while the block runs."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise Stopped(signum)
+
+    old = {s: signal.signal(s, stop) for s in (signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
 
 
 class _Mapped:
     def invoke(self, ctx: click.Context) -> Any:
         try:
-            return super().invoke(ctx)  # type: ignore[misc]
-        except (AptBundleError, OSError, KeyboardInterrupt) as e:
+            with signals_stop():
+                return super().invoke(ctx)  # type: ignore[misc]
+        except (AptBundleError, OSError, KeyboardInterrupt, Stopped) as e:
             ctx.exit(report(e))
 
 

@@ -1,11 +1,28 @@
-"""How results look to a person: sizes, the ``inspect`` report with its loss plot.
+"""How results look to a person: sizes, the ``inspect`` report, and the loss chart.
 
 ``overview.describe`` gives the data; ``render`` turns it into the text ``inspect`` prints.
+Every string that comes from a bundle is escaped first: a manifest may come from anyone, and a
+terminal obeys the control sequences it is sent.
 """
 
 from __future__ import annotations
 
+import math
+import unicodedata
+
 _SPARK = "▁▂▃▄▅▆▇█"
+_MARKS = {"loss": "•", "val_loss": "×"}
+
+
+def shown(value) -> str:
+    """``value`` as text safe to print: control, format (bidi, zero-width) characters escaped.
+
+    >>> shown("run\\x1b]0;owned\\x07")
+    'run\\\\x1b]0;owned\\\\x07'
+    """
+    text = str(value)
+    return "".join(ch if unicodedata.category(ch) not in ("Cc", "Cf", "Zl", "Zp") else
+                   ch.encode("unicode_escape").decode("ascii") for ch in text)
 
 
 def sparkline(values: list[float]) -> str:
@@ -31,37 +48,114 @@ def human(n: int) -> str:
     return f"{n} B"
 
 
+def chart(curves: dict[str, list[list[float]]], width: int = 64, height: int = 12) -> list[str]:
+    """A terminal chart of the loss curves: y axis labelled, steps below, one mark per series.
+
+    >>> len(chart({"loss": [[1, 3.0], [2, 2.0], [3, 1.0]]}))
+    15
+    """
+    series = {k: v for k, v in curves.items() if v}
+    if not series:
+        return []
+    xs = [p[0] for pts in series.values() for p in pts]
+    ys = [p[1] for pts in series.values() for p in pts if math.isfinite(p[1])]
+    if not ys:
+        return []
+    x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
+    xspan, yspan = (x1 - x0) or 1, (y1 - y0) or 1.0
+    grid = [[" "] * width for _ in range(height)]
+    for key, pts in series.items():
+        mark = _MARKS.get(key, "·")
+        cols: dict[int, list[float]] = {}
+        for x, y in pts:
+            cols.setdefault(round((x - x0) / xspan * (width - 1)), []).append(y)
+        for col, vals in cols.items():
+            row = round((y1 - sum(vals) / len(vals)) / yspan * (height - 1))
+            grid[row][col] = mark
+    label = [f"{y1:.3f}" if r == 0 else f"{y0:.3f}" if r == height - 1 else
+             f"{(y1 + y0) / 2:.3f}" if r == (height - 1) // 2 else "" for r in range(height)]
+    pad = max(len(s) for s in label)
+    lines = [f"{label[r]:>{pad}} ┤{''.join(grid[r])}" for r in range(height)]
+    lines.append(" " * pad + " └" + "─" * width)
+    lines.append(" " * pad + f"  step {x0}" + f"step {x1}".rjust(width - len(f"step {x0}") - 1))
+    legend = "   ".join(f"{_MARKS.get(k, '·')} {k} {pts[0][1]:.4f} -> {pts[-1][1]:.4f}" for k, pts in series.items())
+    lines.append(" " * pad + "  " + legend)
+    return lines
+
+
+def _history(info: dict) -> list[str]:
+    hist = [h for h in info["history"] if isinstance(h, dict)]
+    if not hist:
+        return []
+    out = ["  history"]
+    for i, h in enumerate(hist):
+        start = h.get("from_digest")
+        end = next((n.get("from_digest") for n in hist[i + 1:] if n.get("from_digest")), info["digest"])
+        change = f"  digest {shown(start)[:12]} -> {shown(end)[:12]}" if isinstance(start, str) else ""
+        out.append(f"    {shown(h.get('started_at', '?'))}  steps {shown(h.get('start_step', '?'))} ->"
+                   f" {shown(h.get('stop_step', '?'))}  on {shown(h.get('device', '?'))},"
+                   f" torch {shown(h.get('torch', '?'))}{change}")
+    return out
 
 
 def render(info: dict) -> str:
     """The human-readable report for ``describe``'s dict."""
-    env = info["environment"]
+    env = info["environment"] if isinstance(info["environment"], dict) else {}
+    best = info.get("best")
     lines = [
-        f"{info['kind']} {info['path']}",
-        f"  name      {info['name']}",
+        f"{info['kind']} {shown(info['path'])}",
+        f"  name      {shown(info['name'])}",
         f"  digest    {info['digest']}",
-        f"  trainer   {info['trainer'] or '(none: not resumable by aptbundle)'}",
+        f"  trainer   {shown(info['trainer']) if info['trainer'] else '(none: not resumable by aptbundle)'}",
         f"  files     {info['files']} ({human(info['size'])} of data"
         + (f", archive {human(info['archive_size'])})" if info["archive_size"] is not None else ")"),
         *([f"  codec     {info['codec']}: unpack it with aptbundle (plain tar would give byte-grouped"
             " tensor files)"] if info.get("needs_aptbundle") else []),
-        f"  written   {info['updated_at']} on " + ", ".join(f"{k} {v}" for k, v in sorted(env.items())),
+        f"  written   {shown(info['updated_at'])} on " + ", ".join(f"{shown(k)} {shown(v)}" for k, v in sorted(env.items())),
+        *([f"  best      {shown(best['name'])} by {shown(best['metric'])} ({shown(best['mode'])})"] if best else []),
     ]
-    if info["history"]:
-        lines.append("  history")
-        for h in info["history"]:
-            lines.append(f"    {h.get('started_at', '?')}  steps {h.get('start_step', '?')} -> {h.get('stop_step', '?')}"
-                         f"  on {h.get('device', '?')}, torch {h.get('torch', '?')}")
+    lines += _history(info)
     if info["checkpoints"]:
         lines.append("  checkpoints")
-        lines.append(f"    {'name':<16}{'step':>8}{'epoch':>8}{'loss':>10}{'size':>11}")
+        lines.append(f"    {'name':<16}{'step':>8}{'epoch':>8}{'loss':>10}{'val_loss':>10}{'size':>11}")
         for c in info["checkpoints"]:
             loss = f"{c['loss']:.4f}" if isinstance(c["loss"], (int, float)) else "-"
+            val = c["metrics"].get("val_loss") if isinstance(c["metrics"], dict) else None
+            val = f"{val:.4f}" if isinstance(val, (int, float)) else "-"
             tags = " ".join(t for t, on in (("latest", c["latest"]), ("best", c["best"])) if on)
-            lines.append(f"    {c['name']:<16}{c['step']:>8}{c['epoch']:>8}{loss:>10}{human(c['size']):>11}  {tags}")
-        losses = [c["loss"] for c in info["checkpoints"] if isinstance(c["loss"], (int, float))]
-        if len(losses) >= 2:
-            lines.append(f"  loss      {sparkline(losses)}  {losses[0]:.4f} -> {losses[-1]:.4f}")
+            lines.append(f"    {shown(c['name']):<16}{c['step']:>8}{shown(c['epoch']):>8}{loss:>10}{val:>10}"
+                         f"{human(c['size']):>11}  {tags}")
     else:
         lines.append("  checkpoints  (none)")
+    plot = chart(info.get("curves") or {})
+    if plot:
+        lines.append("  loss")
+        lines += ["    " + line for line in plot]
+    return "\n".join(lines)
+
+
+def render_diff(d: dict) -> str:
+    """The human-readable report of ``overview.diff``."""
+    a, b = d["a"], d["b"]
+    lines = [f"a  {shown(a['path'])}  ({shown(a['name'])}, digest {a['digest'][:12]})",
+             f"b  {shown(b['path'])}  ({shown(b['name'])}, digest {b['digest'][:12]})"]
+    if d["same"]:
+        return "\n".join(lines + ["the same run: identical manifests"])
+    if d["config"]:
+        lines.append("config")
+        lines += [f"  {shown(k)}: {shown(va)} -> {shown(vb)}" for k, (va, vb) in d["config"].items()]
+    files = d["files"]
+    lines.append(f"files     {len(files['only_a'])} only in a, {len(files['only_b'])} only in b,"
+                 f" {len(files['changed'])} changed")
+    lines += [f"  - {shown(p)}" for p in files["only_a"][:20]] + [f"  + {shown(p)}" for p in files["only_b"][:20]]
+    lines += [f"  ~ {shown(p)}" for p in files["changed"][:20]]
+    ck = d["checkpoints"]
+    lines.append(f"checkpoints  both: {len(ck['both'])}; only a: {', '.join(map(shown, ck['only_a'])) or '-'};"
+                 f" only b: {', '.join(map(shown, ck['only_b'])) or '-'}")
+    for side in ("a", "b"):
+        f = d["final"][side]
+        if f:
+            metrics = ", ".join(f"{shown(k)} {v:.4f}" if isinstance(v, float) else f"{shown(k)} {shown(v)}"
+                                for k, v in f.items() if k not in ("checkpoint",))
+            lines.append(f"final {side}  {shown(f['checkpoint'])}: {metrics}")
     return "\n".join(lines)

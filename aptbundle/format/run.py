@@ -223,6 +223,26 @@ class Run:
         self.manifest.updated_at = now_iso()
         atomic_write_bytes(self.path / MANIFEST_NAME, self.manifest.to_bytes())
 
+    def to_retire(self, keep_last: int | None) -> list[CheckpointEntry]:
+        """The checkpoints a retention of the last ``keep_last`` lets go (never latest or best)."""
+        if keep_last is None:
+            return []
+        keep = {c.name for c in self.manifest.checkpoints[-keep_last:]}
+        keep.add(self.manifest.latest)
+        if self.manifest.best:
+            keep.add(self.manifest.best.name)
+        return [c for c in self.manifest.checkpoints if c.name not in keep]
+
+    def retire(self, entries: list[CheckpointEntry]) -> list[Path]:
+        """Drop checkpoints from the in-memory manifest; return their folders, to delete once the
+        manifest is saved (a crash in between leaves only unlisted folders, which ``recover`` removes)."""
+        folders = []
+        for c in entries:
+            self.forget_prefix(c.folder)
+            self.manifest.checkpoints.remove(c)
+            folders.append(self.path / c.folder)
+        return folders
+
     def start_session(self, **info) -> dict:
         """Append a history entry for a training session (saved with the next commit)."""
         entry = {"started_at": now_iso(), **info}
@@ -246,7 +266,7 @@ class Run:
                 if n in dirnames and temporaries.is_temp_name(n):
                     dirnames.remove(n)
         listed = {c.name for c in self.manifest.checkpoints}
-        owned = {f.path.split("/")[1] for f in self.files_under(CHECKPOINTS) if f.path.count("/") >= 2}
+        owned = {f.path.split("/")[1] for f in self.files_under(CHECKPOINTS) if f.path.count("/") >= 1}
         ck = self.path / CHECKPOINTS
         if ck.is_dir():
             for d in ck.iterdir():
@@ -256,3 +276,25 @@ class Run:
                     removed.append(d.relative_to(self.path).as_posix())
         return removed
 
+
+
+def prune(path: str | Path, keep_last: int, *, dry_run: bool = False) -> tuple[list[str], int]:
+    """Delete all checkpoints but the last ``keep_last`` (and the latest and best), atomically:
+    the manifest stops listing them in one commit, then their folders go. Returns the names
+    pruned and the bytes they held.
+
+    >>> # prune("outputs/run1", keep_last=1)
+    """
+    if keep_last < 1:
+        raise RunError(f"--keep-last {keep_last}: expected at least 1")
+    run = Run.open(path)
+    with run.writer(), run.committing():
+        run.reload()
+        gone = run.to_retire(keep_last)
+        size = sum(f.size for c in gone for f in run.files_under(c.folder))
+        if not dry_run and gone:
+            folders = run.retire(gone)
+            run.save_manifest()
+            for d in folders:
+                shutil.rmtree(d, ignore_errors=True)
+    return [c.name for c in gone], size

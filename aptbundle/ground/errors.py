@@ -36,6 +36,10 @@ class ArchiveError(AptBundleError):
     """An archive is malformed, unsafe, or does not match its manifest."""
 
 
+class SourceError(ArchiveError):
+    """An archive cannot be opened at all: missing, a folder, empty, an unusable URL."""
+
+
 class UnsafeContentError(AptBundleError):
     """A file would run code or read out of bounds if loaded (pickle globals, bad safetensors)."""
 

@@ -37,6 +37,7 @@ from safetensors.torch import load_model as _st_load_model
 from safetensors.torch import save_file as _st_save_file
 
 from aptbundle.format.manifest import BestInfo, CheckpointEntry
+from aptbundle.format.metrics import METRICS_FILE, read_curves, summarize
 from aptbundle.format.run import CHECKPOINTS, Run, environment_info, now_iso
 from aptbundle.format.verify import VerifiedCheckpoint, verify_checkpoint
 from aptbundle.ground import temporaries
@@ -129,7 +130,7 @@ class Checkpointer:
     def start_session(self, *, device: str | None = None, start_step: int = 0, **info: Any) -> None:
         """Record in the run's history that a training session starts (saved with the next commit)."""
         self.run.start_session(start_step=start_step, stop_step=start_step, processes=self.group.world,
-                               **environment_info(device), **info)
+                               from_digest=self.run.manifest.digest(), **environment_info(device), **info)
 
     # -- saving ------------------------------------------------------------------------------
     def save(self, *, step: int, epoch: int | float, trainer_state: Mapping[str, Any] | None = None,
@@ -245,6 +246,8 @@ class Checkpointer:
             fsync_dir(final.parent)
             for rel, data in job["run_files"].items():
                 run.write_file(rel, data)
+                if rel == METRICS_FILE:  # the whole curve, small, for `inspect` of an archive
+                    man.extra["curves"] = summarize(read_curves(data))
             old_entry = man.checkpoint(name)
             run.forget_prefix(old_entry.folder if old_entry else f"{CHECKPOINTS}/{name}")
             for f in sorted(final.rglob("*")):
@@ -254,10 +257,7 @@ class Checkpointer:
             man.checkpoints = sorted([c for c in man.checkpoints if c.name != name] + [entry], key=lambda c: c.step)
             man.latest = max(man.checkpoints, key=lambda c: c.step).name
             self._update_best(name, job["metrics"], job["is_best"])
-            for c in self._to_retire():
-                run.forget_prefix(c.folder)
-                man.checkpoints.remove(c)
-                retired.append(run.path / c.folder)
+            retired += run.retire(run.to_retire(self.keep_last))
             man.environment = environment_info(job["device"])
             if man.history:
                 man.history[-1].update(stop_step=job["step"], stopped_at=now_iso(),
@@ -279,16 +279,6 @@ class Checkpointer:
                       or (value < cur.value if self.best_mode == "min" else value > cur.value))
             if better:
                 man.best = BestInfo(name, self.best_metric, self.best_mode, float(value))
-
-    def _to_retire(self) -> list[CheckpointEntry]:
-        man = self.run.manifest
-        if self.keep_last is None:
-            return []
-        keep = {c.name for c in man.checkpoints[-self.keep_last:]}
-        keep.add(man.latest)
-        if man.best:
-            keep.add(man.best.name)
-        return [c for c in man.checkpoints if c.name not in keep]
 
     # -- loading -----------------------------------------------------------------------------
     def verify(self, which: str = "latest") -> VerifiedCheckpoint:
