@@ -18,7 +18,7 @@ from aptbundle.run import Run
 from aptbundle.verify import verify_run
 from conftest import APTBUNDLE, TRAINER, cli, no_traceback, sh
 
-KILL_ROUNDS = int(os.environ.get("APTBUNDLE_KILL_ROUNDS", "6"))  # 25 or more: the long round
+from conftest import KILL_ROUNDS  # noqa: E402
 
 
 def _limit_fsize(limit):
@@ -111,21 +111,21 @@ def test_sigkill_during_pack_and_unpack_leaves_nothing_at_the_name(tmp_path):
     assert (dest / "big" / "blob.bin").read_bytes() == (run_dir / "blob.bin").read_bytes()
 
 
-def test_full_disk_is_a_clear_error_and_loses_no_checkpoint(tmp_path):
-    r = sh(*TRAINER, "--run-dir", tmp_path / "r", "--epochs", "2", "--stop-at-step", "10", "-q", cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
+def test_full_disk_is_a_clear_error_and_loses_no_checkpoint(tiny_run, tmp_path):
+    shutil.copytree(tiny_run, tmp_path / "r")  # finished at step 56: a third epoch needs a new checkpoint
     before = {f.path: f.sha256 for f in load_manifest(tmp_path / "r").files}
-    p = subprocess.run([*TRAINER, "--run-dir", str(tmp_path / "r"), "--resume-from", "latest", "-q"],
-                       cwd=tmp_path, capture_output=True, text=True, preexec_fn=_limit_fsize(200_000))
+    p = subprocess.run([*TRAINER, "--run-dir", str(tmp_path / "r"), "--resume-from", "latest", "--epochs", "3",
+                        "--save-every", "2", "-q"], cwd=tmp_path, capture_output=True, text=True,
+                       preexec_fn=_limit_fsize(200_000))
     assert p.returncode == 1 and no_traceback(p.stderr), p.stderr
     assert "too large" in p.stderr.lower() and "intact" in p.stderr
     run = Run.open(tmp_path / "r")
-    assert run.latest.step == 10
+    assert run.latest.step == 56
     assert {f.path: f.sha256 for f in run.manifest.files} == before
     listed = [f.path for f in run.manifest.files if f.path.startswith("checkpoints/")]
     assert verify_run(run, only=listed).problems == []
-    r = sh(*TRAINER, "--run-dir", tmp_path / "r", "--resume-from", "latest", "--stop-at-step", "12", "-q",
-           cwd=tmp_path)
+    r = sh(*TRAINER, "--run-dir", tmp_path / "r", "--resume-from", "latest", "--epochs", "3",
+           "--stop-at-step", "58", "-q", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert verify_run(Run.open(tmp_path / "r")).problems == []
 

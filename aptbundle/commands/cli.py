@@ -25,6 +25,16 @@ def emit(as_json: bool, data: dict, text: str) -> None:
         click.echo(text)
 
 
+def _digest(value: str | None) -> str | None:
+    """An expected run digest must be one: an empty or malformed one is misuse, never "no check"."""
+    if value is None:
+        return None
+    v = value.strip().lower()
+    if len(v) != 64 or any(c not in "0123456789abcdef" for c in v):
+        raise click.BadParameter(f"{value!r} is not a run digest (64 hex digits, as `aptbundle pack` prints)")
+    return v
+
+
 json_opt = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON on stdout.")
 quiet_opt = click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 
@@ -116,7 +126,8 @@ def pack(run_dir: str, output: str | None, level: int | None, threads: int, whic
 @click.argument("archive", type=click.Path())
 @click.option("-C", "--dest", default=".", show_default=True, type=click.Path(file_okay=False),
               help="Folder to create NAME/ in.")
-@click.option("--expect-digest", default=None, help="Refuse the archive unless its run digest is this.")
+@click.option("--expect-digest", default=None, callback=lambda ctx, param, v: _digest(v),
+              help="Refuse the archive unless its run digest is this (64 hex digits).")
 @json_opt
 @quiet_opt
 def unpack(archive: str, dest: str, expect_digest: str | None, as_json: bool, quiet: bool) -> None:
