@@ -16,7 +16,7 @@ from aptbundle.commands.cli import main as aptbundle_main
 from aptbundle.manifest import load_manifest
 from aptbundle.run import Run
 from aptbundle.verify import verify_run
-from conftest import APTBUNDLE, PY, TRAINER, cli, no_traceback, sh
+from conftest import APTBUNDLE, PY, TRAINER, cli, no_traceback, sh, trainer
 
 GENERATE = [PY, "-m", "apt_model.generate"]
 
@@ -94,7 +94,7 @@ def test_sigterm_during_pack_cleans_up_and_exits_143(tmp_path):
 def test_a_first_run_that_fails_leaves_nothing_and_a_killed_one_restarts_with_resume(tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("")
-    r = sh(*TRAINER, "--run-dir", tmp_path / "r", "--data", empty, cwd=tmp_path)
+    r = trainer("--run-dir", tmp_path / "r", "--data", empty, cwd=tmp_path)
     assert r.returncode == 1 and "too short" in r.stderr and no_traceback(r.stderr)
     assert not (tmp_path / "r").exists()
     # a first run killed before its first checkpoint: `aptbundle resume` trains it from the start
@@ -225,6 +225,6 @@ def test_messages_name_the_users_paths(tmp_path, tiny_run):
     assert r.exit_code == 1 and len(r.stderr.strip().splitlines()) == 1  # one line, said once
     r = sh(*GENERATE, tiny_run, "--max-new-tokens", "10", "--device", "cpu")
     assert r.returncode == 0 and "best checkpoint" in r.stderr and "on cpu" in r.stderr
-    r = sh(*TRAINER, "--run-dir", tmp_path / "t", "--epochs", "1", cwd=tmp_path)
+    r = trainer("--run-dir", tmp_path / "t", "--epochs", "1", cwd=tmp_path)
     assert r.returncode == 0 and f"next: aptbundle pack {tmp_path / 't'}" in r.stderr
     assert load_manifest(tmp_path / "t").digest() in r.stderr and ".aptrun-tmp" not in r.stderr

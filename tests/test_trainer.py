@@ -13,7 +13,7 @@ import torch
 from aptbundle.manifest import load_manifest
 from aptbundle.run import Run
 from aptbundle.verify import verify_run
-from conftest import TRAINER, cli, no_traceback, sh
+from conftest import TRAINER, cli, no_traceback, sh, trainer
 
 
 def ckpt(run, name=None):
@@ -23,12 +23,12 @@ def ckpt(run, name=None):
 
 def test_stop_and_resume_is_bit_exact(tmp_path, tiny_run):
     # straight through: the session fixture (2 epochs, save_every 10); interrupted: stop mid-epoch
-    r = sh(*TRAINER, "--run-dir", tmp_path / "b", "--epochs", "2", "--save-every", "10", "--keep-last", "10",
+    r = trainer("--run-dir", tmp_path / "b", "--epochs", "2", "--save-every", "10", "--keep-last", "10",
            "--stop-at-step", "13", "--quiet", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     state = json.loads((ckpt(tmp_path / "b") / "trainer_state.json").read_text())
     assert state["global_step"] == 13 and 0 < state["position"] < state["steps_per_epoch"]
-    r = sh(*TRAINER, "--run-dir", tmp_path / "b", "--resume-from", "latest", "--quiet", cwd=tmp_path)
+    r = trainer("--run-dir", tmp_path / "b", "--resume-from", "latest", "--quiet", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     a, b = ckpt(tiny_run), ckpt(tmp_path / "b")
     assert a.name == b.name
@@ -70,21 +70,21 @@ def test_sigterm_saves_and_exits_143(tmp_path):
 
 
 def test_existing_run_and_bad_flags_are_clear_errors(tiny_run, tmp_path):
-    r = sh(*TRAINER, "--run-dir", tiny_run, "--epochs", "1", cwd=tmp_path)
+    r = trainer("--run-dir", tiny_run, "--epochs", "1", cwd=tmp_path)
     assert r.returncode == 1 and "--resume-from latest" in r.stderr and no_traceback(r.stderr)
-    r = sh(*TRAINER, "--run-dir", tmp_path / "x", "--batch-size", "0", cwd=tmp_path)
+    r = trainer("--run-dir", tmp_path / "x", "--batch-size", "0", cwd=tmp_path)
     assert r.returncode == 2 and "--batch-size" in r.stderr and no_traceback(r.stderr)  # misuse: refused first
     assert not (tmp_path / "x").exists()
-    r = sh(*TRAINER, "--run-dir", tmp_path / "x", "--model-size", "huge", cwd=tmp_path)
+    r = trainer("--run-dir", tmp_path / "x", "--model-size", "huge", cwd=tmp_path)
     assert r.returncode == 2
-    r = sh(*TRAINER, "--run-dir", tmp_path / "y", "--data", tmp_path / "missing.txt", cwd=tmp_path)
+    r = trainer("--run-dir", tmp_path / "y", "--data", tmp_path / "missing.txt", cwd=tmp_path)
     assert r.returncode == 1 and "missing.txt" in r.stderr and no_traceback(r.stderr)
 
 
 def test_data_travels_and_changed_data_is_refused(tmp_path):
     corpus = tmp_path / "my corpus.txt"
     corpus.write_text(("the quick brown fox jumps over the lazy dog. 敏捷的棕色狐狸。\n" * 60), "utf-8")
-    r = sh(*TRAINER, "--run-dir", tmp_path / "r", "--data", corpus, "--epochs", "2", "--stop-at-step", "5", "-q",
+    r = trainer("--run-dir", tmp_path / "r", "--data", corpus, "--epochs", "2", "--stop-at-step", "5", "-q",
            cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "r/data/my corpus.txt").read_bytes() == corpus.read_bytes()
@@ -92,13 +92,13 @@ def test_data_travels_and_changed_data_is_refused(tmp_path):
     assert src["copied"] and str(tmp_path) not in json.dumps(src)
     other = tmp_path / "other.txt"
     other.write_text(corpus.read_text("utf-8").replace("fox", "cat"), "utf-8")
-    r = sh(*TRAINER, "--run-dir", tmp_path / "r", "--resume-from", "latest", "--data", other, cwd=tmp_path)
+    r = trainer("--run-dir", tmp_path / "r", "--resume-from", "latest", "--data", other, cwd=tmp_path)
     assert r.returncode == 1 and "--allow-data-change" in r.stderr and no_traceback(r.stderr)
-    r = sh(*TRAINER, "--run-dir", tmp_path / "r", "--resume-from", "latest", "--data", other,
+    r = trainer("--run-dir", tmp_path / "r", "--resume-from", "latest", "--data", other,
            "--allow-data-change", "--stop-at-step", "8", "-q", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     corpus.unlink()  # the run's own copy is enough to resume
-    r = sh(*TRAINER, "--run-dir", tmp_path / "r", "--resume-from", "latest", "-q", cwd=tmp_path)
+    r = trainer("--run-dir", tmp_path / "r", "--resume-from", "latest", "-q", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
 
 
