@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from aptbundle.errors import UnsafePathError
+from aptbundle.paths import check_name
 from apt_model.errors import DataError
 
 COPY_LIMIT = 64 * 1024 * 1024
@@ -48,10 +50,19 @@ def describe_source(path: str | Path) -> dict:
 
 
 def source_record(run_path: Path) -> dict:
+    """``data/source.json``, checked: it comes with the run, and a run may come from anyone."""
+    shown = f"{run_path.name}/{SOURCE_FILE}"
     try:
-        return json.loads((run_path / SOURCE_FILE).read_text("utf-8"))
-    except (OSError, ValueError) as e:
-        raise DataError(f"{run_path.name}/{SOURCE_FILE}: unreadable ({e}); the run does not say what data it used") from None
+        rec = json.loads((run_path / SOURCE_FILE).read_text("utf-8"))
+    except (OSError, ValueError, RecursionError) as e:
+        raise DataError(f"{shown}: unreadable ({e}); the run does not say what data it used") from None
+    if not isinstance(rec, dict) or not isinstance(rec.get("name"), str):
+        raise DataError(f"{shown}: expected an object with the corpus' name, size and sha256")
+    try:  # one plain file name: never a path that reaches outside the run's data folder
+        rec["name"] = check_name(rec["name"], what="corpus name")
+    except UnsafePathError as e:
+        raise DataError(f"{shown}: {e}") from None
+    return rec
 
 
 def resolve_data(run_path: Path, data: str | Path | None, allow_change: bool) -> tuple[Path, bool]:
@@ -66,7 +77,11 @@ def resolve_data(run_path: Path, data: str | Path | None, allow_change: bool) ->
             raise DataError(
                 f"{run_path.name}: its corpus {rec.get('name')!r} ({rec.get('size')} bytes) was too large to travel"
                 " with the run; pass the same file with --data")
-        return run_path / "data" / rec["name"], False
+        inside = run_path / "data" / rec["name"]
+        if inside.is_symlink() or not inside.is_file():  # a FIFO, a device or a link would be read as text
+            raise DataError(f"{run_path.name}/data/{rec['name']}: expected the run's own copy of its corpus, a"
+                            " regular file; found something else. The run is damaged or crafted")
+        return inside, False
     found = describe_source(data)
     if found["sha256"] != rec.get("sha256"):
         if not allow_change:

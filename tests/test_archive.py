@@ -48,7 +48,7 @@ def test_pack_is_deterministic(tiny_run, tmp_path):
     a = pack(tiny_run, tmp_path / "a.aptrun.tar.zst", threads=1).path.read_bytes()
     b = pack(tiny_run, tmp_path / "b.aptrun.tar.zst", threads=2).path.read_bytes()
     assert a == b
-    c = cli("pack", tiny_run, "-o", tmp_path / "a.aptrun.tar.zst")  # again, over the first
+    c = cli("pack", tiny_run, "-o", tmp_path / "a.aptrun.tar.zst", "--force")  # again, over the first
     assert c.exit_code == 0 and (tmp_path / "a.aptrun.tar.zst").read_bytes() == a
 
 

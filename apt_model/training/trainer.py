@@ -145,7 +145,8 @@ def _restore(s: Session, ckpt: Checkpointer, checkpoint: VerifiedCheckpoint, d: 
         state = ckpt.load(checkpoint, map_location=s.device)
     for w in caught:
         log(quiet, f"warning: {w.message}")
-    old_world = int(state.get("world_size", 1))
+    _check_state(state, f"{checkpoint.name}/trainer_state.json")
+    old_world = state.get("world_size", 1)
     if old_world != d.world:
         seen = int(state.get("position", 0)) * s.cfg.batch_size * old_world
         state["position"] = min(seen // (s.cfg.batch_size * d.world), s.sampler.num_batches() - 1)
@@ -154,9 +155,27 @@ def _restore(s: Session, ckpt: Checkpointer, checkpoint: VerifiedCheckpoint, d: 
     elif state.get("steps_per_epoch") not in (None, s.sampler.num_batches()) and not allow_data_change:
         raise TrainingError(f"{s.run.name}: the data gives {s.sampler.num_batches()} steps per epoch,"
                             f" the run had {state['steps_per_epoch']}; pass --allow-data-change")
+    if not 0 <= state.get("position", 0) < s.sampler.num_batches():  # past the end: the loop would never end
+        raise TrainingError(f"{checkpoint.name}/trainer_state.json: position {state['position']} is outside the"
+                            f" epoch's {s.sampler.num_batches()} batches; the checkpoint is damaged or crafted")
     log(quiet, f"resuming {s.run.name} from {checkpoint.name} (step {state.get('global_step')},"
                 f" epoch {state.get('epoch')}) on {s.device.type}" + (f" x{d.world}" if d.enabled else ""))
     return state
+
+
+def _check_state(state: dict, shown: str) -> None:
+    """The numbers the loop runs on, range-checked: a checkpoint may come from anyone."""
+    limits = {"global_step": 1 << 53, "epoch": 1 << 31, "position": 1 << 53, "world_size": 1 << 20}
+    for key, top in limits.items():
+        v = state.get(key, 1 if key == "world_size" else 0)
+        if type(v) is not int or not (1 if key == "world_size" else 0) <= v < top:
+            raise TrainingError(f"{shown}: {key} is {str(v)[:40]!r}; expected a whole number in range."
+                                " The checkpoint is damaged or crafted")
+    losses = state.get("loss_history", [])
+    if not isinstance(losses, list) or len(losses) > state.get("global_step", 0) + 1 or not all(
+            type(x) in (int, float) and x == x and abs(x) != float("inf") for x in losses):
+        raise TrainingError(f"{shown}: loss_history is not a list of at most global_step finite numbers;"
+                            " the checkpoint is damaged or crafted")
 
 
 def resume_run(run_dir: str | Path, *, which: str = "latest", checkpoint: VerifiedCheckpoint | None = None,

@@ -72,12 +72,14 @@ class PackResult:
 
 
 def pack(run_dir: str | Path, out: str | Path | None = None, *, level: int | None = None, threads: int = 0,
-         checkpoints: str = "all", progress: Progress | None = None, dense: bool = False) -> PackResult:
+         checkpoints: str = "all", progress: Progress | None = None, dense: bool = False,
+         force: bool = False) -> PackResult:
     """Pack a run into a verified, deterministic ``.aptrun.tar.zst``.
 
     ``threads=0`` uses every core. ``dense=True`` byte-groups float tensors (see ``codec``): a
     smaller archive that only aptbundle can unpack. ``level`` defaults to 3, and to 1 with
-    ``dense`` (byte-grouped floats compress as well at level 1 and twice as fast).
+    ``dense`` (byte-grouped floats compress as well at level 1 and twice as fast). An existing
+    file at the output path is replaced only with ``force``.
 
     >>> # pack("outputs/run1").path
     PosixPath('run1.aptrun.tar.zst')
@@ -90,6 +92,7 @@ def pack(run_dir: str | Path, out: str | Path | None = None, *, level: int | Non
     threads = threads if threads > 0 else (os.cpu_count() or 1)
     run = Run.open(run_dir)
     target = _target(run, out)
+    _refuse_existing(target, force)
     temporaries.clean_stale(run.path, "pack")
     snap = None
     try:
@@ -133,6 +136,19 @@ def _target(run: Run, out: str | Path | None, clean: bool = True) -> Path | str:
     if clean:
         temporaries.clean_stale(target.parent, target.name)
     return target
+
+
+def _refuse_existing(target: Path | str, force: bool) -> None:
+    """Never overwrite a file the user did not ask to replace (``-o notes.txt`` by mistake)."""
+    if force:
+        return
+    if isinstance(target, str):
+        fs, rpath = remote_fs(target)
+        exists = fs.exists(rpath)
+    else:
+        exists = target.exists() or target.is_symlink()
+    if exists:
+        raise ArchiveError(f"{target}: already exists; pass --force to replace it, or choose another -o")
 
 
 def _write_to(target: Path | str, root: Path, man: Manifest, level: int, threads: int,

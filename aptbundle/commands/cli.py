@@ -98,10 +98,11 @@ def verify(path: str, as_json: bool, quiet: bool) -> None:
 @click.option("--dense", is_flag=True,
               help="Byte-group float tensors before zstd: smaller, but only aptbundle can unpack it.")
 @click.option("--dry-run", is_flag=True, help="Say what would go in, and its size; write nothing.")
+@click.option("--force", is_flag=True, help="Replace the output file if it exists.")
 @json_opt
 @quiet_opt
 def pack(run_dir: str, output: str | None, level: int | None, threads: int, which: str, dense: bool,
-         dry_run: bool, as_json: bool, quiet: bool) -> None:
+         dry_run: bool, force: bool, as_json: bool, quiet: bool) -> None:
     """Pack a run into one verified NAME.aptrun.tar.zst."""
     from aptbundle.archive.writer import pack as do_pack
     from aptbundle.archive.writer import plan
@@ -114,7 +115,8 @@ def pack(run_dir: str, output: str | None, level: int | None, threads: int, whic
         return
 
     with progress("packing", quiet) as cb:
-        res = do_pack(run_dir, output, level=level, threads=threads, checkpoints=which, progress=cb, dense=dense)
+        res = do_pack(run_dir, output, level=level, threads=threads, checkpoints=which, progress=cb, dense=dense,
+                      force=force)
     ratio = res.size / res.data_size if res.data_size else 0.0
     emit(as_json, {"archive": str(res.path), "size": res.size, "digest": res.digest, "files": res.files,
                    "data_size": res.data_size},

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -168,6 +169,13 @@ def _reject_constant(name: str) -> Any:
     raise ManifestError(f"{name} is not valid JSON")
 
 
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e400 parses as inf: a number no run can have written
+        raise ManifestError(f"number {text[:40]} is out of range; expected a finite number")
+    return value
+
+
 def parse_manifest(data: bytes, source: str = MANIFEST_NAME) -> Manifest:
     """Parse and validate manifest bytes; raise ``ManifestError`` naming ``source`` otherwise."""
     if len(data) > MAX_MANIFEST_BYTES:
@@ -180,7 +188,8 @@ def parse_manifest(data: bytes, source: str = MANIFEST_NAME) -> Manifest:
     except UnicodeDecodeError as e:
         raise ManifestError(f"{source}: not UTF-8 ({e.reason} at byte {e.start}); expected UTF-8 JSON") from None
     try:
-        raw = json.loads(text, object_pairs_hook=_no_dup_keys, parse_constant=_reject_constant)
+        raw = json.loads(text, object_pairs_hook=_no_dup_keys, parse_constant=_reject_constant,
+                         parse_float=_finite)
     except ManifestError as e:
         raise ManifestError(f"{source}: {e}") from None
     except (ValueError, RecursionError) as e:

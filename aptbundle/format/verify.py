@@ -133,10 +133,23 @@ def verify_run(run: Run, *, checkpoint: CheckpointEntry | None = None, only: lis
         rep = Report(str(run.path), "run" if checkpoint is None else "checkpoint", len(entries),
                      sum(f.size for f in entries), run.manifest.digest())
         announce_total(progress, rep.size)
+        linked = _linked_folders(run.path, entries)
         for entry in entries:
+            behind = next((d for d in linked if entry.path.startswith(d + "/")), None)
+            if behind is not None:  # the file lives outside the run, wherever the link points
+                problems.append(Problem(entry.path, "type", "a file inside the run",
+                                        f"a file behind the symbolic link {behind}"))
+                continue
             problems += check_file(run.path, entry, scan=scan, quick=quick, progress=progress)
     rep.problems = sorted(problems, key=lambda p: p.path)
     return rep
+
+
+def _linked_folders(root: Path, entries: list[FileEntry]) -> list[str]:
+    """The folders on the way to the listed files that are symbolic links (each looked at once)."""
+    folders = {e.path.rsplit("/", 1)[0] for e in entries if "/" in e.path}
+    parents = {f.rsplit("/", i)[0] for f in folders for i in range(f.count("/") + 1)}
+    return sorted(d for d in parents if os.path.islink(root / d))
 
 
 @dataclass(frozen=True)

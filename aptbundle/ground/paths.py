@@ -25,7 +25,9 @@ _WINDOWS_FORBIDDEN = set('<>:"|?*')
 
 
 def _is_control(ch: str) -> bool:
-    return unicodedata.category(ch) == "Cc"
+    # Cc: control characters; Cf: format characters (bidi overrides, zero-width joiners and
+    # spaces), which make a name print as another one
+    return unicodedata.category(ch) in ("Cc", "Cf")
 
 
 def normalize_relpath(path: str, *, what: str = "path") -> str:
@@ -44,7 +46,7 @@ def normalize_relpath(path: str, *, what: str = "path") -> str:
     for ch in path:
         if _is_control(ch):
             raise UnsafePathError(
-                f"{what} {shown}: contains control character {ch!r}; rename the file"
+                f"{what} {shown}: contains control or invisible character {ch!r}; rename the file"
             )
     if "\\" in path:
         raise UnsafePathError(

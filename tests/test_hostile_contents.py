@@ -1,0 +1,115 @@
+"""Hostile contents of a well-formed bundle: its hashes match by construction (the author wrote
+the manifest), so everything read from it is checked before use. Each test plants one thing and
+recomputes the hashes, as an attacker would."""
+
+import json
+import os
+import shutil
+import subprocess
+
+import pytest
+
+from aptbundle.errors import UnsafePathError
+from aptbundle.manifest import load_manifest
+from aptbundle.paths import normalize_relpath
+from aptbundle.run import Run
+from conftest import APTBUNDLE, cli, no_traceback, sh
+
+
+def plant(run_dir, rel, data: bytes):
+    """Replace a file of the run and list its new hash: only the content checks are left."""
+    (run_dir / rel).write_bytes(data)
+    run = Run.open(run_dir)
+    run.record_file(rel)
+    run.save_manifest()
+
+
+def edit_manifest(run_dir, change):
+    path = run_dir / "aptrun.json"
+    raw = json.loads(path.read_text())
+    change(raw)
+    path.write_text(json.dumps(raw))
+
+
+def test_a_number_out_of_range_is_refused_at_parse(run_copy):
+    def huge(m):
+        m["checkpoints"][0]["metrics"]["loss"] = 1.0
+    edit_manifest(run_copy, huge)
+    text = (run_copy / "aptrun.json").read_text().replace('"loss": 1.0', '"loss": 1e400', 1)
+    (run_copy / "aptrun.json").write_text(text)
+    for args in (["verify", run_copy], ["inspect", run_copy], ["pack", run_copy, "-o", run_copy.parent / "x"]):
+        r = cli(*args)
+        assert r.exit_code == 1 and "out of range" in r.stderr and no_traceback(r.output), r.output
+
+
+@pytest.mark.parametrize("name", ["evil\u202etxt.pt", "a\u200bb", "x\u2066y"])
+def test_invisible_and_bidi_characters_are_refused_in_names(name):
+    with pytest.raises(UnsafePathError, match="invisible"):
+        normalize_relpath(name)
+
+
+def test_pack_never_overwrites_a_file_it_was_not_asked_to_replace(tiny_run, tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes")
+    r = cli("pack", tiny_run, "-o", notes)
+    assert r.exit_code == 1 and "--force" in r.stderr and notes.read_text() == "my notes"
+    r = cli("pack", tiny_run, "-o", notes, "--force", "-q")
+    assert r.exit_code == 0 and notes.read_bytes()[:4] == b"\x28\xb5\x2f\xfd"
+
+
+@pytest.mark.parametrize("name", ["/etc/passwd", "../../outside.txt", "a/b.txt"])
+def test_the_corpus_name_from_the_bundle_is_a_plain_name(run_copy, tmp_path, name):
+    src = json.loads((run_copy / "data/source.json").read_text())
+    src["name"] = name
+    plant(run_copy, "data/source.json", json.dumps(src).encode())
+    r = cli("resume", run_copy, "-q")
+    assert r.exit_code == 1 and "corpus name" in r.stderr and no_traceback(r.output), r.output
+
+
+def test_a_fifo_in_place_of_the_corpus_is_refused_without_hanging(run_copy):
+    src = json.loads((run_copy / "data/source.json").read_text())
+    corpus = run_copy / "data" / src["name"]
+    corpus.unlink()
+    os.mkfifo(corpus)
+    run = Run.open(run_copy)  # the manifest no longer lists it: resume must refuse, not read a pipe
+    run.manifest.files = [f for f in run.manifest.files if f.path != f"data/{src['name']}"]
+    run.save_manifest()
+    r = sh(*APTBUNDLE, "resume", run_copy, "-q", timeout=120)
+    assert r.returncode == 1 and "regular file" in r.stderr and no_traceback(r.stderr), r.stderr
+
+
+def test_a_position_past_the_end_of_the_epoch_is_refused_not_looped_on(run_copy):
+    latest = load_manifest(run_copy).latest
+    rel = f"checkpoints/{latest}/trainer_state.json"
+    state = json.loads((run_copy / rel).read_text())
+    state["position"] = 10_000
+    state["epoch"] = 0
+    plant(run_copy, rel, json.dumps(state).encode())
+    r = sh(*APTBUNDLE, "resume", run_copy, "-q", timeout=120)  # before the fix: 100% CPU, forever
+    assert r.returncode == 1 and "position 10000" in r.stderr and no_traceback(r.stderr), r.stderr
+
+
+def test_pack_of_one_checkpoint_does_not_follow_a_linked_folder(run_copy, tmp_path):
+    latest = load_manifest(run_copy).latest
+    outside = tmp_path / "outside"
+    shutil.move(run_copy / "checkpoints" / latest, outside)
+    os.symlink(outside, run_copy / "checkpoints" / latest)
+    out = tmp_path / "one.aptrun.tar.zst"
+    r = cli("pack", run_copy, "--checkpoints", "latest", "-o", out)
+    assert r.exit_code == 1 and "symbolic link" in r.stderr and not out.exists(), r.output
+    r = cli("verify", run_copy)
+    assert r.exit_code == 1 and "symbolic link" in r.stderr
+
+
+def test_a_run_name_of_250_bytes_packs_and_unpacks(tmp_path):
+    name = "r" * 250
+    run = Run.create(tmp_path / name, trainer=None)
+    run.write_file("notes.txt", b"hello")
+    run.save_manifest()
+    out = tmp_path / "long.aptrun.tar.zst"
+    assert cli("pack", run.path, "-o", out, "-q").exit_code == 0
+    dest = tmp_path / "dest"
+    r = cli("unpack", out, "-C", dest, "-q")
+    assert r.exit_code == 0, r.output
+    assert (dest / name / "notes.txt").read_bytes() == b"hello"
+    assert subprocess.run(["tar", "--zstd", "-tf", out], capture_output=True).returncode == 0
