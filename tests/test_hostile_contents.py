@@ -113,3 +113,44 @@ def test_a_run_name_of_250_bytes_packs_and_unpacks(tmp_path):
     assert r.exit_code == 0, r.output
     assert (dest / name / "notes.txt").read_bytes() == b"hello"
     assert subprocess.run(["tar", "--zstd", "-tf", out], capture_output=True).returncode == 0
+
+
+def test_a_payload_among_dcp_items_is_refused_everywhere(tmp_path):
+    """A `.distcp` file holds one torch.save zip per item; DCP's default planner unpickles the
+    non-tensor ones freely, so every item is scanned like any torch file."""
+    import io
+    import pickle
+    import zipfile
+
+    from aptbundle.archive.writer import _write_archive
+    from conftest import trainer
+
+    r = trainer("--run-dir", tmp_path / "s", "--sharded", "--epochs", "1", "--stop-at-step", "3", "-q", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    run_dir = tmp_path / "s"
+    shard = next(f.path for f in load_manifest(run_dir).files if f.path.endswith(".distcp"))
+    assert cli("verify", run_dir).exit_code == 0  # real DCP items pass the scan
+
+    marker = tmp_path / "PWNED"
+
+    class Boom:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    evil = io.BytesIO()
+    with zipfile.ZipFile(evil, "w", zipfile.ZIP_STORED) as z:
+        z.writestr("archive/data.pkl", pickle.dumps({"param_groups": Boom()}, protocol=2))
+    plant(run_dir, shard, (run_dir / shard).read_bytes() + evil.getvalue())
+    r = cli("verify", run_dir)
+    assert r.exit_code == 1 and ".distcp" in r.stderr and "system" in r.stderr and no_traceback(r.output)
+    assert cli("pack", run_dir, "-o", tmp_path / "p.aptrun.tar.zst").exit_code == 1
+    arc = tmp_path / "evil.aptrun.tar.zst"
+    with open(arc, "wb") as f:
+        _write_archive(run_dir, load_manifest(run_dir), f, 3, 1, None, scan=False)  # a stranger's packer
+    r = cli("verify", arc)
+    assert r.exit_code == 1 and ".distcp" in r.stderr
+    r = cli("unpack", arc, "-C", tmp_path / "dest")
+    assert r.exit_code == 1 and ".distcp" in r.stderr and not (tmp_path / "dest").exists()
+    r = cli("resume", run_dir, "-q")
+    assert r.exit_code == 1 and ".distcp" in r.stderr and no_traceback(r.output)
+    assert not marker.exists()

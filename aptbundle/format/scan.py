@@ -42,7 +42,8 @@ def is_dcp_metadata(rel: str) -> bool:
 
 def needs_scan(rel: str) -> bool:
     """True for files whose loading could run code or read out of bounds."""
-    return rel.endswith(PICKLE_SUFFIXES) or rel.endswith(".safetensors") or is_dcp_metadata(rel)
+    return (rel.endswith(PICKLE_SUFFIXES) or rel.endswith((".safetensors", ".distcp"))
+            or is_dcp_metadata(rel))
 
 
 def scan_stream(stream: Stream, rel: str) -> list[str]:
@@ -57,6 +58,14 @@ def scan_stream(stream: Stream, rel: str) -> list[str]:
     head = stream.peek(4)
     if is_dcp_metadata(rel):
         return scan_pickle(stream, rel, dcp=True)
+    if rel.endswith(".distcp"):  # DCP's data: one torch.save zip per item, back to back
+        names: list[str] = []
+        while stream.peek(1):
+            if not stream.peek(4).startswith(_LOCAL):
+                raise UnsafeContentError(f"{rel}: item at byte {stream.tell()} is not a torch.save zip;"
+                                         " the file is damaged or crafted")
+            names += _scan_zip(stream, rel, last=False)
+        return names
     if head.startswith(b"PK"):
         return _scan_zip(stream, rel)
     if head[:1] == b"\x80":
@@ -142,7 +151,9 @@ def _find_descriptor(stream: Stream, start: int, zip64: bool, shown: str, name: 
         stream.skip(avail - dlen + 1)
 
 
-def _scan_zip(stream: Stream, shown: str) -> list[str]:
+def _scan_zip(stream: Stream, shown: str, last: bool = True) -> list[str]:
+    """Walk one zip from the stream's position; ``last``: nothing may follow it."""
+    base = stream.tell()  # offsets in a zip count from its own start
     names: list[str] = []
     storages: dict[str, int] = {}  # storage key -> bytes, as data.pkl declares them
     local: dict[int, tuple[str, int, int]] = {}  # offset -> (name, method, data size)
@@ -180,14 +191,16 @@ def _scan_zip(stream: Stream, shown: str) -> list[str]:
                 raise UnsafeContentError(f"{shown}: zip entry {name!r} is cut short; the file is damaged")
         if name.endswith(".pkl") and size > MAX_PICKLE_BYTES:
             raise UnsafeContentError(f"{shown}: {name} is {size} bytes, over the limit for a pickle")
-        local[at] = (name, method, size)
-    _check_central(stream, sig, at, local, shown)
+        local[at - base] = (name, method, size)
+    _check_central(stream, sig, at - base, local, shown, base, last)
     return names
 
 
-def _check_central(stream: Stream, sig: bytes, at: int, local: dict, shown: str) -> None:
+def _check_central(stream: Stream, sig: bytes, at: int, local: dict, shown: str, base: int = 0,
+                   last: bool = True) -> None:
     """The central directory must list exactly the entries walked, at their offsets, and the
-    file must end with its end record (no comment that could hide a second one)."""
+    zip must end with its end record (no comment that could hide a second one): the file ends
+    there too, unless ``last`` is false (DCP's items follow each other)."""
     if not local:
         raise UnsafeContentError(f"{shown}: zip file without entries; expected a torch.save file")
     cd_start, seen = at, set()
@@ -212,7 +225,7 @@ def _check_central(stream: Stream, sig: bytes, at: int, local: dict, shown: str)
         sig = _need(stream, 4, shown, "end record")
     if len(seen) != len(local):
         raise UnsafeContentError(f"{shown}: zip entries missing from its directory; the file is damaged")
-    cd_end = stream.tell() - 4
+    cd_end = stream.tell() - 4 - base
     if sig == _EOCD64:
         (n,) = struct.unpack("<Q", _need(stream, 8, shown, "end record"))
         rec = _need(stream, n, shown, "end record") if n <= 1 << 16 else b""
@@ -230,7 +243,7 @@ def _check_central(stream: Stream, sig: bytes, at: int, local: dict, shown: str)
     if n2 not in (len(seen), 0xFFFF) or cd_off not in (cd_start, 0xFFFFFFFF) or cd_size not in (cd_end - cd_start, 0xFFFFFFFF):
         raise UnsafeContentError(f"{shown}: zip end record does not match its directory; damaged or crafted")
     comment = _need(stream, clen, shown, "comment")
-    if any(s in comment for s in (_EOCD, _EOCD64, _LOC64)) or stream.read(1):
+    if any(s in comment for s in (_EOCD, _EOCD64, _LOC64)) or (last and stream.read(1)):
         raise UnsafeContentError(f"{shown}: data after the zip's end record; damaged or crafted. Do not load it")
 
 
