@@ -154,3 +154,45 @@ def test_a_payload_among_dcp_items_is_refused_everywhere(tmp_path):
     r = cli("resume", run_dir, "-q")
     assert r.exit_code == 1 and ".distcp" in r.stderr and no_traceback(r.output)
     assert not marker.exists()
+
+
+def _declaring(tmp_path, size: int):
+    """A tiny archive whose manifest declares one file of ``size`` bytes (the data never comes)."""
+    import hashlib
+
+    from archive_builder import member, tar, zst
+
+    man = json.dumps({"format": "aptrun", "format_version": 1, "name": "big", "run_id": "x", "trainer": None,
+                      "created_at": "t", "updated_at": "t", "checkpoints": [], "latest": None, "best": None,
+                      "environment": {}, "history": [],
+                      "files": [{"path": "blob.bin", "size": size, "sha256": hashlib.sha256(b"").hexdigest()}]})
+    arc = tmp_path / "big.aptrun.tar.zst"
+    arc.write_bytes(zst(tar(member("big/aptrun.json", man.encode()))))
+    return arc
+
+
+def test_an_archive_declaring_more_than_the_disk_holds_or_max_size_is_refused_first(tmp_path):
+    free = shutil.disk_usage(tmp_path).free
+    arc = _declaring(tmp_path, free + (1 << 40))  # a few hundred bytes that claim more than the disk
+    r = cli("unpack", arc, "-C", tmp_path / "d")
+    assert r.exit_code == 1 and "bytes free" in r.stderr and not (tmp_path / "d").exists(), r.output
+    arc = _declaring(tmp_path, 5 << 30)
+    r = cli("unpack", arc, "-C", tmp_path / "d", "--max-size", "1G")
+    assert r.exit_code == 1 and "--max-size" in r.stderr and not (tmp_path / "d").exists(), r.output
+    assert cli("unpack", arc, "--max-size", "lots").exit_code == 2
+
+
+def test_problem_lists_are_capped_and_names_from_a_bundle_are_escaped(run_copy):
+    for i in range(150):
+        (run_copy / f"stray-{i:03d}.txt").write_text("x")
+    (run_copy / "evil\x1b]0;pwned\x07.txt").write_text("x")
+    r = cli("verify", run_copy)
+    lines = r.stderr.strip().splitlines()
+    assert r.exit_code == 1 and len(lines) == 102 and "51 more" in lines[-2], lines[-3:]
+    assert "\x1b" not in r.stderr
+
+
+def test_a_history_that_is_not_a_list_of_objects_does_not_break_inspect(run_copy):
+    edit_manifest(run_copy, lambda m: m.update(history=[1, "x", None]))
+    r = cli("inspect", run_copy)
+    assert r.exit_code == 0 and no_traceback(r.output), r.output

@@ -10,6 +10,7 @@ writes nothing at all: pickles are scanned as they stream.
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Callable
 
@@ -24,8 +25,12 @@ _CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | 
 
 
 def unpack(archive: str | Path, dest: str | Path = ".", *, expect_digest: str | None = None,
-           progress: Progress | None = None, on_manifest: Callable[[Manifest], None] | None = None) -> Path:
+           progress: Progress | None = None, on_manifest: Callable[[Manifest], None] | None = None,
+           max_size: int | None = None) -> Path:
     """Unpack an archive into ``DEST/NAME`` safely; return that path.
+
+    The size the manifest declares is checked first: against ``max_size`` if given, and against
+    the free space of ``DEST`` (an archive of a few kB may declare terabytes).
 
     >>> # unpack("run1.aptrun.tar.zst", "elsewhere")
     PosixPath('elsewhere/run1')
@@ -38,6 +43,7 @@ def unpack(archive: str | Path, dest: str | Path = ".", *, expect_digest: str | 
             final = dest / ar.name
             if final.exists() or final.is_symlink():
                 raise ArchiveError(f"{final}: already exists; remove it or unpack with -C into another folder")
+            _check_size(ar.manifest.total_size(), dest, max_size, ar.shown)
             temporaries.clean_stale(dest, ar.name)
             if on_manifest:
                 on_manifest(ar.manifest)
@@ -64,6 +70,16 @@ def unpack(archive: str | Path, dest: str | Path = ".", *, expect_digest: str | 
             except OSError:
                 break
         raise
+
+
+def _check_size(declared: int, dest: Path, max_size: int | None, shown: str) -> None:
+    if max_size is not None and declared > max_size:
+        raise ArchiveError(f"{shown}: declares {declared} bytes of data, over --max-size {max_size};"
+                           " raise the limit if you expected a run this large")
+    free = shutil.disk_usage(dest).free
+    if declared > free:
+        raise ArchiveError(f"{shown}: declares {declared} bytes of data; {dest} has {free} bytes free."
+                           " Free space or unpack with -C elsewhere")
 
 
 def _write(path: Path, data: bytes) -> None:

@@ -138,6 +138,9 @@ class _Decoder:
         self.guard.finish()
 
 
+MAX_UNLISTED = 10_000  # members the manifest does not describe before the archive is refused outright
+
+
 class Member:
     """One listed file of the archive, its data not yet read."""
 
@@ -253,6 +256,9 @@ class ArchiveReader:
                 continue
             if entry is None:
                 problems.append(Problem(rel, "extra", "no such file (not in the manifest)", f"a member of {m.size} bytes"))
+                if len(problems) > MAX_UNLISTED:
+                    raise ArchiveError(f"{shown}: more than {MAX_UNLISTED} members the manifest does not list;"
+                                       " refusing the archive")
                 continue
             if m.size != entry.size:
                 problems.append(Problem(rel, "size", f"{entry.size} bytes", f"{m.size} bytes"))

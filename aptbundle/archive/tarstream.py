@@ -19,6 +19,7 @@ from aptbundle.ground.errors import ArchiveError
 BLOCK = 512
 RECORD = 20 * BLOCK  # what GNU tar pads the end of an archive to
 MAX_PAX = 64 * 1024
+MAX_EXTENDED = 1 << 20  # extended-header bytes before one member: chained pax headers add up
 _OCTAL_MAX_SIZE = 0o77777777777
 
 
@@ -135,6 +136,7 @@ class TarReader:
             self.end_member()
         pax: dict[str, str] = {}
         longname: str | None = None
+        extended = 0
         while True:
             where = f"{self.shown}: tar header at byte {self.offset}"
             h = self._block()
@@ -153,8 +155,10 @@ class TarReader:
             typeflag = h[156:157]
             size = _parse_number(h[124:136], "size", where)
             if typeflag in (b"x", b"L"):
-                if size > MAX_PAX:
-                    raise ArchiveError(f"{where}: extended header of {size} bytes; at most {MAX_PAX} are accepted")
+                extended += size
+                if size > MAX_PAX or extended > MAX_EXTENDED:
+                    raise ArchiveError(f"{where}: extended headers of {max(size, extended)} bytes; at most"
+                                       f" {MAX_PAX} per header and {MAX_EXTENDED} per member are accepted")
                 data = self._read(size + _pad(size))[:size]
                 self.offset += size + _pad(size)
                 if typeflag == b"L":

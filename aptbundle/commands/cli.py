@@ -12,7 +12,7 @@ import sys
 
 import click
 
-from aptbundle.commands.exits import CONTEXT, Group, status_for
+from aptbundle.commands.exits import CONTEXT, SHOWN, Group, plain, status_for
 from aptbundle.commands.progress import progress
 from aptbundle.commands.render import human, render, render_diff, shown
 
@@ -33,6 +33,21 @@ def _digest(value: str | None) -> str | None:
     if len(v) != 64 or any(c not in "0123456789abcdef" for c in v):
         raise click.BadParameter(f"{value!r} is not a run digest (64 hex digits, as `aptbundle pack` prints)")
     return v
+
+
+def _size(value: str | None) -> int | None:
+    """``20G``, ``500M``, ``1.5T`` or a number of bytes."""
+    if value is None:
+        return None
+    text = value.strip().upper().removesuffix("B")
+    scale = {"K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}.get(text[-1:], 1)
+    try:
+        number = float(text[:-1] if scale > 1 else text)
+    except ValueError:
+        number = -1
+    if not 0 <= number < 1e18:
+        raise click.BadParameter(f"{value!r} is not a size; write it like 20G, 500M or 1000000")
+    return int(number * scale)
 
 
 json_opt = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON on stdout.")
@@ -76,8 +91,10 @@ def verify(path: str, as_json: bool, quiet: bool) -> None:
     if as_json:
         emit(True, report.to_dict(), "")
     else:
-        for p in report.problems:
-            click.echo(f"error: {p}", err=True)
+        for p in report.problems[:SHOWN]:
+            click.echo(f"error: {plain(shown(p))}", err=True)
+        if len(report.problems) > SHOWN:
+            click.echo(f"error: ... and {len(report.problems) - SHOWN} more (--json lists every one)", err=True)
         if report.ok:
             click.echo(f"ok: {path}: {report.files} files, {human(report.size)} intact; digest {report.digest}")
         else:
@@ -130,14 +147,17 @@ def pack(run_dir: str, output: str | None, level: int | None, threads: int, whic
               help="Folder to create NAME/ in.")
 @click.option("--expect-digest", default=None, callback=lambda ctx, param, v: _digest(v),
               help="Refuse the archive unless its run digest is this (64 hex digits).")
+@click.option("--max-size", default=None, callback=lambda ctx, param, v: _size(v),
+              help="Refuse an archive that declares more data than this (e.g. 20G, 500M).")
 @json_opt
 @quiet_opt
-def unpack(archive: str, dest: str, expect_digest: str | None, as_json: bool, quiet: bool) -> None:
+def unpack(archive: str, dest: str, expect_digest: str | None, max_size: int | None, as_json: bool,
+           quiet: bool) -> None:
     """Unpack an archive into DEST/NAME, verifying every byte before it appears."""
     from aptbundle.archive.extract import unpack as do_unpack
 
     with progress("unpacking", quiet) as cb:
-        path = do_unpack(archive, dest, expect_digest=expect_digest, progress=cb)
+        path = do_unpack(archive, dest, expect_digest=expect_digest, progress=cb, max_size=max_size)
     emit(as_json, {"path": str(path)}, str(path))
 
 

@@ -25,9 +25,11 @@ from typing import Any, Iterator
 
 import click
 
+from aptbundle.commands.render import shown
 from aptbundle.ground.errors import AptBundleError, VerifyError
 
 FAILED, USAGE = 1, 2
+SHOWN = 100  # problems printed one per line; the rest are counted
 _TEMP = re.compile(r"\.aptrun-tmp-\d+-[0-9a-f]+-")
 
 
@@ -50,14 +52,16 @@ def plain(text: str) -> str:
 
 
 def _say(text: str) -> None:
-    click.echo(plain(text), err=True)
+    click.echo(plain(shown(text)), err=True)  # names in errors may come from a bundle: escaped
 
 
 def report(error: BaseException) -> int:
     """Print ``error`` as the user should see it; return the exit status it means."""
     if isinstance(error, VerifyError):
-        for p in error.problems:
+        for p in error.problems[:SHOWN]:
             _say(f"error: {p}")
+        if len(error.problems) > SHOWN:
+            _say(f"error: ... and {len(error.problems) - SHOWN} more (--json lists every one)")
         _say(f"error: {error.args[0].split(':')[0]}: {len(error.problems)} problem(s)")
         return FAILED
     if isinstance(error, AptBundleError):

@@ -41,7 +41,7 @@ from aptbundle.format.metrics import METRICS_FILE, read_curves, summarize
 from aptbundle.format.run import CHECKPOINTS, Run, environment_info, now_iso
 from aptbundle.format.verify import VerifiedCheckpoint, verify_checkpoint
 from aptbundle.ground import temporaries
-from aptbundle.ground.errors import CheckpointError
+from aptbundle.ground.errors import AptBundleError, CheckpointError
 from aptbundle.ground.fsutil import fsync_dir, fsync_file
 from aptbundle.state.collective import Group
 from aptbundle.state.rng import RNG_FILE, rng_file, rng_state, set_rng_state
@@ -294,6 +294,16 @@ class Checkpointer:
         ``rng_state.pt``) is restored; a rank the checkpoint has no state for keeps its own.
         """
         ckpt = checkpoint if isinstance(checkpoint, VerifiedCheckpoint) else self.verify(checkpoint)
+        try:
+            return self._load(ckpt, map_location, restore_rng)
+        except (AptBundleError, OSError):
+            raise
+        except Exception as e:  # state that loads safely but does not fit: a damaged or crafted checkpoint
+            raise CheckpointError(f"{ckpt.name}: its state does not fit this model and optimizer"
+                                  f" ({type(e).__name__}: {str(e)[:200]}); was it written by another"
+                                  " config, or altered?") from None
+
+    def _load(self, ckpt: VerifiedCheckpoint, map_location, restore_rng: bool) -> dict[str, Any]:
         d = ckpt.folder
         if ckpt.has(f"{DCP_DIR}/.metadata"):
             if self.model is not None:
