@@ -196,3 +196,49 @@ def test_a_history_that_is_not_a_list_of_objects_does_not_break_inspect(run_copy
     edit_manifest(run_copy, lambda m: m.update(history=[1, "x", None]))
     r = cli("inspect", run_copy)
     assert r.exit_code == 0 and no_traceback(r.output), r.output
+
+
+def _torch_zip(payload: bytes) -> bytes:
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as z:
+        z.writestr("archive/data.pkl", payload)
+        z.writestr("archive/data/0", b"\0" * 16)
+    return buf.getvalue()
+
+
+def test_allowed_globals_that_allocate_or_rewrite_classes_are_refused(tmp_path):
+    """Each of these names only allow-listed globals, yet loading it would allocate gigabytes,
+    hand out a view past its storage, or change a class for the whole process."""
+    import io
+    import pickle
+    import pickletools
+
+    from aptbundle.errors import UnsafeContentError
+    from aptbundle.format.scan import scan_file
+
+    g = pickle.GLOBAL
+    # bytearray(2_500_000_000): 32 bytes that allocate 2.5 GB
+    bomb = b"\x80\x02" + g + b"builtins\nbytearray\n" + b"\x8a\x05" + (2_500_000_000).to_bytes(5, "little") \
+        + pickle.TUPLE1 + pickle.REDUCE + pickle.STOP
+    pickletools.dis(bomb, out=io.StringIO())  # a well-formed pickle
+    # a 4-element storage viewed as 10**9 elements through stride 0
+    view = (b"\x80\x02" + g + b"torch._utils\n_rebuild_tensor_v2\n" + pickle.MARK + pickle.MARK
+            + pickle.BINUNICODE + (7).to_bytes(4, "little") + b"storage" + g + b"torch\nFloatStorage\n"
+            + pickle.BINUNICODE + (1).to_bytes(4, "little") + b"0" + pickle.BINUNICODE + (3).to_bytes(4, "little")
+            + b"cpu" + pickle.BININT1 + b"\x04" + pickle.TUPLE + pickle.BINPERSID + pickle.BININT1 + b"\0"
+            + b"\x4a" + (10**9).to_bytes(4, "little") + pickle.TUPLE1 + pickle.BININT1 + b"\0" + pickle.TUPLE1
+            + pickle.NEWFALSE + g + b"collections\nOrderedDict\n" + pickle.EMPTY_TUPLE + pickle.REDUCE
+            + pickle.TUPLE + pickle.REDUCE + pickle.STOP)
+    # BUILD on the class collections.Counter: replaces its attributes for everyone (DCP .metadata)
+    counter = (b"\x80\x02" + g + b"collections\nCounter\n" + pickle.EMPTY_DICT + pickle.BINUNICODE
+               + (6).to_bytes(4, "little") + b"update" + pickle.NONE + pickle.SETITEM + pickle.BUILD + pickle.STOP)
+    cases = [("optimizer.pt", _torch_zip(bomb), "bytearray"), ("optimizer.pt", _torch_zip(view), "past"),
+             ("dcp/.metadata", counter, "class")]
+    for rel, data, match in cases:
+        p = tmp_path / rel.replace("/", "_")
+        p.write_bytes(data)
+        with pytest.raises(UnsafeContentError, match=match):
+            scan_file(p, rel)

@@ -80,18 +80,61 @@ def _storage_bytes(cls: str, numel: int) -> int | None:
     return None if per is None or numel < 0 else per * numel
 
 
+class _Storage:
+    """A storage a torch.save pickle refers to by persistent id: its key and its element count."""
+
+    def __init__(self, key: str, numel: int):
+        self.key, self.numel = key, numel
+
+
+_REBUILD_TENSOR = {"torch._utils._rebuild_tensor", "torch._utils._rebuild_tensor_v2",
+                   "torch._utils._rebuild_tensor_v3"}
+MAX_BYTEARRAY = 1 << 20  # bytearray(N) allocates N bytes: a pickle of 32 bytes could ask for GBs
+
+
+def _check_reduce(fn: object, args: object, shown: str, pos: int) -> None:
+    """What a permitted callable is asked to build must be backed by bytes that exist."""
+    if not isinstance(fn, _Global) or not isinstance(args, tuple):
+        return
+    if fn == "builtins.bytearray" and any(type(a) is int and a > MAX_BYTEARRAY for a in args):
+        raise UnsafeContentError(f"{shown}: pickle asks for a bytearray of {args[0]} bytes at byte {pos};"
+                                 " expected data, not an allocation. Do not load this file")
+    if fn in _REBUILD_TENSOR and len(args) >= 4 and isinstance(args[0], _Storage):
+        offset, size, stride = args[1], args[2], args[3]
+        if not (type(offset) is int and isinstance(size, tuple) and isinstance(stride, tuple)
+                and all(type(d) is int and d >= 0 for d in size + stride) and len(size) == len(stride)):
+            return
+        if any(d == 0 for d in size):
+            return
+        last = offset + sum((d - 1) * st for d, st in zip(size, stride))  # the furthest element it reads
+        numel = 1
+        for d in size:
+            numel *= d
+        backed = args[0].numel
+        if last >= backed or (0 in stride and numel > backed):
+            raise UnsafeContentError(
+                f"{shown}: a tensor of shape {list(size)} (strides {list(stride)}) at byte {pos} reaches past"
+                f" its storage of {backed} elements, or repeats them {numel} times over; a checkpoint never"
+                " holds one. Do not load this file")
+
+
 def scan_pickle(stream, shown: str, dcp: bool = False, storages: dict[str, int] | None = None) -> list[str]:
     """Walk one pickle of ``stream`` up to its STOP opcode without executing it.
 
     Returns the globals it names. Raises ``UnsafeContentError`` for a global outside the
-    allow-list, an opcode that builds arbitrary objects, or a pickle that cannot be parsed.
+    allow-list, an opcode that builds arbitrary objects, BUILD on a class (it would change the
+    class for the whole process), an allocation the data does not back (a huge bytearray, a
+    tensor view past its storage), or a pickle that cannot be parsed. The pickle's stack is
+    modelled, so every value a check looks at is the one the opcode would really get.
     ``stream`` needs ``read`` and ``readline``; it is left just after the STOP opcode. With
     ``storages``, the storages a ``torch.save`` pickle declares (``('storage', class, key,
     location, numel)``) are recorded there as key -> bytes.
     """
     names: list[str] = []
     memo: dict[int, object] = {}
-    stack: list[object] = []  # only the recent values that matter for STACK_GLOBAL
+    stack: list[object] = []
+    marks: list[int] = []
+    declared: dict[str, int] = {} if storages is None else storages
     try:
         for op, arg, pos in pickletools.genops(stream):
             n = op.name
@@ -100,46 +143,67 @@ def scan_pickle(stream, shown: str, dcp: bool = False, storages: dict[str, int] 
                     f"{shown}: pickle opcode {n} at byte {pos} builds arbitrary objects;"
                     " expected only tensors and plain data. Do not load this file; get it from a trusted source"
                 )
-            if n == "GLOBAL":
-                name = str(arg).replace(" ", ".")
-            elif n == "STACK_GLOBAL":
-                mod, qual = (stack[-2], stack[-1]) if len(stack) >= 2 else (None, None)
-                if not (isinstance(mod, str) and isinstance(qual, str)):
-                    raise UnsafeContentError(
-                        f"{shown}: pickle names a global at byte {pos} that cannot be read statically;"
-                        " expected a plain torch.save file. Do not load it"
-                    )
-                name = f"{mod}.{qual}"
+            if n == "MARK":
+                marks.append(len(stack))
+                continue
+            if n in _PUT_OPS or n == "MEMOIZE":
+                memo[arg if n != "MEMOIZE" else len(memo)] = stack[-1] if stack else None
+                continue
+            before = op.stack_before
+            sliced: list = []
+            if pickletools.markobject in before:
+                if not marks:
+                    raise ValueError("a mark is missing")
+                at = marks.pop()
+                sliced, stack[at:] = stack[at:], []
+                k = before.index(pickletools.markobject)
             else:
-                name = None
-            if name is not None:
+                k = len(before)
+            if len(stack) < k:
+                raise ValueError(f"stack underflow at {n}")
+            consumed, stack[len(stack) - k:] = stack[len(stack) - k:], []
+            value: object = None
+            if n in ("GLOBAL", "STACK_GLOBAL"):
+                if n == "GLOBAL":
+                    name = str(arg).replace(" ", ".")
+                else:
+                    mod, qual = consumed
+                    if not (isinstance(mod, str) and isinstance(qual, str)):
+                        raise UnsafeContentError(
+                            f"{shown}: pickle names a global at byte {pos} that cannot be read statically;"
+                            " expected a plain torch.save file. Do not load it")
+                    name = f"{mod}.{qual}"
                 if not global_allowed(name, dcp):
                     raise UnsafeContentError(
                         f"{shown}: pickle references global {name!r}, which could run code when"
-                        " loaded; expected only tensors and plain data. Do not load this file"
-                    )
+                        " loaded; expected only tensors and plain data. Do not load this file")
                 names.append(name)
-                stack.append(_Global(name))
-                continue
-            if n in _STR_OPS or n in _INT_OPS:
-                stack.append(arg)
-            elif n == "TUPLE" and storages is not None and len(stack) >= 5:
-                tag, cls, key, _loc, numel = stack[-5:]
-                if tag == "storage" and isinstance(cls, _Global) and isinstance(key, str) and type(numel) is int:
-                    size = _storage_bytes(cls, numel)
-                    if size is not None:
-                        storages[key] = size
-                stack.append(None)
+                value = _Global(name)
+            elif n in _STR_OPS or n in _INT_OPS or n in ("BINFLOAT", "FLOAT"):
+                value = arg
             elif n in _GET_OPS:
-                stack.append(memo.get(arg))
-            elif n in _PUT_OPS:
-                memo[arg] = stack[-1] if stack else None
-            elif n == "MEMOIZE":
-                memo[len(memo)] = stack[-1] if stack else None
-            else:
-                stack.append(None)
-            if len(stack) > 64:
-                del stack[:-8]
+                value = memo.get(arg)
+            elif n == "TUPLE":
+                value = tuple(sliced)
+            elif n in ("TUPLE1", "TUPLE2", "TUPLE3", "EMPTY_TUPLE"):
+                value = tuple(consumed)
+            elif n in ("BINPERSID", "PERSID"):
+                pid = consumed[0] if consumed else None
+                if isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[2], str) \
+                        and isinstance(pid[1], _Global) and type(pid[4]) is int:
+                    size = _storage_bytes(pid[1], pid[4])
+                    if size is not None:
+                        declared[pid[2]] = size
+                    value = _Storage(pid[2], pid[4])
+            elif n == "REDUCE":
+                _check_reduce(consumed[0], consumed[1], shown, pos)
+            elif n == "BUILD" and isinstance(consumed[0], _Global):
+                raise UnsafeContentError(
+                    f"{shown}: pickle sets attributes on the class {consumed[0]!r} at byte {pos}, which would"
+                    " change it for the whole process; expected only data. Do not load this file")
+            elif n in ("BUILD", "APPEND", "APPENDS", "SETITEM", "SETITEMS", "ADDITEMS", "DUP"):
+                value = consumed[0]  # the object built upon stays what it was
+            stack.extend([value] * len(op.stack_after))
     except UnsafeContentError:
         raise
     except Exception as e:  # a malformed pickle: pickletools raises ValueError and friends
