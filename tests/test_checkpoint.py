@@ -189,3 +189,38 @@ def test_sigkill_inside_save_never_breaks_the_manifest(tmp_path):
         run.recover()
     problems = verify_run(run).problems
     assert all(p.path == "logs/metrics.jsonl" for p in problems), problems
+
+
+@pytest.mark.parametrize("step", ["rename", "write_file", "record_file", "save_manifest"])
+def test_a_failure_at_any_step_of_a_commit_leaves_a_run_that_verifies(tmp_path, monkeypatch, step):
+    """A commit renames the checkpoint in, rewrites the run's own files, lists everything and
+    saves the manifest; a failure at any of these puts the run back as it was."""
+    import aptbundle.state.checkpoint as ck
+
+    m, opt, sched = trained(1)
+    run = Run.create(tmp_path / "run", trainer="t")
+    cm = Checkpointer(run, model=m, optimizer=opt, scheduler=sched)
+    cm.save(step=1, epoch=0, metrics={"loss": 1.0}, run_files={"logs/metrics.jsonl": b'{"step": 1}\n'})
+    before = load_manifest(run.path)
+    calls = {"n": 0}
+
+    def failing(real):
+        def f(*a, **k):
+            calls["n"] += 1
+            if calls["n"] == 2 or step != "rename":  # the rename of the new checkpoint, or the first call
+                raise OSError(28, "No space left on device")
+            return real(*a, **k)
+        return f
+
+    if step == "rename":
+        monkeypatch.setattr(ck.os, "replace", failing(os.replace))
+    else:
+        monkeypatch.setattr(Run, step, failing(getattr(Run, step)))
+    with pytest.raises(OSError):
+        cm.save(step=2, epoch=0, metrics={"loss": 0.5}, run_files={"logs/metrics.jsonl": b'{"step": 2}\n'})
+    monkeypatch.undo()
+    assert load_manifest(run.path) == before and run.manifest.latest == "step-00000001"
+    assert verify_run(Run.open(run.path)).problems == []
+    assert sorted(p.name for p in (run.path / "checkpoints").iterdir()) == ["step-00000001"]
+    cm.save(step=2, epoch=0, metrics={"loss": 0.5}, run_files={"logs/metrics.jsonl": b'{"step": 2}\n'})
+    assert verify_run(Run.open(run.path)).ok and Run.open(run.path).latest.step == 2

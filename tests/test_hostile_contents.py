@@ -242,3 +242,22 @@ def test_allowed_globals_that_allocate_or_rewrite_classes_are_refused(tmp_path):
         p.write_bytes(data)
         with pytest.raises(UnsafeContentError, match=match):
             scan_file(p, rel)
+
+
+def test_a_checkpoint_that_claims_the_runs_own_folder_is_refused(run_copy):
+    first = load_manifest(run_copy).checkpoints[0].name
+    edit_manifest(run_copy, lambda m: m["checkpoints"][0].update(path="data"))
+    r = cli("resume", run_copy, "-q")
+    assert r.exit_code == 1 and "claims the folder 'data'" in r.stderr and no_traceback(r.output), r.output
+    assert (run_copy / "data" / "source.json").is_file()  # nothing was retired or replaced
+    edit_manifest(run_copy, lambda m: m["checkpoints"][0].update(path="checkpoints"))
+    r = cli("verify", run_copy)
+    assert r.exit_code == 1 and "overlap" in r.stderr, (first, r.output)  # it holds the others
+
+
+def test_a_config_that_does_not_fit_the_weights_is_refused_before_allocating(run_copy):
+    cfg = json.loads((run_copy / "config.json").read_text())
+    cfg.update(d_model=16384, n_heads=4, d_ff=256)
+    plant(run_copy, "config.json", json.dumps(cfg).encode())
+    r = sh(*APTBUNDLE, "resume", run_copy, "-q", timeout=120)
+    assert r.returncode == 1 and "do not belong together" in r.stderr and no_traceback(r.stderr), r.stderr

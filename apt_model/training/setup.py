@@ -134,6 +134,12 @@ def reopen_run(run: Run, data: str | Path | None, allow_change: bool,
 
     The run's own files were verified with the checkpoint, at the boundary of the resume.
     """
+    for c in run.checkpoints:  # retiring that checkpoint would delete them: the manifest is crafted
+        own = [f.path for f in run.manifest.files if f.path.startswith(c.folder + "/")
+               and f.path.split("/")[0] in ("config.json", TOKENIZER_DIR, "data", "logs")]
+        if own or c.folder.split("/")[0] in (TOKENIZER_DIR, "data", "logs"):
+            raise TrainingError(f"{run.name}: checkpoint {c.name} claims the folder {c.folder!r}, which holds the"
+                                " run's own files; the manifest is damaged or crafted")
     cfg = APTConfig.load(run.path / CONFIG_FILE)
     allowed = {"epochs", "save_every", "save_freq", "keep_last", "log_every"}
     bad = sorted(k for k, v in overrides.items() if v is not None and k not in allowed and v != getattr(cfg, k))
@@ -180,3 +186,25 @@ def log(quiet: bool, msg: str) -> None:
     """A message for the person at the terminal, on stderr."""
     if not quiet:
         click.echo(msg, err=True)
+
+
+def check_weights_fit(cfg: APTConfig, checkpoint) -> None:
+    """Compare the config with the checkpoint's weights before any weight is allocated.
+
+    The model is built on the meta device (shapes, no memory); a ``config.json`` asking for
+    ``d_model`` 16384 beside a tiny checkpoint is refused here, not after 4 GB are allocated.
+    """
+    if not checkpoint.has("model.safetensors"):
+        return  # sharded: DCP checks shapes itself
+    from safetensors import safe_open
+
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in APTModel(cfg).state_dict().items()}
+    with safe_open(str(checkpoint.folder / "model.safetensors"), framework="pt") as f:
+        found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    wrong = [k for k, shape in found.items() if expected.get(k) != shape]
+    if wrong:
+        k = wrong[0]
+        raise TrainingError(f"{checkpoint.name}/model.safetensors: {k} has shape {list(found[k])}, but"
+                            f" config.json builds {list(expected.get(k, ())) or 'no such tensor'}"
+                            f" ({len(wrong)} tensor(s) differ); the config and the weights do not belong together")

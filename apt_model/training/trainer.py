@@ -26,8 +26,8 @@ from apt_model.config import PRESETS, APTConfig, preset
 from apt_model.errors import TrainingError
 from apt_model.training.distributed import Dist
 from apt_model.training.loop import Trainer, TrainResult
-from apt_model.training.setup import (Session, build, locate, log, new_run, pick_device, reopen_run, verify_run_files,
-                                      warn_environment)
+from apt_model.training.setup import (Session, build, check_weights_fit, locate, log, new_run, pick_device,
+                                      reopen_run, verify_run_files, warn_environment)
 
 __all__ = ["TrainResult", "Trainer", "main", "resume_run", "train"]
 
@@ -112,6 +112,7 @@ def _session(d: Dist, dev: torch.device, run: Run, which, data, stop_at_step, al
         if changed:
             log(quiet, "warning: training continues on different data (--allow-data-change)")
         if checkpoint is not None:
+            check_weights_fit(cfg, checkpoint)
             warn_environment(run, dev, quiet)
             if checkpoint.has("dcp/.metadata"):
                 mode = "sharded"  # a sharded run stays sharded

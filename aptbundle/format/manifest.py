@@ -261,6 +261,13 @@ def _from_dict(raw: dict, source: str) -> Manifest:
     names = [c.name for c in ckpts]
     if len(set(names)) != len(names):
         raise ManifestError(f"{source}: a checkpoint name appears twice")
+    folders = sorted(c.folder + "/" for c in ckpts)
+    for a, b in zip(folders, folders[1:]):  # sorted: a folder inside another comes right after it
+        if b.startswith(a):
+            raise ManifestError(f"{source}: checkpoint folders {a[:-1]!r} and {b[:-1]!r} overlap; each"
+                                " checkpoint owns its own folder")
+    if "checkpoints/" in folders:
+        raise ManifestError(f"{source}: a checkpoint claims the whole 'checkpoints' folder")
     latest = _req(raw, "latest", str, source, nullable=True)
     if latest is not None and latest not in names:
         raise ManifestError(f"{source}: latest {latest!r} is not among the checkpoints {names}")

@@ -250,6 +250,21 @@ class Run:
         return entry
 
     # -- crash recovery ------------------------------------------------------------------------
+    def _put_back(self, saved: Path) -> bool:
+        """A commit killed between rewriting a run file and saving the manifest left the file's
+        previous content under a ``was-NAME`` temporary: put it back when that is what the
+        manifest lists and the file is not."""
+        who = temporaries.owner(saved.name)
+        if who is None or not who[1].startswith("was-") or not saved.is_file():
+            return False
+        target = saved.parent / who[1][len("was-"):]
+        entry = self.manifest.file_map().get(target.relative_to(self.path).as_posix())
+        if entry is None or not target.is_file() or hash_file(target)[1] == entry.sha256 \
+                or hash_file(saved)[1] != entry.sha256:
+            return False
+        os.replace(saved, target)
+        return True
+
     def recover(self) -> list[str]:
         """Remove what an interrupted writer left: its temporaries and unlisted checkpoint folders.
 
@@ -261,7 +276,8 @@ class Run:
             for n in list(dirnames) + filenames:
                 if temporaries.is_temp_name(n) and (temporaries.owner(n) is None or temporaries.is_stale(n)):
                     full = Path(dirpath) / n
-                    temporaries.remove(full)
+                    if not self._put_back(full):
+                        temporaries.remove(full)
                     removed.append(full.relative_to(self.path).as_posix())
                 if n in dirnames and temporaries.is_temp_name(n):
                     dirnames.remove(n)

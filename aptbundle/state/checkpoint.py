@@ -82,6 +82,16 @@ def _weights(model: torch.nn.Module, copy_: bool) -> tuple[dict[str, torch.Tenso
     return out, meta
 
 
+def _keep(path: Path) -> Path:
+    """A second name for ``path``'s current content (a hard link, else a copy), to put it back."""
+    saved = temporaries.temp_path(path.parent, f"was-{path.name}")
+    try:
+        os.link(path, saved)
+    except OSError:
+        shutil.copy2(path, saved)
+    return saved
+
+
 def verify_on_main(run: Run, which: str) -> VerifiedCheckpoint:
     """``verify_checkpoint`` done once by rank 0 for every training process (each gets the proof)."""
     group = Group.current()
@@ -234,37 +244,61 @@ class Checkpointer:
         return self._commit(job, stage)
 
     def _commit(self, job: dict, stage: Path) -> CheckpointEntry:
-        run, man, name = self.run, self.run.manifest, job["name"]
+        """Rename the checkpoint in, rewrite the run files, save the manifest; on any failure put
+        everything back as it was, so the run still verifies."""
+        run, name = self.run, job["name"]
         final = run.path / CHECKPOINTS / name
-        retired: list[Path] = []
         with run.committing():
-            if final.exists():  # an earlier save at this step (listed or orphaned) is replaced
-                old = temporaries.temp_path(final.parent, f"old-{name}")
-                os.replace(final, old)
-                retired.append(old)
-            os.replace(stage, final)
-            fsync_dir(final.parent)
-            for rel, data in job["run_files"].items():
-                run.write_file(rel, data)
-                if rel == METRICS_FILE:  # the whole curve, small, for `inspect` of an archive
-                    man.extra["curves"] = summarize(read_curves(data))
-            old_entry = man.checkpoint(name)
-            run.forget_prefix(old_entry.folder if old_entry else f"{CHECKPOINTS}/{name}")
-            for f in sorted(final.rglob("*")):
-                if f.is_file():
-                    run.record_file(f"{CHECKPOINTS}/{name}/{f.relative_to(final).as_posix()}")
-            entry = CheckpointEntry(name, job["step"], job["epoch"], job["metrics"])
-            man.checkpoints = sorted([c for c in man.checkpoints if c.name != name] + [entry], key=lambda c: c.step)
-            man.latest = max(man.checkpoints, key=lambda c: c.step).name
-            self._update_best(name, job["metrics"], job["is_best"])
-            retired += run.retire(run.to_retire(self.keep_last))
-            man.environment = environment_info(job["device"])
-            if man.history:
-                man.history[-1].update(stop_step=job["step"], stopped_at=now_iso(),
-                                       **({"reason": job["reason"]} if job["reason"] else {}))
-            run.save_manifest()
-            for d in retired:
+            before = copy.deepcopy(run.manifest)
+            moved: list[tuple[Path, Path]] = []  # (from, to) renames to undo on failure
+            backups: dict[Path, Path] = {}  # run file -> its previous content
+            try:
+                if final.exists():  # an earlier save at this step (listed or orphaned) is replaced
+                    old = temporaries.temp_path(final.parent, f"old-{name}")
+                    os.replace(final, old)
+                    moved.append((final, old))
+                os.replace(stage, final)
+                moved.append((stage, final))
+                fsync_dir(final.parent)
+                for rel, data in job["run_files"].items():
+                    target = run.path / rel
+                    if target.is_file():
+                        backups[target] = _keep(target)
+                    run.write_file(rel, data)
+                entry = self._record(job, final)
+                run.save_manifest()
+            except BaseException:
+                run.manifest = before
+                for target, saved in backups.items():
+                    os.replace(saved, target)
+                for src, dst in reversed(moved):
+                    temporaries.remove(dst) if src == stage else os.replace(dst, src)
+                raise
+            for saved in backups.values():
+                saved.unlink(missing_ok=True)
+            for d in self._retired + [old for src, old in moved if src == final]:
                 shutil.rmtree(d, ignore_errors=True)
+        return entry
+
+    def _record(self, job: dict, final: Path) -> CheckpointEntry:
+        """List the new checkpoint and its files in the in-memory manifest; retire old ones."""
+        run, man, name = self.run, self.run.manifest, job["name"]
+        if METRICS_FILE in job["run_files"]:  # the whole curve, small, for `inspect` of an archive
+            man.extra["curves"] = summarize(read_curves(job["run_files"][METRICS_FILE]))
+        old_entry = man.checkpoint(name)
+        run.forget_prefix(old_entry.folder if old_entry else f"{CHECKPOINTS}/{name}")
+        for f in sorted(final.rglob("*")):
+            if f.is_file():
+                run.record_file(f"{CHECKPOINTS}/{name}/{f.relative_to(final).as_posix()}")
+        entry = CheckpointEntry(name, job["step"], job["epoch"], job["metrics"])
+        man.checkpoints = sorted([c for c in man.checkpoints if c.name != name] + [entry], key=lambda c: c.step)
+        man.latest = max(man.checkpoints, key=lambda c: c.step).name
+        self._update_best(name, job["metrics"], job["is_best"])
+        self._retired = run.retire(run.to_retire(self.keep_last))
+        man.environment = environment_info(job["device"])
+        if man.history:
+            man.history[-1].update(stop_step=job["step"], stopped_at=now_iso(),
+                                   **({"reason": job["reason"]} if job["reason"] else {}))
         return entry
 
     def _update_best(self, name: str, metrics: dict, is_best: bool | None) -> None:
