@@ -261,3 +261,49 @@ def test_a_config_that_does_not_fit_the_weights_is_refused_before_allocating(run
     plant(run_copy, "config.json", json.dumps(cfg).encode())
     r = sh(*APTBUNDLE, "resume", run_copy, "-q", timeout=120)
     assert r.returncode == 1 and "do not belong together" in r.stderr and no_traceback(r.stderr), r.stderr
+
+
+def test_deep_paths_many_unlisted_members_and_chained_pax_headers_are_bounded(tmp_path):
+    """Archives of a few kB that used to cost minutes or gigabytes: ~2,000-level paths, more
+    unlisted members than anyone packs, extended headers chained without end."""
+    from archive_builder import good_parts, manifest, member, tar, zst
+
+    def nested(levels: int, name: str) -> bytes:
+        files = {"/".join(["d"] * levels) + f"/f{k}": b"x" for k in range(20)}
+        return zst(tar(member(f"{name}/aptrun.json", manifest(name, files)),
+                       *(member(f"{name}/{p}", b, pax={"path": f"{name}/{p}"}) for p, b in files.items())))
+
+    arcs = {"deep": nested(2000, "deep"), "ok": nested(200, "ok")}
+    files, parts = good_parts("many")
+    arcs["many"] = zst(tar(*parts, *(member(f"many/x{i}", b"") for i in range(10_050))))
+    big_pax = {f"k{i}": "v" * 60 for i in range(900)}  # ~60 kB per header
+    arcs["pax"] = zst(tar(*parts[:1], *([member("many/x", b"", pax=big_pax)] * 1)[:0],
+                          b"".join(member("many/x", b"", pax=big_pax)[:-512] for _ in range(20)) + member("many/x")))
+    for name, data in arcs.items():
+        arc = tmp_path / f"{name}.aptrun.tar.zst"
+        arc.write_bytes(data)
+        for args in (["verify", arc], ["inspect", arc], ["unpack", arc, "-C", tmp_path / f"d-{name}"]):
+            r = sh(*APTBUNDLE, *args, timeout=60)  # a hang fails here
+            assert r.returncode in (0, 1) and no_traceback(r.stderr), (name, args[0], r.stderr[-300:])
+    assert sorted(os.listdir(tmp_path / "d-ok")) == ["ok"]  # 200 levels: deep, but it unpacks
+    assert not any((tmp_path / f"d-{n}").exists() for n in ("deep", "many", "pax"))
+
+
+def test_safetensors_with_a_gap_is_refused(tmp_path):
+    import struct
+
+    from aptbundle.errors import UnsafeContentError
+    from aptbundle.format.scan import scan_file
+
+    raw = json.dumps({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+                      "b": {"dtype": "F32", "shape": [1], "data_offsets": [8, 12]}}).encode()
+    p = tmp_path / "model.safetensors"
+    p.write_bytes(struct.pack("<Q", len(raw)) + raw + b"\0" * 12)
+    with pytest.raises(UnsafeContentError, match="between tensors"):
+        scan_file(p, "model.safetensors")
+
+
+def test_inspect_escapes_what_a_manifest_says(run_copy):
+    edit_manifest(run_copy, lambda m: m.update(trainer="apt\x1b]52;c;cHduZWQ=\x07\x1b[2J", created_at="\u202etxt"))
+    r = cli("inspect", run_copy)
+    assert r.exit_code == 0 and "\x1b" not in r.stdout and "\u202e" not in r.stdout and "\\x1b]52" in r.stdout

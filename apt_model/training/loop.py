@@ -219,10 +219,12 @@ class Trainer:
         keep = []
         for line in path.read_bytes().splitlines():
             try:
-                if json.loads(line).get("step", 0) <= upto:
-                    keep.append(line + b"\n")
-            except (ValueError, AttributeError):
+                row = json.loads(line)
+            except (ValueError, RecursionError):
                 continue
+            step = row.get("step") if isinstance(row, dict) else None
+            if type(step) is int and step <= upto:  # the log came with the run: skip what is not a step
+                keep.append(line + b"\n")
         return keep
 
     @staticmethod

@@ -311,4 +311,11 @@ def check_safetensors(stream: Stream, shown: str) -> dict:
     for (b1, e1, k1), (b2, e2, k2) in zip(spans, spans[1:]):
         if b2 < e1:
             raise UnsafeContentError(f"{shown}: tensors {k1!r} and {k2!r} overlap in the data section")
+        if b2 > e1:
+            raise UnsafeContentError(f"{shown}: {b2 - e1} bytes between tensors {k1!r} and {k2!r} belong to"
+                                     " none; safetensors packs its data without gaps")
+    end = spans[-1][1] if spans else 0
+    if (spans and spans[0][0] != 0) or end != data_len:
+        raise UnsafeContentError(f"{shown}: the tensors cover bytes {spans[0][0] if spans else 0} to {end} of a"
+                                 f" {data_len}-byte data section; expected all of it, without gaps")
     return header

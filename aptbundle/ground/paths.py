@@ -16,6 +16,7 @@ from aptbundle.ground.errors import UnsafePathError
 
 MAX_COMPONENT_BYTES = 255
 MAX_PATH_BYTES = 4096
+MAX_DEPTH = 256  # folders within folders: beyond this no run goes, and file systems and tools give up
 _RESERVED = {"CON", "PRN", "AUX", "NUL"} | {f"COM{i}" for i in range(1, 10)} | {
     f"LPT{i}" for i in range(1, 10)
 }
@@ -63,7 +64,10 @@ def normalize_relpath(path: str, *, what: str = "path") -> str:
         nfc.encode("utf-8")
     except UnicodeEncodeError:
         raise UnsafePathError(f"{what} {shown}: is not valid Unicode (lone surrogate)") from None
-    for comp in nfc.split("/"):
+    comps = nfc.split("/")
+    if len(comps) > MAX_DEPTH:
+        raise UnsafePathError(f"{what} {shown[:80]}…: {len(comps)} levels deep; at most {MAX_DEPTH} are accepted")
+    for comp in comps:
         if comp == "":
             raise UnsafePathError(f"{what} {shown}: has an empty component ('//' or a trailing '/')")
         if comp in (".", ".."):
