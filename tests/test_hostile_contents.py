@@ -307,3 +307,22 @@ def test_inspect_escapes_what_a_manifest_says(run_copy):
     edit_manifest(run_copy, lambda m: m.update(trainer="apt\x1b]52;c;cHduZWQ=\x07\x1b[2J", created_at="\u202etxt"))
     r = cli("inspect", run_copy)
     assert r.exit_code == 0 and "\x1b" not in r.stdout and "\u202e" not in r.stdout and "\\x1b]52" in r.stdout
+
+
+def test_deeply_nested_optimizer_state_is_a_clean_error(run_copy):
+    """Deeply nested lists in param_groups: allowed content (lists), but loading it recurses."""
+    import io
+    import pickle
+    import zipfile
+
+    latest = load_manifest(run_copy).latest
+    n = 20_000  # far past any recursion limit (the report used 200,000); {"param_groups": [[[...]]], "state": {}}, built opcode by opcode (pickle would recurse)
+    body = (b"\x80\x02}X\x0c\x00\x00\x00param_groups" + b"]" * n + b"a" * (n - 1) + b"s"
+            + b"X\x05\x00\x00\x00state}s.")
+    assert pickle.loads(body).keys() == {"param_groups", "state"}
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as z:
+        z.writestr("archive/data.pkl", body)
+    plant(run_copy, f"checkpoints/{latest}/optimizer.pt", buf.getvalue())
+    r = sh(*APTBUNDLE, "resume", run_copy, "--epochs", "3", "-q", timeout=120)
+    assert r.returncode == 1 and no_traceback(r.stderr), r.stderr
