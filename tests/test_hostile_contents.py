@@ -74,8 +74,8 @@ def test_a_fifo_in_place_of_the_corpus_is_refused_without_hanging(run_copy):
     run = Run.open(run_copy)  # the manifest no longer lists it: resume must refuse, not read a pipe
     run.manifest.files = [f for f in run.manifest.files if f.path != f"data/{src['name']}"]
     run.save_manifest()
-    r = sh(*APTBUNDLE, "resume", run_copy, "-q", timeout=120)
-    assert r.returncode == 1 and "regular file" in r.stderr and no_traceback(r.stderr), r.stderr
+    r = cli("resume", run_copy, "-q")
+    assert r.exit_code == 1 and "regular file" in r.stderr and no_traceback(r.output), r.output
 
 
 def test_a_position_past_the_end_of_the_epoch_is_refused_not_looped_on(run_copy):
@@ -259,8 +259,8 @@ def test_a_config_that_does_not_fit_the_weights_is_refused_before_allocating(run
     cfg = json.loads((run_copy / "config.json").read_text())
     cfg.update(d_model=16384, n_heads=4, d_ff=256)
     plant(run_copy, "config.json", json.dumps(cfg).encode())
-    r = sh(*APTBUNDLE, "resume", run_copy, "-q", timeout=120)
-    assert r.returncode == 1 and "do not belong together" in r.stderr and no_traceback(r.stderr), r.stderr
+    r = cli("resume", run_copy, "-q")
+    assert r.exit_code == 1 and "do not belong together" in r.stderr and no_traceback(r.output), r.output
 
 
 def test_deep_paths_many_unlisted_members_and_chained_pax_headers_are_bounded(tmp_path):
@@ -283,8 +283,8 @@ def test_deep_paths_many_unlisted_members_and_chained_pax_headers_are_bounded(tm
         arc = tmp_path / f"{name}.aptrun.tar.zst"
         arc.write_bytes(data)
         for args in (["verify", arc], ["inspect", arc], ["unpack", arc, "-C", tmp_path / f"d-{name}"]):
-            r = sh(*APTBUNDLE, *args, timeout=60)  # a hang fails here
-            assert r.returncode in (0, 1) and no_traceback(r.stderr), (name, args[0], r.stderr[-300:])
+            r = cli(*args)
+            assert r.exit_code in (0, 1) and no_traceback(r.output), (name, args[0], r.output[-300:])
     assert sorted(os.listdir(tmp_path / "d-ok")) == ["ok"]  # 200 levels: deep, but it unpacks
     assert not any((tmp_path / f"d-{n}").exists() for n in ("deep", "many", "pax"))
 
@@ -324,5 +324,5 @@ def test_deeply_nested_optimizer_state_is_a_clean_error(run_copy):
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as z:
         z.writestr("archive/data.pkl", body)
     plant(run_copy, f"checkpoints/{latest}/optimizer.pt", buf.getvalue())
-    r = sh(*APTBUNDLE, "resume", run_copy, "--epochs", "3", "-q", timeout=120)
-    assert r.returncode == 1 and no_traceback(r.stderr), r.stderr
+    r = cli("resume", run_copy, "--epochs", "3", "-q")
+    assert r.exit_code == 1 and no_traceback(r.output), r.output
