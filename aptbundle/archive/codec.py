@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Callable
 
 from aptbundle.format.scan import scan_file
+from aptbundle.format.stream import RawRead
 from aptbundle.ground.errors import ArchiveError
 
 BLOCK = 4 << 20  # a multiple of every width; the unit the codec works on
@@ -140,9 +141,6 @@ def check_archive_records(pax: dict[str, str], shown: str) -> str | None:
         raise ArchiveError(f"{shown}: needs archive features this aptbundle does not know"
                            f" ({unknown or pax[PAX_REQUIRES]}); upgrade aptbundle")
     return pax.get(PAX_REQUIRES)
-
-
-RawRead = Callable[[int], bytes]
 
 
 def member_decoder(pax: dict[str, str], requires: str | None, size: int, shown: str,

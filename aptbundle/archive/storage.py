@@ -51,7 +51,7 @@ def open_source(path: str | Path) -> tuple[BinaryIO, str, int]:
             raise SourceError(f"{path}: no such remote archive; check the URL") from None
     p = Path(path)
     if p.is_dir():
-        raise SourceError(f"{path}: is a folder without {'aptrun.json'}; expected a run folder or a {SUFFIX} file")
+        raise SourceError(f"{path}: is a folder without aptrun.json; expected a run folder or a {SUFFIX} file")
     try:
         f = open(p, "rb")
     except FileNotFoundError:

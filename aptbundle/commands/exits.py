@@ -28,7 +28,7 @@ import click
 from aptbundle.commands.render import shown
 from aptbundle.ground.errors import AptBundleError, VerifyError
 
-FAILED, USAGE = 1, 2
+FAILED = 1
 SHOWN = 100  # problems printed one per line; the rest are counted
 _TEMP = re.compile(r"\.aptrun-tmp-\d+-[0-9a-f]+-")
 

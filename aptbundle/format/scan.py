@@ -86,18 +86,6 @@ def scan_file(path: Path, rel: str) -> list[str]:
         return scan_stream(Stream(file_source(f), os.fstat(f.fileno()).st_size), rel)
 
 
-def unsafe_problems(root: Path, paths) -> list[Problem]:
-    """One ``Problem`` per file under ``root`` (of ``paths``) that the scan refuses."""
-    problems = []
-    for rel in paths:
-        if needs_scan(rel) and (root / rel).is_file():
-            try:
-                scan_file(root / rel, rel)
-            except UnsafeContentError as e:
-                problems.append(unsafe(rel, e))
-    return problems
-
-
 def unsafe(rel: str, error: Exception) -> Problem:
     """The problem that reports a refused file."""
     return Problem(rel, "unsafe", "only tensors and plain data", str(error))

@@ -68,12 +68,8 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         f.write(data)
 
 
-def hash_file(path: str | Path, progress: Progress | None = None, limit: int | None = None) -> tuple[int, str]:
-    """Return ``(size, sha256 hex)`` of a file, read once in 1 MiB blocks.
-
-    ``limit`` stops reading past that many bytes (the size returned is then ``limit + 1`` at most),
-    so a file that grew enormously is not read to its end.
-    """
+def hash_file(path: str | Path, progress: Progress | None = None) -> tuple[int, str]:
+    """Return ``(size, sha256 hex)`` of a file, read once in 1 MiB blocks."""
     h = hashlib.sha256()
     size = 0
     buf = bytearray(BLOCK)
@@ -87,8 +83,6 @@ def hash_file(path: str | Path, progress: Progress | None = None, limit: int | N
             size += n
             if progress:
                 progress(n)
-            if limit is not None and size > limit:
-                break
     return size, h.hexdigest()
 
 

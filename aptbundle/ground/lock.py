@@ -120,12 +120,6 @@ def writer(run_dir: str | Path) -> Iterator[None]:
         f.close()
 
 
-def holds_writer(run_dir: str | Path) -> bool:
-    """True if this process holds the run's writer lock."""
-    with _writers_guard:
-        return _key(Path(run_dir)) in _writers
-
-
 class _FolderHandle:
     """An open run folder, to be locked like a file."""
 

@@ -265,7 +265,7 @@ class Checkpointer:
                     if target.is_file():
                         backups[target] = _keep(target)
                     run.write_file(rel, data)
-                entry = self._record(job, final)
+                entry, retired = self._record(job, final)
                 run.save_manifest()
             except BaseException:
                 run.manifest = before
@@ -276,12 +276,13 @@ class Checkpointer:
                 raise
             for saved in backups.values():
                 saved.unlink(missing_ok=True)
-            for d in self._retired + [old for src, old in moved if src == final]:
+            for d in retired + [old for src, old in moved if src == final]:
                 shutil.rmtree(d, ignore_errors=True)
         return entry
 
-    def _record(self, job: dict, final: Path) -> CheckpointEntry:
-        """List the new checkpoint and its files in the in-memory manifest; retire old ones."""
+    def _record(self, job: dict, final: Path) -> tuple[CheckpointEntry, list[Path]]:
+        """List the new checkpoint and its files in the in-memory manifest; retire old ones and
+        return their folders, to delete once the manifest is saved."""
         run, man, name = self.run, self.run.manifest, job["name"]
         if METRICS_FILE in job["run_files"]:  # the whole curve, small, for `inspect` of an archive
             man.extra["curves"] = summarize(read_curves(job["run_files"][METRICS_FILE]))
@@ -294,12 +295,12 @@ class Checkpointer:
         man.checkpoints = sorted([c for c in man.checkpoints if c.name != name] + [entry], key=lambda c: c.step)
         man.latest = max(man.checkpoints, key=lambda c: c.step).name
         self._update_best(name, job["metrics"], job["is_best"])
-        self._retired = run.retire(run.to_retire(self.keep_last))
+        retired = run.retire(run.to_retire(self.keep_last))
         man.environment = environment_info(job["device"])
         if man.history:
             man.history[-1].update(stop_step=job["step"], stopped_at=now_iso(),
                                    **({"reason": job["reason"]} if job["reason"] else {}))
-        return entry
+        return entry, retired
 
     def _update_best(self, name: str, metrics: dict, is_best: bool | None) -> None:
         man = self.run.manifest
