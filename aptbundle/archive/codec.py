@@ -123,6 +123,24 @@ class Ungrouper:
         return out
 
 
+class Grouping:
+    """A tap that byte-groups a file in codec blocks before handing it on (to a compressor)."""
+
+    def __init__(self, width: int, write):
+        self.width, self.write, self.buf = width, write, bytearray()
+
+    def __call__(self, block: memoryview) -> None:
+        self.buf += block
+        while len(self.buf) >= BLOCK:
+            self.write(group(memoryview(self.buf)[:BLOCK], self.width))
+            del self.buf[:BLOCK]
+
+    def flush(self) -> None:
+        if self.buf:
+            self.write(group(bytes(self.buf), self.width))
+            self.buf.clear()
+
+
 # -- how the codec is marked in an archive -------------------------------------------------
 def archive_records(dense: bool) -> dict[str, str] | None:
     """The pax records of the manifest member: what the archive needs beyond plain tar."""
@@ -156,10 +174,11 @@ def member_decoder(pax: dict[str, str], requires: str | None, size: int, shown: 
                            " version does not know; upgrade aptbundle")
     if width is None:
         return None
-    return lambda raw: _ungrouping(raw, int(width), size)
+    return lambda raw: ungrouping(raw, int(width), size)
 
 
-def _ungrouping(raw: RawRead, width: int, size: int) -> RawRead:
+def ungrouping(raw: RawRead, width: int, size: int) -> RawRead:
+    """A reader of the original bytes over ``raw``, a reader of grouped ones."""
     ug = Ungrouper(width, size)
     pending: deque = deque()
 

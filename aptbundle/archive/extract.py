@@ -15,9 +15,11 @@ from pathlib import Path
 from typing import Callable
 
 from aptbundle.archive.reader import ArchiveReader
-from aptbundle.format.manifest import MANIFEST_NAME, Manifest
+from aptbundle.format import signature
+from aptbundle.format.manifest import MANIFEST_NAME, SIGNATURE_NAME, Manifest
 from aptbundle.ground import temporaries
-from aptbundle.ground.errors import ArchiveError, ManifestError, SourceError, UnsafePathError, VerifyError
+from aptbundle.ground.errors import (ArchiveError, ManifestError, SignatureError, SourceError, UnsafePathError,
+                                     VerifyError)
 from aptbundle.ground.fsutil import Progress, fsync_dir
 from aptbundle.ground.problems import Problem, Report
 
@@ -26,16 +28,19 @@ _CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | 
 
 def unpack(archive: str | Path, dest: str | Path = ".", *, expect_digest: str | None = None,
            progress: Progress | None = None, on_manifest: Callable[[Manifest], None] | None = None,
-           max_size: int | None = None) -> Path:
+           max_size: int | None = None, trust: list[str | Path] | None = None) -> Path:
     """Unpack an archive into ``DEST/NAME`` safely; return that path.
 
     The size the manifest declares is checked first: against ``max_size`` if given, and against
-    the free space of ``DEST`` (an archive of a few kB may declare terabytes).
+    the free space of ``DEST`` (an archive of a few kB may declare terabytes). With ``trust``
+    (public key files), an archive not signed by one of them is refused before anything is
+    written; a signature travels into the run folder as ``aptrun.sig``.
 
     >>> # unpack("run1.aptrun.tar.zst", "elsewhere")
     PosixPath('elsewhere/run1')
     """
     dest = Path(dest)
+    keys = [signature.load_public_key(k) for k in trust or []]
     made = [d for d in [dest, *dest.parents] if not d.exists()]
     dest.mkdir(parents=True, exist_ok=True)
     try:
@@ -43,12 +48,16 @@ def unpack(archive: str | Path, dest: str | Path = ".", *, expect_digest: str | 
             final = dest / ar.name
             if final.exists() or final.is_symlink():
                 raise ArchiveError(f"{final}: already exists; remove it or unpack with -C into another folder")
+            if keys:
+                signature.check(ar.signature, ar.name, ar.manifest.digest(), keys, ar.shown)
             _check_size(ar.manifest.total_size(), dest, max_size, ar.shown)
             temporaries.clean_stale(dest, ar.name)
             if on_manifest:
                 on_manifest(ar.manifest)
             with temporaries.temp_dir(dest, ar.name) as tmp:
                 _write(tmp / MANIFEST_NAME, ar.manifest_bytes)
+                if ar.signature is not None:
+                    _write(tmp / SIGNATURE_NAME, ar.signature)
                 problems: list[Problem] = []
                 for m in ar.members():
                     target = tmp / m.rel
@@ -87,17 +96,27 @@ def _write(path: Path, data: bytes) -> None:
         f.write(data)
 
 
-def verify_archive(path: str | Path, progress: Progress | None = None) -> Report:
+def verify_archive(path: str | Path, progress: Progress | None = None,
+                   trust: list[str | Path] | None = None) -> Report:
     """Check an archive as a stream, writing nothing to disk; a ``Report`` of every problem.
+
+    With ``trust`` (public key files), a missing or untrusted signature is a problem too.
 
     >>> # verify_archive("run1.aptrun.tar.zst").ok
     """
     rep = Report(str(path), "archive")
+    keys = [signature.load_public_key(k) for k in trust or []]
     shown = Path(str(path)).name if "://" not in str(path) else str(path).rsplit("/", 1)[-1]
     try:
         with ArchiveReader(path, progress=progress) as ar:
             man = ar.manifest
             rep.files, rep.size, rep.digest = len(man.files), man.total_size(), man.digest()
+            if keys:
+                try:
+                    signature.check(ar.signature, ar.name, rep.digest, keys, ar.shown)
+                except SignatureError as e:
+                    rep.problems.append(Problem(SIGNATURE_NAME, "signature", "signed by a trusted key",
+                                                str(e).removeprefix(f"{ar.shown}: ")))
             for m in ar.members():
                 rep.problems += m.check()
             rep.problems += ar.problems

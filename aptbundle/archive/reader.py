@@ -15,8 +15,6 @@ here imports torch.
 
 from __future__ import annotations
 
-import queue
-import threading
 from typing import BinaryIO, Callable, Iterator
 
 import zstandard
@@ -26,7 +24,9 @@ from aptbundle.archive.storage import CHUNK, open_source
 from aptbundle.archive.tarstream import BLOCK as TAR_BLOCK
 from aptbundle.archive.tarstream import RECORD, FrameGuard, TarReader
 from aptbundle.format.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, FileEntry, Manifest, parse_manifest
+from aptbundle.format.signature import MAX_SIGNATURE_BYTES, SIGNATURE_NAME
 from aptbundle.format.verify import check_stream
+from aptbundle.ground.ahead import ReadAhead
 from aptbundle.ground.errors import ArchiveError, UnsafePathError
 from aptbundle.ground.fsutil import Progress, announce_total
 from aptbundle.ground.paths import check_name, collision_key, normalize_relpath
@@ -49,58 +49,20 @@ class _Decoder:
             self.guard, read_size=CHUNK, read_across_frames=False, closefd=False)
         self.total = 0
         self.cap = MAX_MANIFEST_BYTES + 4 * 65536 + 16 * TAR_BLOCK
-        self._queue: queue.Queue = queue.Queue(self.AHEAD)
-        self._stop = threading.Event()
-        self._cur, self._at, self._done = b"", 0, False
-        self._thread = threading.Thread(target=self._run, name="zstd", daemon=True)
-        self._thread.start()
+        self._ahead = ReadAhead(self._block, self.AHEAD, "zstd")
 
-    def _run(self) -> None:
+    def _block(self) -> bytes:
         try:
-            while not self._stop.is_set():
-                try:
-                    b = self.reader.read(CHUNK)
-                except zstandard.ZstdError as e:
-                    b = ArchiveError(f"{self.shown}: corrupt zstd data ({e}); the archive is damaged")
-                except BaseException as e:  # handed to the reading thread
-                    b = e
-                self._put(b)
-                if not isinstance(b, bytes) or not b:
-                    return
-        finally:
-            self._stop.set()
-
-    def _put(self, item) -> None:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=0.1)
-                return
-            except queue.Full:
-                continue
+            return self.reader.read(CHUNK)
+        except zstandard.ZstdError as e:
+            raise ArchiveError(f"{self.shown}: corrupt zstd data ({e}); the archive is damaged") from None
 
     def close(self) -> None:
         """Stop the decompressing thread (it may be blocked handing out a block)."""
-        self._stop.set()
-        self._thread.join()
+        self._ahead.close()
 
     def _raw_read(self, n: int) -> bytes:
-        if self._at >= len(self._cur):
-            if self._done:
-                return b""
-            item = self._queue.get()
-            if isinstance(item, BaseException):
-                self._done = True
-                raise item
-            if not item:
-                self._done = True
-                return b""
-            self._cur, self._at = item, 0
-        if self._at == 0 and n >= len(self._cur):
-            self._at = len(self._cur)
-            return self._cur
-        b = self._cur[self._at:self._at + n]
-        self._at += len(b)
-        return b
+        return self._ahead.read(n)
 
     def read_some(self, n: int) -> bytes:
         if self.total + n > self.cap:
@@ -222,6 +184,29 @@ class ArchiveReader:
         dirs = {f.path.rsplit("/", 1)[0] for f in man.files if "/" in f.path}
         self._dec.cap = tr.offset + sum(f.size + overhead for f in man.files) + overhead * (len(dirs) + 1) + 2 * RECORD
         self.name, self.manifest = name, man
+        self._read_signature()
+
+    def _read_signature(self) -> None:
+        """``NAME/aptrun.sig`` right after the manifest, if the archive is signed (else None)."""
+        self.signature: bytes | None = None
+        self._pending = m = self._tar.next()
+        if m is None or m.name != f"{self.name}/{SIGNATURE_NAME}" or m.kind != "file":
+            return
+        if m.size > MAX_SIGNATURE_BYTES:
+            raise ArchiveError(f"{self.shown}: {m.name} is {m.size} bytes, over the {MAX_SIGNATURE_BYTES}-byte"
+                               " limit for a signature; the archive is damaged or crafted")
+        chunks = []
+        while b := self._tar.read_data(CHUNK):
+            chunks.append(bytes(b))
+        self._tar.end_member()
+        self.signature, self._pending = b"".join(chunks), self._tar.next()
+
+    def _headers(self):
+        """The member headers after the manifest (and signature), one by one."""
+        m, self._pending = self._pending, None
+        while m is not None:
+            yield m
+            m = self._tar.next()
 
     def members(self) -> Iterator[Member]:
         """Each listed member in archive order; afterwards ``problems`` holds what else was wrong."""
@@ -230,8 +215,10 @@ class ArchiveReader:
         listed = man.file_map()
         dirs = {"/".join(p.split("/")[:i]) for p in listed for i in range(1, p.count("/") + 1)}
         seen: dict[str, str] = {collision_key(MANIFEST_NAME): MANIFEST_NAME}
+        if self.signature is not None:
+            seen[collision_key(SIGNATURE_NAME)] = SIGNATURE_NAME
         problems = self.problems
-        while (m := tr.next()) is not None:
+        for m in self._headers():
             try:
                 full = normalize_relpath(m.name, what="member")
             except UnsafePathError as e:

@@ -24,16 +24,16 @@ from typing import BinaryIO
 
 import zstandard
 
-from aptbundle.archive.codec import BLOCK as DENSE_BLOCK
-from aptbundle.archive.codec import archive_records, dense_width, group, member_records
+from aptbundle.archive.codec import Grouping, archive_records, dense_width, member_records
 from aptbundle.archive.storage import CHUNK, archive_name, is_remote, remote_fs
 from aptbundle.archive.tarstream import end_of_archive, member_header, padding
-from aptbundle.format.manifest import MANIFEST_NAME, Manifest
+from aptbundle.format import signature
+from aptbundle.format.manifest import MANIFEST_NAME, SIGNATURE_NAME, Manifest
 from aptbundle.format.run import Run
 from aptbundle.format.stream import file_source
 from aptbundle.format.verify import check_stream, verify_run
 from aptbundle.ground import temporaries
-from aptbundle.ground.errors import ArchiveError, VerifyError
+from aptbundle.ground.errors import AptBundleError, ArchiveError, VerifyError
 from aptbundle.ground.fsutil import Progress, announce_total, fsync_dir
 from aptbundle.ground.problems import Problem
 
@@ -73,13 +73,16 @@ class PackResult:
 
 def pack(run_dir: str | Path, out: str | Path | None = None, *, level: int | None = None, threads: int = 0,
          checkpoints: str = "all", progress: Progress | None = None, dense: bool = False,
-         force: bool = False) -> PackResult:
+         force: bool = False, sign: str | Path | None = None) -> PackResult:
     """Pack a run into a verified, deterministic ``.aptrun.tar.zst``.
 
     ``threads=0`` uses every core. ``dense=True`` byte-groups float tensors (see ``codec``): a
     smaller archive that only aptbundle can unpack. ``level`` defaults to 3, and to 1 with
     ``dense`` (byte-grouped floats compress as well at level 1 and twice as fast). An existing
-    file at the output path is replaced only with ``force``.
+    file at the output path is replaced only with ``force``. ``sign`` is a private key file
+    (``aptbundle keygen``): the archive then carries ``NAME/aptrun.sig`` after the manifest. A
+    run unpacked from a signed archive keeps its signature, which a pack of the same state
+    carries on.
 
     >>> # pack("outputs/run1").path
     PosixPath('run1.aptrun.tar.zst')
@@ -91,6 +94,8 @@ def pack(run_dir: str | Path, out: str | Path | None = None, *, level: int | Non
         raise ArchiveError(f"--level {level}: expected a zstd level from 1 to 22")
     threads = threads if threads > 0 else (os.cpu_count() or 1)
     run = Run.open(run_dir)
+    if sign is not None:
+        signature.load_private_key(sign)  # a bad key is refused before any work
     target = _target(run, out)
     _refuse_existing(target, force)
     temporaries.clean_stale(run.path, "pack")
@@ -104,13 +109,25 @@ def pack(run_dir: str | Path, out: str | Path | None = None, *, level: int | Non
             if not verify_run(run, only=only, quick=True).ok:  # name every problem, not just the cheap ones
                 raise VerifyError(verify_run(run, only=only).problems, what=f"run {run.name} (not packed)")
             announce_total(progress, man.total_size())
+            sig = signature.sign(man.name, man.digest(), sign) if sign is not None else \
+                carried_signature(run, man)
             snap = _snapshot(run.path, man)
             if snap is None:  # no hard links here: keep commits out while the files are read in place
-                return _write_to(target, run.path, man, level, threads, progress, dense)
-        return _write_to(target, snap, man, level, threads, progress, dense)
+                return _write_to(target, run.path, man, level, threads, progress, dense, sig)
+        return _write_to(target, snap, man, level, threads, progress, dense, sig)
     finally:
         if snap is not None:
             temporaries.remove(snap)
+
+
+def carried_signature(run: Run, man: Manifest) -> bytes | None:
+    """The run's own ``aptrun.sig`` when it signs exactly ``man`` (else None: it would not verify)."""
+    data = run.signature()
+    try:
+        env = signature.parse_envelope(data, SIGNATURE_NAME) if data is not None else None
+    except AptBundleError:
+        return None
+    return data if env is not None and env.digest == man.digest() and env.name == man.name else None
 
 
 def plan(run_dir: str | Path, out: str | Path | None = None, *, checkpoints: str = "all") -> dict:
@@ -152,7 +169,7 @@ def _refuse_existing(target: Path | str, force: bool) -> None:
 
 
 def _write_to(target: Path | str, root: Path, man: Manifest, level: int, threads: int,
-              progress: Progress | None, dense: bool) -> PackResult:
+              progress: Progress | None, dense: bool, sig: bytes | None = None) -> PackResult:
     """Write the archive to ``target``: locally a temporary name renamed at the end, remotely a
     multipart upload the store makes visible only when it completes (discarded on failure)."""
     if isinstance(target, str):
@@ -162,7 +179,7 @@ def _write_to(target: Path | str, root: Path, man: Manifest, level: int, threads
         tmp = temporaries.temp_path(target.parent, target.name)
         sink = open(tmp, "xb")
     try:
-        size = _write_archive(root, man, sink, level, threads, progress, dense)
+        size = _write_archive(root, man, sink, level, threads, progress, dense, sig=sig)
         sink.close()
     except BaseException:
         _discard(sink, tmp)
@@ -201,26 +218,9 @@ def _snapshot(root: Path, man: Manifest) -> Path | None:
     return snap
 
 
-class _Grouping:
-    """A tap that byte-groups a file in codec blocks before handing it to the compressor."""
-
-    def __init__(self, width: int, write):
-        self.width, self.write, self.buf = width, write, bytearray()
-
-    def __call__(self, block: memoryview) -> None:
-        self.buf += block
-        while len(self.buf) >= DENSE_BLOCK:
-            self.write(group(memoryview(self.buf)[:DENSE_BLOCK], self.width))
-            del self.buf[:DENSE_BLOCK]
-
-    def flush(self) -> None:
-        if self.buf:
-            self.write(group(bytes(self.buf), self.width))
-            self.buf.clear()
-
-
 def _write_archive(root: Path, man: Manifest, raw: BinaryIO, level: int, threads: int,
-                   progress: Progress | None, dense: bool = False, scan: bool = True) -> int:
+                   progress: Progress | None, dense: bool = False, scan: bool = True,
+                   sig: bytes | None = None) -> int:
     """Stream the archive of ``man``'s files under ``root`` into ``raw``; return its size.
 
     ``scan=False`` packs files the content scan would refuse (only tests build such archives).
@@ -240,10 +240,13 @@ def _write_archive(root: Path, man: Manifest, raw: BinaryIO, level: int, threads
         mbytes = man.to_bytes()
         put(member_header(f"{name}/{MANIFEST_NAME}", len(mbytes), mtime=mtime, extra_pax=archive_records(bool(widths))))
         put(mbytes + padding(len(mbytes)))
+        if sig is not None:
+            put(member_header(f"{name}/{SIGNATURE_NAME}", len(sig), mtime=mtime))
+            put(sig + padding(len(sig)))
         for f in man.files:
             width = widths.get(f.path)
             put(member_header(f"{name}/{f.path}", f.size, mtime=mtime, extra_pax=member_records(width)))
-            grouping = _Grouping(width, put) if width else None
+            grouping = Grouping(width, put) if width else None
             taps = [grouping or put] + ([lambda b: progress(len(b))] if progress else [])
             with open(root / f.path, "rb", buffering=0) as src:
                 problems += check_stream(file_source(src), f, scan=scan, taps=taps)

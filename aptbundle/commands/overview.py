@@ -16,12 +16,22 @@ from pathlib import Path
 from aptbundle.archive.extract import verify_archive
 from aptbundle.archive.reader import ArchiveReader
 from aptbundle.archive.storage import SUFFIX, is_remote
+from aptbundle.format import signature
+from aptbundle.format.manifest import SIGNATURE_NAME
 from aptbundle.format.metrics import METRICS_FILE, checked_curves, read_curves
 from aptbundle.format.run import Run
 from aptbundle.format.verify import verify_run
-from aptbundle.ground.errors import AptBundleError, RunError
+from aptbundle.ground.errors import AptBundleError, RunError, SignatureError
 from aptbundle.ground.fsutil import Progress
-from aptbundle.ground.problems import Report
+from aptbundle.ground.problems import Problem, Report
+
+
+def is_store(path: str | Path) -> bool:
+    """True for a store: a URL, or a folder with the store's layout (``refs/``, ``blobs/``)."""
+    if is_remote(path):
+        return True
+    p = Path(path)
+    return (p / "refs").is_dir() or (p / "blobs").is_dir()
 
 
 def is_run_folder(path: str | Path) -> bool:
@@ -29,14 +39,26 @@ def is_run_folder(path: str | Path) -> bool:
     return not is_remote(path) and Path(path).is_dir()
 
 
-def verify_path(path: str | Path, progress: Progress | None = None) -> Report:
+def verify_path(path: str | Path, progress: Progress | None = None,
+                trust: list[str | Path] | None = None) -> Report:
     """Verify a run folder or an ``.aptrun.tar.zst`` archive; every problem in one report.
+
+    With ``trust`` (public key files) the run must also be signed, as it is now, by one of them.
 
     >>> # verify_path("outputs/run1").ok
     """
-    if is_run_folder(path):
-        return verify_run(Run.open(path), progress=progress)
-    return verify_archive(path, progress)
+    if not is_run_folder(path):
+        return verify_archive(path, progress, trust=trust)
+    keys = [signature.load_public_key(k) for k in trust or []]
+    run = Run.open(path)
+    report = verify_run(run, progress=progress)
+    if keys:
+        try:
+            signature.check(run.signature(), run.name, run.manifest.digest(), keys, run.name)
+        except SignatureError as e:
+            report.problems.append(Problem(SIGNATURE_NAME, "signature", "signed by a trusted key",
+                                           str(e).removeprefix(f"{run.name}: ")))
+    return report
 
 
 def describe(path: str | Path) -> dict:
@@ -44,16 +66,17 @@ def describe(path: str | Path) -> dict:
 
     >>> # describe("run1.aptrun.tar.zst")["checkpoints"][-1]["step"]
     """
-    archive_size = requires = None
+    archive_size = requires = sig = None
     curves: dict = {}
     if is_run_folder(path):
-        man, kind = Run.open(path).manifest, "run"
+        run = Run.open(path)
+        man, kind, sig = run.manifest, "run", run.signature()
         log = Path(path) / METRICS_FILE
         if METRICS_FILE in man.file_map() and log.is_file():  # the full log of a run folder
             curves = read_curves(log.read_bytes())
     else:
         with ArchiveReader(path) as ar:
-            man, archive_size, requires, kind = ar.manifest, ar.size, ar.requires, "archive"
+            man, archive_size, requires, kind, sig = ar.manifest, ar.size, ar.requires, "archive", ar.signature
     best = man.best.name if man.best else None
     curves = curves or checked_curves(man.extra.get("curves"))
     if not curves:  # a run written before curves were recorded: the checkpoints' losses
@@ -64,6 +87,7 @@ def describe(path: str | Path) -> dict:
         "kind": kind,
         "name": man.name,
         "digest": man.digest(),
+        "signed_by": signature.signed_by(sig, man.name, man.digest()),
         "run_id": man.run_id,
         "trainer": man.trainer,
         "created_at": man.created_at,

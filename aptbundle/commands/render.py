@@ -106,6 +106,8 @@ def render(info: dict) -> str:
         f"{info['kind']} {shown(info['path'])}",
         f"  name      {shown(info['name'])}",
         f"  digest    {info['digest']}",
+        *([f"  signed    {shown(info['signed_by'])} (not checked: verify --trust KEY.pub checks it)"]
+          if info.get("signed_by") else []),
         f"  trainer   {shown(info['trainer']) if info['trainer'] else '(none: not resumable by aptbundle)'}",
         f"  files     {info['files']} ({human(info['size'])} of data"
         + (f", archive {human(info['archive_size'])})" if info["archive_size"] is not None else ")"),

@@ -22,6 +22,7 @@ from aptbundle.ground.paths import check_collisions, check_name, normalize_relpa
 from aptbundle.ground.temporaries import is_temp_name
 
 MANIFEST_NAME = "aptrun.json"
+SIGNATURE_NAME = "aptrun.sig"  # a run's signature (``signature``): beside the manifest, never listed
 FORMAT = "aptrun"
 FORMAT_VERSION = 1
 MAX_MANIFEST_BYTES = 64 * 1024 * 1024  # a manifest of ~300k files; larger is refused unread
@@ -229,6 +230,8 @@ def _from_dict(raw: dict, source: str) -> Manifest:
             raise ManifestError(f"{where}: path {path!r} is not NFC-normalised")
         if norm == MANIFEST_NAME:
             raise ManifestError(f"{where}: the manifest may not list itself")
+        if norm == SIGNATURE_NAME:
+            raise ManifestError(f"{where}: {norm!r} is the name of the run's signature; it is never listed")
         if is_lock_name(norm) or any(is_temp_name(c) for c in norm.split("/")):
             raise ManifestError(f"{where}: {norm!r} is a name aptbundle reserves for locks and work in progress")
         size = _req(f, "size", int, where)
@@ -238,7 +241,7 @@ def _from_dict(raw: dict, source: str) -> Manifest:
         if not _SHA256.match(sha):
             raise ManifestError(f"{where}: sha256 {sha!r} is not 64 lowercase hex digits")
         files.append(FileEntry(norm, size, sha))
-    check_collisions([f.path for f in files] + [MANIFEST_NAME], what=f"{source}: file")
+    check_collisions([f.path for f in files] + [MANIFEST_NAME, SIGNATURE_NAME], what=f"{source}: file")
     if [f.path for f in files] != sorted(f.path for f in files):
         files.sort(key=lambda f: f.path)
     ckpts = []

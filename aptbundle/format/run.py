@@ -16,7 +16,7 @@ import sys
 import uuid
 from pathlib import Path
 
-from aptbundle.format.manifest import MANIFEST_NAME, CheckpointEntry, FileEntry, Manifest, load_manifest
+from aptbundle.format.manifest import MANIFEST_NAME, SIGNATURE_NAME, CheckpointEntry, FileEntry, Manifest, load_manifest
 from aptbundle.ground import lock, temporaries
 from aptbundle.ground.errors import RunError, UnsafePathError
 from aptbundle.ground.fsutil import Progress, atomic_write_bytes, hash_file
@@ -48,8 +48,9 @@ def environment_info(device: str | None = None) -> dict:
 
 
 def is_ignored(rel: str) -> bool:
-    """The manifest, the lock files and work in progress are never part of a run's listing."""
-    return rel == MANIFEST_NAME or lock.is_lock_name(rel) or any(
+    """The manifest, its signature, the lock files and work in progress are never part of a run's
+    listing."""
+    return rel in (MANIFEST_NAME, SIGNATURE_NAME) or lock.is_lock_name(rel) or any(
         temporaries.is_temp_name(c) for c in rel.split("/"))
 
 
@@ -222,6 +223,19 @@ class Run:
         """Atomically write the manifest: the commit point of every change."""
         self.manifest.updated_at = now_iso()
         atomic_write_bytes(self.path / MANIFEST_NAME, self.manifest.to_bytes())
+        # a signature is of one state of the run: once it changes, the old one would only mislead
+        (self.path / SIGNATURE_NAME).unlink(missing_ok=True)
+
+    def signature(self) -> bytes | None:
+        """The run's ``aptrun.sig`` (unchecked; see ``signature.check``), or None."""
+        from aptbundle.format.signature import MAX_SIGNATURE_BYTES
+
+        try:
+            fd = os.open(self.path / SIGNATURE_NAME, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        except FileNotFoundError:
+            return None
+        with open(fd, "rb") as f:
+            return f.read(MAX_SIGNATURE_BYTES + 1)
 
     def to_retire(self, keep_last: int | None) -> list[CheckpointEntry]:
         """The checkpoints a retention of the last ``keep_last`` lets go (never latest or best)."""

@@ -56,3 +56,11 @@ class VerifyError(AptBundleError):
         lines = "; ".join(str(p) for p in self.problems[:5])
         more = f" (and {len(self.problems) - 5} more)" if len(self.problems) > 5 else ""
         super().__init__(f"{what} failed verification: {lines}{more}")
+
+
+class SignatureError(AptBundleError):
+    """A signature is missing, unreadable, by a key not trusted, or for another run."""
+
+
+class StoreError(AptBundleError):
+    """A run store cannot be read or written as asked, or holds what it should not."""
