@@ -8,7 +8,8 @@ loaded when first used.
 The layers, lowest first (each imports only from those below it; ``lint-imports`` checks it):
 ``ground`` (errors, problems, file helpers, temporaries, path rules, locks), ``format``
 (manifest, scan, run, verify, adopt), ``state`` (the checkpointer), ``archive`` (tar + zstd,
-codec, reader, writer) and ``commands`` (resume, the command line).
+codec, reader, writer), ``store`` (push, pull, ls, gc, backups) and ``commands`` (resume, the
+command line).
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ _PUBLIC = {
     "verify_on_main": "aptbundle.state.checkpoint", "unwrap": "aptbundle.state.checkpoint",
     "pack": "aptbundle.archive", "unpack": "aptbundle.archive", "verify_archive": "aptbundle.archive",
     "ArchiveReader": "aptbundle.archive", "verify_path": "aptbundle.commands.overview",
-    "describe": "aptbundle.commands.overview",
+    "describe": "aptbundle.commands.overview", "push": "aptbundle.store.push", "pull": "aptbundle.store.pull",
+    "Backup": "aptbundle.store.backup", "gc": "aptbundle.store.maintain", "list_store": "aptbundle.store.maintain",
 }
 __all__ = ["AptBundleError", "__version__", *_PUBLIC]
 

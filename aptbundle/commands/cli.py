@@ -51,13 +51,18 @@ def _size(value: str | None) -> int | None:
 
 
 json_opt = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON on stdout.")
+trust_opt = click.option("--trust", multiple=True, type=click.Path(dir_okay=False),
+                         help="Public key file (KEY.pub); refuse anything not signed by one of these. Repeatable.")
+sign_opt = click.option("--sign", type=click.Path(dir_okay=False),
+                        help="Sign the run's digest with this private key (from `aptbundle keygen`).")
 quiet_opt = click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 
 
 @click.group(cls=Group, context_settings=CONTEXT)
 @click.version_option(package_name="aptbundle")
 def main() -> None:
-    """Make training runs portable: pack, unpack, verify, inspect and resume them."""
+    """Make training runs portable: pack, unpack, verify, inspect and resume them; push them to and
+    pull them from a store."""
 
 
 @main.command(short_help="Adopt a training output folder (write its manifest).")
@@ -80,14 +85,17 @@ def init(directory: str, trainer: str | None, as_json: bool, quiet: bool) -> Non
 
 @main.command(short_help="Check a run or an archive against its manifest.")
 @click.argument("path", type=click.Path())
+@trust_opt
 @json_opt
 @quiet_opt
-def verify(path: str, as_json: bool, quiet: bool) -> None:
-    """Check a run directory or an archive against its manifest (exit 1 on any problem)."""
+def verify(path: str, trust: tuple[str, ...], as_json: bool, quiet: bool) -> None:
+    """Check a run directory or an archive against its manifest (exit 1 on any problem).
+
+    With --trust, it must also be signed, in its present state, by one of the given keys."""
     from aptbundle.commands.overview import verify_path
 
     with progress("verifying", quiet) as cb:
-        report = verify_path(path, cb)
+        report = verify_path(path, cb, trust=list(trust))
     if as_json:
         emit(True, report.to_dict(), "")
     else:
@@ -116,10 +124,11 @@ def verify(path: str, as_json: bool, quiet: bool) -> None:
               help="Byte-group float tensors before zstd: smaller, but only aptbundle can unpack it.")
 @click.option("--dry-run", is_flag=True, help="Say what would go in, and its size; write nothing.")
 @click.option("--force", is_flag=True, help="Replace the output file if it exists.")
+@sign_opt
 @json_opt
 @quiet_opt
 def pack(run_dir: str, output: str | None, level: int | None, threads: int, which: str, dense: bool,
-         dry_run: bool, force: bool, as_json: bool, quiet: bool) -> None:
+         dry_run: bool, force: bool, sign: str | None, as_json: bool, quiet: bool) -> None:
     """Pack a run into one verified NAME.aptrun.tar.zst."""
     from aptbundle.archive.writer import pack as do_pack
     from aptbundle.archive.writer import plan
@@ -133,12 +142,12 @@ def pack(run_dir: str, output: str | None, level: int | None, threads: int, whic
 
     with progress("packing", quiet) as cb:
         res = do_pack(run_dir, output, level=level, threads=threads, checkpoints=which, progress=cb, dense=dense,
-                      force=force)
+                      force=force, sign=sign)
     ratio = res.size / res.data_size if res.data_size else 0.0
     emit(as_json, {"archive": str(res.path), "size": res.size, "digest": res.digest, "files": res.files,
-                   "data_size": res.data_size},
+                   "data_size": res.data_size, "signed": sign is not None},
          f"{res.path}\n  {human(res.size)} ({res.files} files, {human(res.data_size)} of data, ratio {ratio:.2f})"
-         f"\n  digest {res.digest}")
+         f"\n  digest {res.digest}" + (f"\n  signed with {shown(sign)}" if sign else ""))
 
 
 @main.command(short_help="Unpack an archive into DEST/NAME, verified.")
@@ -149,15 +158,17 @@ def pack(run_dir: str, output: str | None, level: int | None, threads: int, whic
               help="Refuse the archive unless its run digest is this (64 hex digits).")
 @click.option("--max-size", default=None, callback=lambda ctx, param, v: _size(v),
               help="Refuse an archive that declares more data than this (e.g. 20G, 500M).")
+@trust_opt
 @json_opt
 @quiet_opt
-def unpack(archive: str, dest: str, expect_digest: str | None, max_size: int | None, as_json: bool,
-           quiet: bool) -> None:
+def unpack(archive: str, dest: str, expect_digest: str | None, max_size: int | None, trust: tuple[str, ...],
+           as_json: bool, quiet: bool) -> None:
     """Unpack an archive into DEST/NAME, verifying every byte before it appears."""
     from aptbundle.archive.extract import unpack as do_unpack
 
     with progress("unpacking", quiet) as cb:
-        path = do_unpack(archive, dest, expect_digest=expect_digest, progress=cb, max_size=max_size)
+        path = do_unpack(archive, dest, expect_digest=expect_digest, progress=cb, max_size=max_size,
+                         trust=list(trust))
     emit(as_json, {"path": str(path)}, str(path))
 
 
@@ -179,13 +190,19 @@ def inspect(path: str, plot_file: str | None, as_json: bool) -> None:
     emit(as_json, info, render(info) + (f"\n  plot      {shown(info['plot'])}" if plot_file else ""))
 
 
-@main.command(name="ls", short_help="List the runs and archives under a folder.")
+@main.command(name="ls", short_help="List the runs and archives under a folder, or in a store.")
 @click.argument("directory", default=".", type=click.Path(file_okay=False))
 @json_opt
 def ls_(directory: str, as_json: bool) -> None:
-    """List the runs and archives under DIRECTORY (default: here): steps, best loss, size, digest."""
-    from aptbundle.commands.overview import list_runs
+    """List the runs and archives under DIRECTORY (default: here): steps, best loss, size, digest.
 
+    For a store (a folder `aptbundle push` wrote, or a URL): its runs, digests, checkpoints and
+    sizes."""
+    from aptbundle.commands.overview import is_store, list_runs
+
+    if is_store(directory):
+        _ls_store(directory, as_json)
+        return
     runs = list_runs(directory)
     rows = [f"{'name':<20}{'kind':<9}{'steps':>7}{'best loss':>11}{'size':>11}  {'digest':<14}path"]
     for r in runs:
@@ -196,6 +213,21 @@ def ls_(directory: str, as_json: bool) -> None:
         rows.append(f"{shown(r['name']):<20}{r['kind']:<9}{r['steps']:>7}{loss:>11}{human(r['size']):>11}"
                     f"  {r['digest'][:12]:<14}{shown(r['path'])}")
     emit(as_json, {"runs": runs}, "\n".join(rows) if runs else f"no runs or archives under {shown(directory)}")
+
+
+def _ls_store(store: str, as_json: bool) -> None:
+    from aptbundle.store.maintain import list_store
+
+    runs = list_store(store)
+    rows = [f"{'name':<20}{'steps':>7}{'ckpts':>6}{'size':>11}{'stored':>11}  {'digest':<14}{'signed':<7}pushed"]
+    for r in runs:
+        if "error" in r:
+            rows.append(f"{shown(r['name']):<20}error: {shown(r['error'])}")
+            continue
+        rows.append(f"{shown(r['name']):<20}{r['step']:>7}{len(r['checkpoints']):>6}{human(r['size']):>11}"
+                    f"{human(r['stored_size']):>11}  {r['digest'][:12]:<14}{'yes' if r['signed'] else 'no':<7}"
+                    f"{r['pushed_at']}" + (f"  ({r['missing_blobs']} blob(s) missing)" if r["missing_blobs"] else ""))
+    emit(as_json, {"store": store, "runs": runs}, "\n".join(rows) if runs else f"no runs in the store {shown(store)}")
 
 
 @main.command(short_help="Compare two runs or archives.")
@@ -226,9 +258,101 @@ def prune(run_dir: str, keep_last: int, dry_run: bool, as_json: bool) -> None:
          f"{verb} {len(names)} checkpoint(s), {human(size)}: {', '.join(names) or 'none'}")
 
 
-@main.command(short_help="Continue a run where it stopped.")
+@main.command(short_help="Make an Ed25519 key pair for signing runs.")
+@click.argument("key", type=click.Path(dir_okay=False))
+@click.option("--force", is_flag=True, help="Replace KEY and KEY.pub if they exist.")
+@json_opt
+def keygen(key: str, force: bool, as_json: bool) -> None:
+    """Write a new key pair: KEY (private, mode 0600: keep it secret) and KEY.pub (give it to
+    whoever should trust your runs: `unpack/pull/verify --trust KEY.pub`)."""
+    from aptbundle.format.signature import keygen as do_keygen
+
+    priv, pub, keyid = do_keygen(key, force=force)
+    emit(as_json, {"private_key": str(priv), "public_key": str(pub), "keyid": keyid},
+         f"private key {shown(str(priv))} (keep it secret)\npublic key  {shown(str(pub))}\nkey id      {keyid}")
+
+
+@main.command(short_help="Push a run into a store; only new files travel.")
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.argument("store")
+@click.option("--checkpoints", "which", default="all", show_default=True,
+              type=click.Choice(["all", "latest", "best"]), help="Which checkpoints to push.")
+@click.option("--dense", is_flag=True, help="Byte-group float tensors before zstd (smaller blobs).")
+@click.option("--level", default=None, type=click.IntRange(1, 22), help="zstd level [default: 3; 1 with --dense].")
+@sign_opt
+@json_opt
+@quiet_opt
+def push(run_dir: str, store: str, which: str, dense: bool, level: int | None, sign: str | None, as_json: bool,
+         quiet: bool) -> None:
+    """Push RUN_DIR into STORE (a folder or a URL such as s3://bucket/runs), as STORE/NAME.
+
+    Files the store already has (by SHA-256) are not sent again; the run appears in the store
+    only once all of its files are there."""
+    from aptbundle.store.push import push as do_push
+
+    with progress("pushing", quiet, rate=True) as cb:
+        r = do_push(run_dir, store, sign=sign, dense=dense, level=level, checkpoints=which, progress=cb)
+    emit(as_json, r.to_dict(),
+         f"pushed {shown(r.name)} to {shown(r.store)}: {r.sent_files} file(s) sent ({human(r.data_bytes)} as"
+         f" {human(r.sent_bytes)}), {r.present_files} already there ({human(r.present_bytes)}) in {r.seconds:.1f} s"
+         f"\n  digest {r.digest}" + ("  (signed)" if r.signed else "")
+         + f"\n  pull it with: aptbundle pull {shown(r.store)} {shown(r.name)}")
+
+
+@main.command(short_help="Pull a run out of a store into DEST/NAME, verified.")
+@click.argument("store")
+@click.argument("name")
+@click.option("-C", "--dest", default=".", show_default=True, type=click.Path(file_okay=False),
+              help="Folder to create NAME/ in (an older version there is updated).")
+@click.option("--digest", default=None, callback=lambda ctx, param, v: _digest(v),
+              help="Pull the version with this run digest, not the newest (64 hex digits).")
+@click.option("--max-size", default=None, callback=lambda ctx, param, v: _size(v),
+              help="Refuse a run that declares more new data than this (e.g. 20G, 500M).")
+@trust_opt
+@json_opt
+@quiet_opt
+def pull(store: str, name: str, dest: str, digest: str | None, max_size: int | None, trust: tuple[str, ...],
+         as_json: bool, quiet: bool) -> None:
+    """Pull run NAME out of STORE into DEST/NAME, checking every byte before it appears.
+
+    If DEST/NAME holds an older version of the run, only the files it lacks are fetched."""
+    from aptbundle.store.pull import pull as do_pull
+
+    with progress("pulling", quiet, rate=True) as cb:
+        r = do_pull(store, name, dest, digest=digest, trust=list(trust), progress=cb, max_size=max_size)
+    emit(as_json, r.to_dict(),
+         f"{r.path}\n  {r.fetched_files} file(s) fetched ({human(r.fetched_bytes)}), {r.reused_files} reused from the"
+         f" older version ({human(r.reused_bytes)}) in {r.seconds:.1f} s\n  digest {r.digest}"
+         + (f"  (signed by {r.signed_by[:16]})" if r.signed_by else ""))
+
+
+@main.command(short_help="Delete what no run in a store references.")
+@click.argument("store")
+@click.option("--grace", default=3600.0, show_default=True, type=click.FloatRange(0),
+              help="Keep unreferenced objects younger than this many seconds.")
+@click.option("--dry-run", is_flag=True, help="Say what would go; delete nothing.")
+@json_opt
+def gc(store: str, grace: float, dry_run: bool, as_json: bool) -> None:
+    """Delete blobs and manifests of STORE that no run's ref reaches (safe while pushes run)."""
+    from aptbundle.store.maintain import gc as do_gc
+
+    r = do_gc(store, grace_s=grace, dry_run=dry_run)
+    verb = "would delete" if dry_run else "deleted"
+    emit(as_json, r.to_dict(),
+         f"{verb} {r.deleted_blobs} blob(s) and {r.deleted_manifests} manifest(s), {human(r.deleted_bytes)};"
+         f" kept {r.kept_blobs} blob(s) in use and {r.kept_young} younger than {grace:g} s")
+
+
+@main.command(short_help="Continue a run where it stopped (also from a store).")
 @click.argument("run_dir", required=False, type=click.Path(file_okay=False))
-@click.option("--from", "which", default="latest", show_default=True, help="latest, best or a checkpoint name.")
+@click.option("--from", "which", default="latest", show_default=True,
+              help="latest, best or a checkpoint name; or STORE/NAME to pull the run out of a store first.")
+@click.option("--checkpoint", default=None, help="With --from STORE/NAME: latest, best or a checkpoint name.")
+@click.option("-C", "--dest", default=".", show_default=True, type=click.Path(file_okay=False),
+              help="With --from STORE/NAME: the folder to pull NAME/ into.")
+@trust_opt
+@click.option("--backup-to", default=None, help="Push the run to this store after each checkpoint (in the"
+              " background) and at the end.")
 @click.option("--epochs", type=click.IntRange(1), default=None,
               help="Train to N epochs in total, and keep that as the plan [default: the run's plan].")
 @click.option("--stop-at-step", type=click.IntRange(1), default=None, help="Save and stop after global step N.")
@@ -238,13 +362,34 @@ def prune(run_dir: str, keep_last: int, dry_run: bool, as_json: bool) -> None:
 @click.option("--allow-data-change", is_flag=True, help="Continue even if the data differs from the run's.")
 @json_opt
 @quiet_opt
-def resume(run_dir: str | None, which: str, epochs: int | None, stop_at_step: int | None, device: str,
-           data: str | None, allow_data_change: bool, as_json: bool, quiet: bool) -> None:
-    """Continue a run where it stopped (default: the run here or in ./outputs)."""
+def resume(run_dir: str | None, which: str, checkpoint: str | None, dest: str, trust: tuple[str, ...],
+           backup_to: str | None, epochs: int | None, stop_at_step: int | None, device: str, data: str | None,
+           allow_data_change: bool, as_json: bool, quiet: bool) -> None:
+    """Continue a run where it stopped (default: the run here or in ./outputs).
+
+    `--from STORE/NAME` first pulls run NAME out of the store (into -C DEST, updating an older
+    copy there), verified, then continues it: the way back after losing the training machine."""
     from aptbundle.commands.resume import resume as do_resume
 
+    if "/" in which:
+        if run_dir is not None:
+            raise click.UsageError("give either RUN_DIR or --from STORE/NAME, not both")
+        from aptbundle.store.backup import split_ref
+        from aptbundle.store.pull import pull as do_pull
+
+        store, name = split_ref(which)
+        with progress("pulling", quiet, rate=True) as cb:
+            pulled = do_pull(store, name, dest, trust=list(trust), progress=cb)
+        if not quiet:
+            click.echo(f"pulled {shown(name)} from {shown(store)} into {shown(pulled.path)}"
+                       f" ({pulled.fetched_files} file(s) fetched, {pulled.reused_files} reused)", err=True)
+        run_dir, which = pulled.path, checkpoint or "latest"
+    elif trust or checkpoint:
+        raise click.UsageError("--trust and --checkpoint go with --from STORE/NAME; for a local run use --from"
+                               " CHECKPOINT and `aptbundle verify --trust`")
+    extra = {"backup_to": backup_to} if backup_to else {}
     res = do_resume(run_dir, which=which, epochs=epochs, stop_at_step=stop_at_step, device=device, data=data,
-                    allow_data_change=allow_data_change, quiet=quiet)
+                    allow_data_change=allow_data_change, quiet=quiet, **extra)
     step = getattr(res, "global_step", None)
     done = getattr(res, "finished", None)
     where = getattr(res, "run_dir", run_dir)

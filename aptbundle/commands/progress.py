@@ -8,17 +8,21 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import time
 from typing import Iterator
 
 import click
+
+from aptbundle.commands.render import human
 
 
 class Bar:
     """A progress bar with percent and ETA; ``__call__(n)`` advances it by ``n``."""
 
-    def __init__(self, label: str, total: int = 0):
-        self.label, self.total, self.info = label, total, ""
+    def __init__(self, label: str, total: int = 0, rate: bool = False):
+        self.label, self.total, self.info, self.rate = label, total, "", rate
         self._bar = None
+        self._done, self._t0 = 0, time.monotonic()
 
     def set_total(self, total: int) -> None:
         self.total = total
@@ -26,6 +30,10 @@ class Bar:
     def __call__(self, n: int, info: str | None = None) -> None:
         if info is not None:
             self.info = info
+        self._done += n
+        if self.rate:  # bytes so far and the mean rate: pushes and pulls are network-bound
+            secs = max(time.monotonic() - self._t0, 1e-3)
+            self.info = f"{human(self._done)} at {human(self._done / secs)}/s"
         if self._bar is None:
             self._bar = click.progressbar(length=max(self.total, 1), label=self.label, file=sys.stderr,
                                           show_pos=False, show_percent=True, show_eta=True,
@@ -45,12 +53,13 @@ def shown(quiet: bool) -> bool:
 
 
 @contextlib.contextmanager
-def progress(label: str, quiet: bool, total: int = 0) -> Iterator[Bar | None]:
-    """A progress bar, or None when ``--quiet`` is given or stderr is not a terminal."""
+def progress(label: str, quiet: bool, total: int = 0, rate: bool = False) -> Iterator[Bar | None]:
+    """A progress bar, or None when ``--quiet`` is given or stderr is not a terminal. ``rate``
+    shows the bytes done and the rate beside it."""
     if not shown(quiet):
         yield None
         return
-    bar = Bar(label, total)
+    bar = Bar(label, total, rate)
     try:
         yield bar
     finally:

@@ -1,0 +1,94 @@
+"""Backups while training: push the run after each checkpoint commit, in the background.
+
+``Backup(run_dir, store)`` is handed to the trainer's checkpointer as ``on_commit``. Each commit
+asks for a push; one push runs at a time in a thread of its own, and commits that arrive while
+it runs are folded into one more push when it ends, so the training thread never waits for the
+network and never queues up work. A failed push is reported as a warning and retried at the
+next commit: a store that is briefly unreachable does not stop training. ``close()`` waits for
+the push in flight and makes a final one, so the store ends up holding the last checkpoint
+(the trainer calls it at the end and on SIGTERM). If the machine is lost, the store still holds
+the last pushed checkpoint: ``aptbundle resume --from STORE/NAME`` continues from it.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+from typing import Callable
+
+from aptbundle.ground.errors import AptBundleError, StoreError
+from aptbundle.store.push import PushResult, push
+
+
+def split_ref(text: str) -> tuple[str, str]:
+    """``STORE/NAME`` -> ``(STORE, NAME)``: the last path component names the run."""
+    text = str(text).rstrip("/")
+    store, sep, name = text.rpartition("/")
+    if not sep or not name or not store or store.endswith(":/"):
+        raise StoreError(f"{text!r}: expected STORE/NAME, a store folder or URL and a run name"
+                         " (for example backups/run1 or s3://bucket/runs/run1)")
+    return store, name
+
+
+class Backup:
+    """Pushes of one run to one store, at most one in flight."""
+
+    def __init__(self, run_dir: str | Path, store: str, *, sign: str | Path | None = None, dense: bool = False,
+                 warn: Callable[[str], None] | None = None, threads: int = 1):
+        self.run_dir, self.store, self.sign, self.dense = Path(run_dir), store, sign, dense
+        self.warn = warn or (lambda msg: None)
+        self.threads = threads  # zstd workers: leave the other cores to training
+        self.pushes: list[PushResult] = []
+        self.errors: list[str] = []
+        self._lock = threading.Lock()
+        self._wanted = False
+        self._thread: threading.Thread | None = None
+
+    def __call__(self, *_args) -> None:
+        """Ask for a push (the checkpointer calls this after each commit); returns at once."""
+        with self._lock:
+            self._wanted = True
+            if self._thread is not None and self._thread.is_alive():
+                return
+            self._thread = threading.Thread(target=self._run, name="aptbundle-backup", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        try:  # Linux: a thread is a task of its own; a nicer one leaves the cores to training
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+        except (AttributeError, OSError):
+            pass
+        while True:
+            with self._lock:
+                if not self._wanted:
+                    return
+                self._wanted = False
+            self._push_once()
+
+    def _push_once(self) -> PushResult | None:
+        try:
+            res = push(self.run_dir, self.store, sign=self.sign, dense=self.dense, threads=self.threads, level=1)
+        except (AptBundleError, OSError) as e:
+            msg = f"backup to {self.store} failed ({e}); training goes on, the next checkpoint tries again"
+            self.errors.append(msg)
+            self.warn(f"warning: {msg}")
+            return None
+        self.pushes.append(res)
+        return res
+
+    def wait(self) -> None:
+        """Wait for the push in flight (and any it still owes) to end."""
+        while True:
+            with self._lock:
+                t = self._thread
+            if t is None or not t.is_alive():
+                return
+            t.join()
+
+    def close(self) -> PushResult | None:
+        """Wait for the push in flight, then push the run as it is now; the last push's result."""
+        self.wait()
+        with self._lock:
+            self._wanted = False
+        return self._push_once()

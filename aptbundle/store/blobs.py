@@ -1,0 +1,130 @@
+"""A store's blobs: one file's bytes, zstd-compressed, kept under the SHA-256 of the original.
+
+A blob is one zstd frame. A blob written with ``--dense`` (byte-grouped floats, see
+``archive.codec``) starts with a zstd *skippable* frame that says so (``aptbundle:dense=4``),
+which ``zstd -d`` passes over: every blob stays a valid ``.zst`` file. Reading a blob is as
+strict as reading an archive: exactly one frame after the optional marker, no more output than
+the manifest declares (a decompression bomb is cut off), and the bytes hashed and scanned
+(``verify.check_stream``) as they stream to their destination.
+"""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+from typing import Callable
+
+import zstandard
+
+from aptbundle.archive.codec import Grouping, dense_width, ungrouping
+from aptbundle.archive.storage import CHUNK
+from aptbundle.archive.tarstream import FrameGuard
+from aptbundle.format.manifest import FileEntry
+from aptbundle.format.stream import file_source
+from aptbundle.format.verify import check_stream
+from aptbundle.ground.errors import AptBundleError, StoreError
+from aptbundle.ground.problems import Problem
+from aptbundle.store.backend import Store
+
+SKIPPABLE = 0x184D2A5A  # one of zstd's sixteen skippable-frame magics
+MARK = b"aptbundle:dense="
+
+
+def blob_key(sha256: str) -> str:
+    return f"blobs/sha256/{sha256[:2]}/{sha256}"
+
+
+def write_blob(store: Store, root: Path, entry: FileEntry, *, level: int, threads: int, dense: bool,
+               tap: Callable[[memoryview], None] | None = None) -> list[Problem]:
+    """Compress ``root/entry.path`` into its blob while hashing and scanning it; its problems.
+
+    The blob appears only if the file matched its entry and passed the scan.
+    """
+    width = dense_width(root / entry.path, entry.path, entry.size) if dense else None
+    cctx = zstandard.ZstdCompressor(level=level, threads=threads, write_checksum=True)
+    problems: list[Problem] = []
+
+    class _Refused(Exception):
+        pass
+
+    try:
+        with store.writer(blob_key(entry.sha256)) as sink:
+            if width:
+                mark = MARK + str(width).encode()
+                sink.write(struct.pack("<II", SKIPPABLE, len(mark)) + mark)
+            with cctx.stream_writer(sink, closefd=False, write_size=CHUNK) as z:
+                grouping = Grouping(width, z.write) if width else None
+                taps = [grouping or z.write] + ([tap] if tap else [])
+                with open(root / entry.path, "rb", buffering=0) as src:
+                    problems = check_stream(file_source(src), entry, taps=taps)
+                if grouping:
+                    grouping.flush()
+            if problems:
+                raise _Refused
+    except _Refused:
+        pass
+    return problems
+
+
+def read_blob(store: Store, entry: FileEntry, taps: list[Callable[[memoryview], None]]) -> list[Problem]:
+    """Stream the blob of ``entry`` through the checks into ``taps``; the problems found."""
+    key = blob_key(entry.sha256)
+    shown = store.shown(key)
+    try:
+        raw = store.open(key, ahead=True)
+    except FileNotFoundError:
+        return [Problem(entry.path, "missing", f"blob {key}", "not in the store (the manifest names a missing blob)")]
+    try:
+        width = _marker(raw, shown)
+        guard = FrameGuard(raw, shown)
+        reader = zstandard.ZstdDecompressor().stream_reader(guard, read_size=CHUNK, read_across_frames=False,
+                                                             closefd=False)
+        seen = 0
+
+        def read(n: int) -> bytes:
+            nonlocal seen
+            b = reader.read(n)
+            seen += len(b)
+            if seen > entry.size:  # more than the manifest declares: stop before it piles up
+                raise _TooLong
+            return b
+
+        source = ungrouping(read, width, entry.size) if width else read
+        try:
+            problems = check_stream(source, entry, taps=taps)
+            if not problems and reader.read(1):
+                raise _TooLong
+        except _TooLong:
+            return [Problem(entry.path, "size", f"{entry.size} bytes", f"a blob that decompresses to more ({key})")]
+        except zstandard.ZstdError as e:
+            return [Problem(entry.path, "blob", "a valid zstd blob", f"corrupt zstd data in {key} ({e})")]
+        if not problems:
+            guard.finish()
+        return problems
+    except AptBundleError as e:
+        return [Problem(entry.path, "blob", f"a valid blob {key}", str(e).removeprefix(f"{shown}: "))]
+    finally:
+        raw.close()
+
+
+class _TooLong(Exception):
+    pass
+
+
+def _marker(raw, shown: str) -> int | None:
+    """Read the optional dense marker at the blob's start; the word width it names, or None.
+
+    Leaves ``raw`` at the zstd frame (the guard then refuses anything that is not one).
+    """
+    head = b""
+    while len(head) < 8 and (more := raw.read(8 - len(head))):
+        head += more
+    if len(head) == 8 and struct.unpack("<I", head[:4])[0] == SKIPPABLE:
+        (n,) = struct.unpack("<I", head[4:])
+        mark = raw.read(n) if n <= 64 else b""
+        if not mark.startswith(MARK) or mark[len(MARK):] not in (b"2", b"4"):
+            raise StoreError(f"{shown}: starts with an aptbundle marker this version does not know; upgrade"
+                             " aptbundle, or the blob is damaged")
+        return int(mark[len(MARK):])
+    raw.unread(head) if hasattr(raw, "unread") else raw.seek(0)
+    return None

@@ -1,0 +1,129 @@
+"""How ``push`` and ``gc`` stay out of each other's way in a store that may be shared.
+
+Object stores have no locks, so both write a small lock object first and read the others' after
+(restic's scheme). A push's lock lists every blob and the manifest it is about to reference;
+``gc`` keeps all of them. A push that finds a live ``gc`` lock waits for it to finish before it
+checks which blobs the store already has: either the gc saw the push's lock (and keeps its
+blobs), or the push saw the gc's (and waits), so a gc never deletes a blob a push is counting
+on. A lock whose process is gone (same host) or that was not refreshed for ``STALE_S`` seconds
+is ignored and removed: a killed push never blocks a store for long.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import socket
+import time
+from dataclasses import dataclass, field
+
+from aptbundle.ground.errors import StoreError
+from aptbundle.ground.temporaries import pid_alive
+from aptbundle.store.backend import Store
+
+LOCKS = "locks"
+STALE_S = 15 * 60.0  # a lock not refreshed for this long belongs to a lost process
+REFRESH_S = 60.0
+GC_WAIT_S = 600.0  # how long a push waits for a gc to finish
+MAX_LOCK_BYTES = 64 << 20
+
+
+@dataclass
+class Lock:
+    """This process's lock object in a store."""
+
+    store: Store
+    kind: str  # "push" or "gc"
+    keep: dict = field(default_factory=dict)  # for a push: {"blobs": [...], "manifests": [...]}
+    key: str = ""
+    written: float = 0.0
+
+    def write(self) -> None:
+        if not self.key:
+            self.key = f"{LOCKS}/{self.kind}-{socket.gethostname()[:64]}-{os.getpid()}-{secrets.token_hex(6)}.json"
+        body = {"kind": self.kind, "host": socket.gethostname(), "pid": os.getpid(), "time": time.time(), **self.keep}
+        self.store.put(self.key, json.dumps(body, sort_keys=True).encode(), count=False)
+        self.written = time.monotonic()
+
+    def refresh(self) -> None:
+        """Rewrite the lock if it is getting old (call it between units of long work)."""
+        if time.monotonic() - self.written > REFRESH_S:
+            self.write()
+
+    def release(self) -> None:
+        if self.key:
+            with contextlib.suppress(Exception):
+                self.store.delete(self.key)
+
+
+def others(store: Store, mine: Lock | None = None) -> list[dict]:
+    """The live locks of other processes; stale ones are removed on the way."""
+    live = []
+    for key, _mtime, size in store.list(LOCKS):
+        if mine is not None and key == mine.key:
+            continue
+        if not key.endswith(".json") or size > MAX_LOCK_BYTES:
+            continue
+        try:
+            data = store.read(key, MAX_LOCK_BYTES)
+            info = json.loads(data) if data is not None else None
+        except (ValueError, StoreError):
+            info = None
+        if not isinstance(info, dict):  # half-written by an older tool, or garbage: not a lock
+            continue
+        if _stale(info):
+            store.delete(key)
+            continue
+        info["key"] = key
+        live.append(info)
+    return live
+
+
+def _stale(info: dict) -> bool:
+    t, pid = info.get("time"), info.get("pid")
+    if not isinstance(t, (int, float)) or time.time() - t > STALE_S:
+        return True
+    return info.get("host") == socket.gethostname() and isinstance(pid, int) and pid != os.getpid() \
+        and not pid_alive(pid)
+
+
+@contextlib.contextmanager
+def pushing(store: Store, blobs: list[str], manifest: str, wait_s: float = GC_WAIT_S):
+    """Hold a push lock that protects ``blobs`` and ``manifest``; waits for a running gc first."""
+    lock = Lock(store, "push", {"blobs": blobs, "manifests": [manifest]})
+    lock.write()
+    try:
+        deadline = time.monotonic() + wait_s
+        while gcs := [o for o in others(store, lock) if o.get("kind") == "gc"]:
+            if time.monotonic() > deadline:
+                who = gcs[0]
+                raise StoreError(f"{store.url}: a gc (process {who.get('pid')} on {str(who.get('host'))[:64]}) has"
+                                 f" been running for over {wait_s:.0f} s; push again when it is done")
+            time.sleep(0.2)
+            lock.refresh()
+        yield lock
+    finally:
+        lock.release()
+
+
+@contextlib.contextmanager
+def collecting(store: Store):
+    """Hold a gc lock; yields the blobs and manifests that running pushes protect."""
+    lock = Lock(store, "gc")
+    lock.write()
+    try:
+        blobs: set[str] = set()
+        manifests: set[str] = set()
+        for info in others(store, lock):
+            if info.get("kind") == "gc":
+                raise StoreError(f"{store.url}: another gc is running (process {info.get('pid')} on"
+                                 f" {str(info.get('host'))[:64]}); one at a time")
+            for name, into in (("blobs", blobs), ("manifests", manifests)):
+                v = info.get(name)
+                if isinstance(v, list):
+                    into.update(x for x in v if isinstance(x, str))
+        yield lock, blobs, manifests
+    finally:
+        lock.release()
