@@ -19,7 +19,7 @@ from pathlib import Path
 import click
 import torch
 
-from aptbundle import Checkpointer, Run, VerifiedCheckpoint
+from aptbundle import Backup, Checkpointer, Run, VerifiedCheckpoint
 from aptbundle.commands.exits import CONTEXT, Command, status_for
 from aptbundle.state.checkpoint import unwrap, verify_on_main
 from apt_model.config import PRESETS, APTConfig, preset
@@ -37,7 +37,7 @@ def train(config: APTConfig | None = None, run_dir: str | Path | None = None, *,
           data: str | Path | None = None, resume_from: str | None = None, stop_at_step: int | None = None,
           device: str = "auto", allow_data_change: bool = False, quiet: bool = False,
           async_save: bool = False, sharded: bool = False, checkpoint: VerifiedCheckpoint | None = None,
-          **overrides) -> TrainResult:
+          backup_to: str | None = None, **overrides) -> TrainResult:
     """Train a new run or continue one (in one process, or in each of ``torchrun``'s).
 
     ``overrides`` are APTConfig fields (``epochs``, ``batch_size``, ``lr``, ``seed``, ``save_every``,
@@ -45,6 +45,8 @@ def train(config: APTConfig | None = None, run_dir: str | Path | None = None, *,
     in a background thread (the training thread only copies the state); ``sharded`` saves model
     and optimizer with torch.distributed.checkpoint, which reshards when the number of
     processes changes. ``checkpoint`` is one already verified by the caller (``aptbundle resume``).
+    ``backup_to`` is a store (folder or URL): the run is pushed there after each checkpoint, in
+    the background, and once more at the end (also after Ctrl-C or SIGTERM).
 
     >>> # train(run_dir="outputs/run1", model_size="tiny", epochs=2, quiet=True).finished
     True
@@ -58,13 +60,13 @@ def train(config: APTConfig | None = None, run_dir: str | Path | None = None, *,
     try:
         return _train(d, dev, config, run_dir, model_size, data, resume_from, stop_at_step, allow_data_change,
                       quiet or not d.is_main, "async" if async_save else "sharded" if sharded else "sync",
-                      checkpoint, {k: v for k, v in overrides.items() if v is not None})
+                      checkpoint, backup_to, {k: v for k, v in overrides.items() if v is not None})
     finally:
         d.close()
 
 
 def _train(d: Dist, dev: torch.device, config, run_dir, model_size, data, resume_from, stop_at_step,
-           allow_data_change, quiet, mode, checkpoint, overrides) -> TrainResult:
+           allow_data_change, quiet, mode, checkpoint, backup_to, overrides) -> TrainResult:
     run_path = Path(run_dir) if run_dir is not None else None
     which = None
     if resume_from:
@@ -77,7 +79,7 @@ def _train(d: Dist, dev: torch.device, config, run_dir, model_size, data, resume
     run = checkpoint.run if checkpoint is not None else Run.open(run_path)
     try:
         return _session(d, dev, run, which, data, stop_at_step, allow_data_change, quiet, mode, checkpoint,
-                        overrides)
+                        backup_to, overrides)
     except BaseException:
         if which is None and d.is_main:
             run.reload()
@@ -88,7 +90,7 @@ def _train(d: Dist, dev: torch.device, config, run_dir, model_size, data, resume
 
 
 def _session(d: Dist, dev: torch.device, run: Run, which, data, stop_at_step, allow_data_change, quiet, mode,
-             checkpoint, overrides) -> TrainResult:
+             checkpoint, backup_to, overrides) -> TrainResult:
     with run.writer() if d.is_main else contextlib.nullcontext():
         if which is not None and d.is_main:
             removed = run.recover()
@@ -120,9 +122,10 @@ def _session(d: Dist, dev: torch.device, run: Run, which, data, stop_at_step, al
         session = build(run, cfg, tok, text, dev, d.rank, d.world)
         if d.enabled:  # same initial weights everywhere, then a dropout stream of each rank's own
             torch.manual_seed(cfg.seed * 1_000_003 + d.rank)
+        backup = Backup(run.path, backup_to, warn=lambda m: log(quiet, m)) if backup_to and d.is_main else None
         ckpt = Checkpointer(run, model=session.model, optimizer=session.optimizer, scheduler=session.scheduler,
                             keep_last=cfg.keep_last, best_metric=cfg.best_metric, best_mode=cfg.best_mode,
-                            mode=mode)
+                            mode=mode, on_commit=backup)
         state = _restore(session, ckpt, checkpoint, d, allow_data_change, quiet) if checkpoint else None
         if d.enabled:
             from torch.nn.parallel import DistributedDataParallel as DDP
@@ -133,6 +136,12 @@ def _session(d: Dist, dev: torch.device, run: Run, which, data, stop_at_step, al
         finally:
             ckpt.wait()
             session.model = unwrap(session.model)  # drop the DDP wrapper before the group goes
+            if backup is not None and run.latest is not None:
+                last = backup.close()  # the final state, also after Ctrl-C or SIGTERM
+                if last is not None:
+                    log(quiet, f"backed up to {backup_to}: {last.sent_files} file(s) sent in this push,"
+                               f" digest {last.digest[:16]}…; continue anywhere with"
+                               f" `aptbundle resume --from {backup_to.rstrip('/')}/{run.name}`")
 
 
 def _restore(s: Session, ckpt: Checkpointer, checkpoint: VerifiedCheckpoint, d: Dist,
@@ -181,11 +190,12 @@ def _check_state(state: dict, shown: str) -> None:
 
 def resume_run(run_dir: str | Path, *, which: str = "latest", checkpoint: VerifiedCheckpoint | None = None,
                epochs: int | None = None, stop_at_step: int | None = None, device: str = "auto",
-               data: str | Path | None = None, allow_data_change: bool = False, quiet: bool = False) -> TrainResult:
+               data: str | Path | None = None, allow_data_change: bool = False, quiet: bool = False,
+               backup_to: str | None = None) -> TrainResult:
     """The ``aptbundle.trainers`` entry point: continue ``run_dir`` to its planned length."""
     return train(run_dir=run_dir, resume_from=which, checkpoint=checkpoint, epochs=epochs,
                  stop_at_step=stop_at_step, device=device, data=data, allow_data_change=allow_data_change,
-                 quiet=quiet)
+                 quiet=quiet, backup_to=backup_to)
 
 
 # -- the command line ---------------------------------------------------------------------------
@@ -218,15 +228,17 @@ _D = APTConfig()
 @click.option("--async-save", is_flag=True, help="Write checkpoints in a background thread.")
 @click.option("--sharded", is_flag=True,
               help="Save model and optimizer with torch.distributed.checkpoint (reshards on resume).")
+@click.option("--backup-to", metavar="STORE", help="Push the run to STORE (folder or URL) after each checkpoint,"
+              " in the background, and at the end.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or messages.")
 @click.pass_context
 def main(ctx: click.Context, run_dir, config_file, model_size, data, resume_from, stop_at_step, device,
-         allow_data_change, async_save, sharded, quiet, **fields) -> None:
+         allow_data_change, async_save, sharded, backup_to, quiet, **fields) -> None:
     """Train an APT model into a portable aptbundle run, or continue one."""
     config = preset(model_size).replace(**APTConfig.load(config_file).to_dict()) if config_file else None
     res = train(config, run_dir, model_size=model_size, data=data, resume_from=resume_from,
                 stop_at_step=stop_at_step, device=device, allow_data_change=allow_data_change, quiet=quiet,
-                async_save=async_save, sharded=sharded, **fields)
+                async_save=async_save, sharded=sharded, backup_to=backup_to, **fields)
     digest = Run.open(res.run_dir).manifest.digest()
     if res.finished:
         log(quiet, f"finished at step {res.global_step}: {res.run_dir} (digest {digest})\n"

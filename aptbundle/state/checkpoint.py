@@ -29,7 +29,7 @@ import os
 import shutil
 import threading
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from safetensors.torch import _remove_duplicate_names
@@ -115,8 +115,9 @@ class Checkpointer:
     def __init__(self, run: Run | str | Path, *, model: torch.nn.Module | None = None,
                  optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None,
                  keep_last: int | None = None, best_metric: str = "loss", best_mode: str = "min",
-                 mode: str = "sync"):
+                 mode: str = "sync", on_commit: Callable[[CheckpointEntry], Any] | None = None):
         self.run = run if isinstance(run, Run) else Run.open(run)
+        self.on_commit = on_commit  # called after each commit, on the main process (a backup push)
         if keep_last is not None and keep_last < 1:
             raise CheckpointError(f"keep_last is {keep_last}; expected at least 1 (or None to keep all)")
         if best_mode not in ("min", "max"):
@@ -278,6 +279,8 @@ class Checkpointer:
                 saved.unlink(missing_ok=True)
             for d in retired + [old for src, old in moved if src == final]:
                 shutil.rmtree(d, ignore_errors=True)
+        if self.on_commit is not None:
+            self.on_commit(entry)
         return entry
 
     def _record(self, job: dict, final: Path) -> tuple[CheckpointEntry, list[Path]]:
