@@ -2,7 +2,6 @@
 
 import json
 import os
-import shutil
 import stat
 import subprocess
 
@@ -135,7 +134,9 @@ def test_commands_do_not_import_torch(tiny_run, tmp_path):
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
     )
     for args in (["pack", str(tiny_run), "-o", str(out)], ["verify", str(out)], ["inspect", str(out)],
-                 ["verify", str(tiny_run)], ["unpack", str(out), "-C", str(tmp_path / "u")]):
+                 ["verify", str(tiny_run)], ["unpack", str(out), "-C", str(tmp_path / "u")],
+                 ["push", str(tiny_run), str(tmp_path / "store")], ["ls", str(tmp_path / "store")],
+                 ["pull", str(tmp_path / "store"), "run1", "-C", str(tmp_path / "p")]):
         r = sh(APTBUNDLE[0], "-c", code, *args)
         assert r.returncode == 0, (args, r.stderr)
 

@@ -1,7 +1,6 @@
 """torchrun: DDP training on CPU (gloo), exact 2 -> 2 resume, 2 -> 1 and 1 -> 2 with resharding."""
 
 import json
-import shutil
 import sys
 
 import pytest

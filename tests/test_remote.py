@@ -11,35 +11,6 @@ from aptbundle.manifest import load_manifest  # noqa: E402
 from conftest import APTBUNDLE, cli, no_traceback, sh  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-           "FSSPEC_S3_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ENDPOINT_URL": f"http://{host}:{port}"}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    import fsspec.config
-
-    fsspec.config.set_conf_env(fsspec.config.conf)
-    import s3fs
-
-    s3fs.S3FileSystem.clear_instance_cache()
-    fs = s3fs.S3FileSystem(endpoint_url=env["FSSPEC_S3_ENDPOINT_URL"])
-    fs.mkdir("runs")
-    try:
-        yield fs, env
-    finally:
-        server.stop()
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        fsspec.config.conf.pop("s3", None)
-
-
 def test_pack_to_and_unpack_from_s3(s3, tiny_run, tmp_path):
     fs, env = s3
     url = "s3://runs/run1.aptrun.tar.zst"

@@ -1,13 +1,11 @@
 """The trainer: bit-exact resume, falling loss, generation, signals, data travelling with the run."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
 
-import pytest
 import torch
 
 from aptbundle.manifest import load_manifest
@@ -142,7 +140,7 @@ def test_second_trainer_on_the_same_run_is_refused(tmp_path):
         while not (Run.is_run(tmp_path / "r") and Run.open(tmp_path / "r").latest) and time.time() < deadline:
             time.sleep(0.05)
         assert (tmp_path / "r" / ".aptrun.lock").exists()
-        r = sh(*TRAINER, "--run-dir", tmp_path / "r", "--resume-from", "latest", cwd=tmp_path)
+        r = trainer("--run-dir", tmp_path / "r", "--resume-from", "latest", cwd=tmp_path)  # in here: p is the other
         assert r.returncode == 1 and "being written by process" in r.stderr, r.stderr
         r = cli("resume", tmp_path / "r")
         assert r.exit_code == 1 and "being written by process" in r.stderr
@@ -151,17 +149,17 @@ def test_second_trainer_on_the_same_run_is_refused(tmp_path):
         p.wait()
     # the kernel released the dead trainer's lock: the run can be continued at once
     latest = Run.open(tmp_path / "r").latest.step
-    r = sh(*TRAINER, "--run-dir", tmp_path / "r", "--resume-from", "latest", "--stop-at-step", str(latest + 2),
-           "-q", cwd=tmp_path, timeout=120)
+    r = trainer("--run-dir", tmp_path / "r", "--resume-from", "latest", "--stop-at-step", str(latest + 2),
+                "-q", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert Run.open(tmp_path / "r").latest.step == latest + 2
 
 
 def test_async_save_writes_the_same_checkpoints(tmp_path, tiny_run):
-    r = sh(*TRAINER, "--run-dir", tmp_path / "a", "--epochs", "2", "--save-every", "10", "--keep-last", "10",
-           "--async-save", "--stop-at-step", "23", "-q", cwd=tmp_path)
+    r = trainer("--run-dir", tmp_path / "a", "--epochs", "2", "--save-every", "10", "--keep-last", "10",
+                "--async-save", "--stop-at-step", "23", "-q", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    r = sh(*TRAINER, "--run-dir", tmp_path / "a", "--resume-from", "latest", "--async-save", "-q", cwd=tmp_path)
+    r = trainer("--run-dir", tmp_path / "a", "--resume-from", "latest", "--async-save", "-q", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     for c in load_manifest(tiny_run).checkpoints:
         for f in ("model.safetensors", "optimizer.pt", "scheduler.pt"):
