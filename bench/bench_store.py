@@ -168,6 +168,7 @@ def main() -> int:
     ap.add_argument("--no-s3", action="store_true", help="skip the loopback S3 round")
     ap.add_argument("--stall-preset", default="small", help="preset trained for the backup stall")
     ap.add_argument("--workdir", default=None)
+    ap.add_argument("--only", choices=["transfer", "stall", "dense"], default=None, help="run one part")
     args = ap.parse_args()
     import fsspec
 
@@ -177,9 +178,10 @@ def main() -> int:
         run = make_model_run(work, args.size)
         print(f"{os.cpu_count()} cores; run of {tree_size(run) / 1e6:.0f} MB; medians of {args.reps}")
         local = fsspec.filesystem("file")
-        bench_transfer(run, work, args.reps, lambda k: str(work / f"store-{k}"), local,
-                       lambda k: str(work / f"plain-{k}"), "local")
-        if not args.no_s3:
+        if args.only in (None, "transfer"):
+            bench_transfer(run, work, args.reps, lambda k: str(work / f"store-{k}"), local,
+                           lambda k: str(work / f"plain-{k}"), "local")
+        if not args.no_s3 and args.only in (None, "transfer"):
             server, fs = s3_server()
             if fs is None:
                 print("(no moto/s3fs: the S3 round is skipped)")
@@ -189,8 +191,10 @@ def main() -> int:
                                    lambda k: f"bench/plain-{k}", "s3 loopback")
                 finally:
                     server.stop()
-        bench_stall(args.stall_preset, args.reps, work)
-        bench_dense(run, work)
+        if args.only in (None, "stall"):
+            bench_stall(args.stall_preset, args.reps, work)
+        if args.only in (None, "dense"):
+            bench_dense(run, work)
     finally:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)

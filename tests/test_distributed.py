@@ -1,13 +1,14 @@
 """torchrun: DDP training on CPU (gloo), exact 2 -> 2 resume, 2 -> 1 and 1 -> 2 with resharding."""
 
 import json
+import shutil
 import sys
 
 import pytest
 
 from aptbundle.manifest import load_manifest
 from aptbundle.run import Run
-from conftest import TRAINER, cli, sh
+from conftest import cli, sh, trainer
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
             "-m", "apt_model.training.trainer"]
@@ -27,9 +28,17 @@ def straight2(tmp_path_factory):
     return base / "straight"
 
 
-def test_two_processes_stop_and_resume_bit_exact(straight2, tmp_path):
-    r = sh(*TORCHRUN, "--run-dir", tmp_path / "r", *COMMON, "--stop-at-step", "7", cwd=tmp_path, timeout=300)
+@pytest.fixture(scope="module")
+def stopped2(tmp_path_factory):
+    """A run of two processes stopped at step 7 (tests continue copies of it)."""
+    base = tmp_path_factory.mktemp("ddp-stopped")
+    r = sh(*TORCHRUN, "--run-dir", base / "r", *COMMON, "--stop-at-step", "7", cwd=base, timeout=300)
     assert r.returncode == 0, r.stderr
+    return base / "r"
+
+
+def test_two_processes_stop_and_resume_bit_exact(straight2, stopped2, tmp_path):
+    shutil.copytree(stopped2, tmp_path / "r")
     ck = load_manifest(tmp_path / "r").latest
     files = sorted(p.name for p in (tmp_path / "r/checkpoints" / ck).iterdir())
     assert "rng_state-rank0.pt" in files and "rng_state-rank1.pt" in files
@@ -46,12 +55,11 @@ def test_two_processes_stop_and_resume_bit_exact(straight2, tmp_path):
     assert load_manifest(tmp_path / "r").history[-1]["processes"] == 2
 
 
-def test_two_processes_resume_in_one(straight2, tmp_path):
+def test_two_processes_resume_in_one(stopped2, tmp_path):
     run = tmp_path / "r"
-    r = sh(*TORCHRUN, "--run-dir", run, *COMMON, "--stop-at-step", "7", cwd=tmp_path, timeout=300)
-    assert r.returncode == 0, r.stderr
+    shutil.copytree(stopped2, run)
     before = state(run)["loss_history"]
-    r = sh(*TRAINER, "--run-dir", run, "--resume-from", "latest", cwd=tmp_path, timeout=300)
+    r = trainer("--run-dir", run, "--resume-from", "latest", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "2 process(es), now 1" in r.stderr
     after = state(run)["loss_history"]
@@ -63,8 +71,8 @@ def test_two_processes_resume_in_one(straight2, tmp_path):
 @pytest.mark.parametrize("start,then", [(2, 1), (1, 2)])
 def test_sharded_checkpoints_reshard_and_travel(tmp_path, start, then):
     run = tmp_path / "r"
-    first = TORCHRUN if start == 2 else TRAINER
-    r = sh(*first, "--run-dir", run, *COMMON, "--stop-at-step", "6", "--sharded", cwd=tmp_path, timeout=300)
+    args = ["--run-dir", run, *COMMON, "--stop-at-step", "6", "--sharded"]
+    r = sh(*TORCHRUN, *args, cwd=tmp_path, timeout=300) if start == 2 else trainer(*args, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     ck = run / "checkpoints" / load_manifest(run).latest
     assert (ck / "dcp" / ".metadata").is_file() and not (ck / "model.safetensors").exists()
@@ -74,8 +82,8 @@ def test_sharded_checkpoints_reshard_and_travel(tmp_path, start, then):
     assert cli("unpack", tmp_path / "r.aptrun.tar.zst", "-C", tmp_path / "moved", "-q").exit_code == 0
     moved = tmp_path / "moved" / "r"
     assert cli("verify", moved).exit_code == 0
-    second = TORCHRUN if then == 2 else TRAINER
-    r = sh(*second, "--run-dir", moved, "--resume-from", "latest", "--sharded", cwd=tmp_path, timeout=300)
+    args = ["--run-dir", moved, "--resume-from", "latest", "--sharded"]
+    r = sh(*TORCHRUN, *args, cwd=tmp_path, timeout=300) if then == 2 else trainer(*args, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     final = state(moved)
     assert final["world_size"] == then and final["epoch"] == 2
@@ -88,7 +96,7 @@ def test_sharded_metadata_is_scanned_before_dcp_reads_it(tmp_path):
     import pickle
 
     run = tmp_path / "r"
-    r = sh(*TRAINER, "--run-dir", run, *COMMON, "--stop-at-step", "3", "--sharded", cwd=tmp_path, timeout=300)
+    r = trainer("--run-dir", run, *COMMON, "--stop-at-step", "3", "--sharded", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     rel = f"checkpoints/{load_manifest(run).latest}/dcp/.metadata"
 
@@ -100,7 +108,7 @@ def test_sharded_metadata_is_scanned_before_dcp_reads_it(tmp_path):
     r_ = Run.open(run)
     r_.record_file(rel)
     r_.save_manifest()
-    r = sh(*TRAINER, "--run-dir", run, "--resume-from", "latest", cwd=tmp_path)
+    r = trainer("--run-dir", run, "--resume-from", "latest", cwd=tmp_path)
     assert r.returncode == 1 and ".metadata" in r.stderr and "system" in r.stderr
     assert cli("verify", run).exit_code == 1
     assert not (tmp_path / "PWNED").exists()

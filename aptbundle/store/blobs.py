@@ -22,6 +22,7 @@ from aptbundle.archive.tarstream import FrameGuard
 from aptbundle.format.manifest import FileEntry
 from aptbundle.format.stream import file_source
 from aptbundle.format.verify import check_stream
+from aptbundle.ground.ahead import ReadAhead
 from aptbundle.ground.errors import AptBundleError, StoreError
 from aptbundle.ground.problems import Problem
 from aptbundle.store.backend import Store
@@ -74,16 +75,18 @@ def read_blob(store: Store, entry: FileEntry, taps: list[Callable[[memoryview], 
         raw = store.open(key, ahead=True)
     except FileNotFoundError:
         return [Problem(entry.path, "missing", f"blob {key}", "not in the store (the manifest names a missing blob)")]
+    dec = None
     try:
         width = _marker(raw, shown)
         guard = FrameGuard(raw, shown)
         reader = zstandard.ZstdDecompressor().stream_reader(guard, read_size=CHUNK, read_across_frames=False,
                                                              closefd=False)
+        dec = ReadAhead(lambda: reader.read(CHUNK), 4, "unzstd")  # decompress beside the hashing
         seen = 0
 
         def read(n: int) -> bytes:
             nonlocal seen
-            b = reader.read(n)
+            b = dec.read(n)
             seen += len(b)
             if seen > entry.size:  # more than the manifest declares: stop before it piles up
                 raise _TooLong
@@ -92,18 +95,21 @@ def read_blob(store: Store, entry: FileEntry, taps: list[Callable[[memoryview], 
         source = ungrouping(read, width, entry.size) if width else read
         try:
             problems = check_stream(source, entry, taps=taps)
-            if not problems and reader.read(1):
+            if not problems and dec.read(1):
                 raise _TooLong
         except _TooLong:
             return [Problem(entry.path, "size", f"{entry.size} bytes", f"a blob that decompresses to more ({key})")]
         except zstandard.ZstdError as e:
             return [Problem(entry.path, "blob", "a valid zstd blob", f"corrupt zstd data in {key} ({e})")]
         if not problems:
+            dec.close()
             guard.finish()
         return problems
     except AptBundleError as e:
         return [Problem(entry.path, "blob", f"a valid blob {key}", str(e).removeprefix(f"{shown}: "))]
     finally:
+        if dec is not None:
+            dec.close()
         raw.close()
 
 
