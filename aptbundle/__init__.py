@@ -7,7 +7,8 @@ loaded when first used.
 
 The layers, lowest first (each imports only from those below it; ``lint-imports`` checks it):
 ``ground`` (errors, problems, file helpers, temporaries, path rules, locks), ``format``
-(manifest, scan, run, verify, adopt), ``state`` (the checkpointer), ``archive`` (tar + zstd,
+(manifest, scan, trust, run, verify, signatures), ``state`` (the checkpointer), ``layouts``
+(foreign training outputs, ``adopt``), ``archive`` (tar + zstd,
 codec, reader, writer), ``store`` (push, pull, ls, gc, backups) and ``commands`` (resume, the
 command line).
 """
@@ -24,7 +25,7 @@ from aptbundle.ground.errors import AptBundleError  # noqa: E402
 
 _PUBLIC = {
     "Run": "aptbundle.format.run", "Manifest": "aptbundle.format.manifest",
-    "load_manifest": "aptbundle.format.manifest", "adopt": "aptbundle.format.adopt",
+    "load_manifest": "aptbundle.format.manifest", "adopt": "aptbundle.layouts.adopt",
     "verify_run": "aptbundle.format.verify", "verify_checkpoint": "aptbundle.format.verify",
     "VerifiedCheckpoint": "aptbundle.format.verify", "Checkpointer": "aptbundle.state.checkpoint",
     "verify_on_main": "aptbundle.state.checkpoint", "unwrap": "aptbundle.state.checkpoint",

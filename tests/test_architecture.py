@@ -12,7 +12,7 @@ import time
 import torch
 
 from aptbundle.checkpoint import Checkpointer
-from aptbundle.format.adopt import adopt
+from aptbundle.layouts.adopt import adopt
 from aptbundle.manifest import load_manifest
 from aptbundle.run import Run
 from aptbundle.verify import verify_run

@@ -29,8 +29,10 @@ def test_pack_unpack_round_trip_byte_identical(tiny_run, tmp_path):
     assert r.stdout.strip() == str(tmp_path / "elsewhere" / "run1")
     assert tree(tiny_run) == tree(tmp_path / "elsewhere" / "run1")
     assert cli("verify", tmp_path / "elsewhere" / "run1").exit_code == 0
-    for p in (tmp_path / "elsewhere" / "run1").rglob("*"):
-        assert stat.S_IMODE(p.stat().st_mode) == (0o755 if p.is_dir() else 0o644)
+    for p in (tmp_path / "elsewhere" / "run1").rglob("*"):  # modes as the run had them: private stays private
+        src = tiny_run / p.relative_to(tmp_path / "elsewhere" / "run1")
+        want = 0o755 if p.is_dir() else (0o600 if not src.stat().st_mode & 0o077 else 0o644)
+        assert stat.S_IMODE(p.stat().st_mode) == want, p
 
 
 def test_plain_tar_reads_it_with_manifest_first(tiny_run, tmp_path):

@@ -177,7 +177,7 @@ def test_modes_from_the_archive_are_never_applied(tmp_path):
     arc.write_bytes(zst(tar(*ms)))
     assert cli("unpack", arc, "-C", tmp_path / "d").exit_code == 0
     mode = stat.S_IMODE((tmp_path / "d" / N / "config.json").stat().st_mode)
-    assert mode == 0o644
+    assert mode == 0o755  # kept, but never setuid and never writable by others
 
 
 def test_suite_size():

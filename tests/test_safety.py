@@ -71,10 +71,28 @@ def test_adopted_folder_with_evil_pt_is_refused(tmp_path):
     marker = tmp_path / "PWNED"
     d = tmp_path / "hf"
     d.mkdir()
-    (d / "training_args.bin").write_bytes(evil_torch_file(marker))
+    (d / "optimizer.pt").write_bytes(evil_torch_file(marker))
     r = cli("init", d)
-    assert r.exit_code == 1 and "training_args.bin" in r.stderr and no_traceback(r.output)
+    assert r.exit_code == 1 and "optimizer.pt" in r.stderr and no_traceback(r.output)
     assert not (d / "aptrun.json").exists() and not marker.exists()
+
+
+def test_training_args_bin_is_carried_untrusted_never_loaded_and_refused_with_strict(tmp_path):
+    """The Hugging Face Trainer never loads training_args.bin on resume: it travels, marked."""
+    marker = tmp_path / "PWNED"
+    d = tmp_path / "hf"
+    d.mkdir()
+    (d / "training_args.bin").write_bytes(evil_torch_file(marker))
+    r = cli("init", d, "--strict")
+    assert r.exit_code == 1 and "training_args.bin" in r.stderr and not (d / "aptrun.json").exists()
+    r = cli("init", d)
+    assert r.exit_code == 0 and "training_args.bin" in r.stderr and "never loaded" in r.stderr
+    assert load_manifest(d).untrusted == ["training_args.bin"]
+    r = cli("verify", d)
+    assert r.exit_code == 0 and "never loaded" in r.stderr
+    assert cli("verify", d, "--strict").exit_code == 1
+    assert "never loaded" in cli("inspect", d).stdout
+    assert not marker.exists()
 
 
 def test_real_torch_files_pass_the_scan(tiny_run):

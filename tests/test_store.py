@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from aptbundle.format.adopt import adopt
+from aptbundle.layouts.adopt import adopt
 from aptbundle.format.manifest import load_manifest
 from aptbundle.format.signature import sign
 from aptbundle.store import locks

@@ -106,8 +106,8 @@ MAX_UNLISTED = 10_000  # members the manifest does not describe before the archi
 class Member:
     """One listed file of the archive, its data not yet read."""
 
-    def __init__(self, reader: "ArchiveReader", entry: FileEntry, read: Callable[[int], bytes]):
-        self.reader, self.entry, self._read = reader, entry, read
+    def __init__(self, reader: "ArchiveReader", entry: FileEntry, read: Callable[[int], bytes], mode: int = 0o644):
+        self.reader, self.entry, self._read, self.mode = reader, entry, read, mode
         self.checked = False
 
     @property
@@ -251,7 +251,7 @@ class ArchiveReader:
                 problems.append(Problem(rel, "size", f"{entry.size} bytes", f"{m.size} bytes"))
                 continue
             decode = member_decoder(m.pax, self.requires, m.size, shown, m.name)
-            member = Member(self, entry, decode(tr.read_data) if decode else tr.read_data)
+            member = Member(self, entry, decode(tr.read_data) if decode else tr.read_data, m.mode)
             yield member  # a member the caller did not read is skipped by the next tr.next()
         for rel, entry in listed.items():
             if collision_key(rel) not in seen:

@@ -57,8 +57,9 @@ def _header(name: bytes, size: int, typeflag: bytes, mode: int, mtime: int) -> b
 
 
 def member_header(name: str, size: int, *, is_dir: bool = False, mtime: int = 0,
-                  extra_pax: dict[str, str] | None = None) -> bytes:
-    """Header block(s) for one member: mode 0644/0755, owner 0:0, no user names, fixed mtime.
+                  extra_pax: dict[str, str] | None = None, mode: int | None = None) -> bytes:
+    """Header block(s) for one member: mode 0644/0755 (or ``mode``'s permission bits: a private
+    0600 file stays private), owner 0:0, no user names, fixed mtime.
 
     ``extra_pax`` adds records (aptbundle's own ``APTBUNDLE.*`` keys) to the member's pax header.
     """
@@ -75,7 +76,8 @@ def member_header(name: str, size: int, *, is_dir: bool = False, mtime: int = 0,
     if pax:
         out += _header(b"PaxHeader/" + short[-90:], len(pax), b"x", 0o644, mtime) + pax + b"\0" * _pad(len(pax))
     hsize = 0 if is_dir or size > _OCTAL_MAX_SIZE else size  # a larger size travels in the pax record
-    return out + _header(short, hsize, b"5" if is_dir else b"0", 0o755 if is_dir else 0o644, mtime)
+    mode = (0o755 if is_dir else 0o644) if mode is None else mode & 0o777
+    return out + _header(short, hsize, b"5" if is_dir else b"0", mode, mtime)
 
 
 def padding(size: int) -> bytes:
@@ -98,6 +100,7 @@ class Member:
     kind: str  # "file" or "dir"
     size: int
     pax: dict = field(default_factory=dict)  # the member's pax records
+    mode: int = 0o644  # permission bits as recorded (setuid, setgid and sticky never kept)
 
 
 def _parse_number(field: bytes, what: str, where: str) -> int:
@@ -198,7 +201,8 @@ class TarReader:
                     raise ArchiveError(f"{self.shown}: member {name!r} is a folder with {size} bytes of data")
                 name = name[:-1] if name.endswith("/") else name
             self._pending, self._size, self._left = size + _pad(size), size, size
-            return Member(name, kind, size, pax)
+            mode = _parse_number(h[100:108], "mode", where) & 0o777
+            return Member(name, kind, size, pax, mode)
 
     def read_data(self, n: int) -> bytes:
         """Up to ``n`` bytes of the current member's data; b"" once all of it was read."""

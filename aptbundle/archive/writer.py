@@ -35,7 +35,7 @@ from aptbundle.format.verify import check_stream, verify_run
 from aptbundle.ground import temporaries
 from aptbundle.ground.errors import AptBundleError, ArchiveError, VerifyError
 from aptbundle.ground.fsutil import Progress, announce_total, fsync_dir
-from aptbundle.ground.problems import Problem
+from aptbundle.ground.problems import Problem, split
 
 
 def _mtime(man: Manifest) -> int:
@@ -53,11 +53,17 @@ def select_checkpoints(man: Manifest, which: str = "all") -> Manifest:
     name = man.latest if which == "latest" else (man.best.name if man.best else None)
     if name is None:
         raise ArchiveError(f"run {man.name}: has no {which} checkpoint; pack with --checkpoints all")
-    drop = tuple(c.folder + "/" for c in man.checkpoints if c.name != name)
-    files = [f for f in man.files if not f.path.startswith(drop)]
+    drop = {f.path for c in man.checkpoints if c.name != name for f in man.files_of(c)}
+    files = [f for f in man.files if f.path not in drop]
+    links = [x for x in man.links if x.resolved() not in drop]
     ckpts = [c for c in man.checkpoints if c.name == name]
     best = man.best if man.best and man.best.name == name else None
-    return Manifest(**{**man.__dict__, "files": files, "checkpoints": ckpts, "latest": name, "best": best})
+    untrusted = [u for u in man.untrusted if u not in drop]
+    extra = dict(man.extra)
+    if isinstance(extra.get("machine_paths"), dict):
+        extra["machine_paths"] = {k: v for k, v in extra["machine_paths"].items() if k not in drop}
+    return Manifest(**{**man.__dict__, "files": files, "checkpoints": ckpts, "latest": name, "best": best,
+                       "links": links, "untrusted": untrusted, "extra": extra})
 
 
 @dataclass
@@ -107,7 +113,7 @@ def pack(run_dir: str | Path, out: str | Path | None = None, *, level: int | Non
             man = select_checkpoints(run.manifest, checkpoints)
             only = None if checkpoints == "all" else [f.path for f in man.files]
             if not verify_run(run, only=only, quick=True).ok:  # name every problem, not just the cheap ones
-                raise VerifyError(verify_run(run, only=only).problems, what=f"run {run.name} (not packed)")
+                refuse(run, verify_run(run, only=only).problems, "packed")
             announce_total(progress, man.total_size())
             sig = signature.sign(man.name, man.digest(), sign) if sign is not None else \
                 carried_signature(run, man)
@@ -118,6 +124,25 @@ def pack(run_dir: str | Path, out: str | Path | None = None, *, level: int | Non
     finally:
         if snap is not None:
             temporaries.remove(snap)
+
+
+def refuse(run: Run, problems: list[Problem], verb: str) -> None:
+    """Raise for a run that does not match its manifest; when it only gained or lost files (a
+    folder a framework keeps writing), say so and name the command that takes them in."""
+    if problems and all(p.kind in ("extra", "missing") for p in problems):
+        new = [p.path for p in problems if p.kind == "extra"]
+        gone = [p.path for p in problems if p.kind == "missing"]
+        what = "; ".join(x for x in (
+            f"{len(new)} new file(s) the manifest does not list ({', '.join(new[:3])}{', ...' if len(new) > 3 else ''})"
+            if new else "", f"{len(gone)} listed file(s) gone ({', '.join(gone[:3])}{', ...' if len(gone) > 3 else ''})"
+            if gone else "") if x)
+        raise ArchiveError(f"{run.path}: {what}; nothing was {verb}. Take the changes in with `aptbundle init --update"
+                           f" {run.path}` (or list what should not travel in {run.path}/.aptignore)")
+    hint = None
+    if not run.manifest.trainer and all(p.kind in ("extra", "missing", "size", "hash") for p in problems):
+        hint = (f"the folder changed since its manifest was written; if its framework is still writing it, take the"
+                f" changes in with `aptbundle init --update {run.path}`")
+    raise VerifyError(problems, what=f"run {run.name} (not {verb})", hint=hint)
 
 
 def carried_signature(run: Run, man: Manifest) -> bytes | None:
@@ -218,6 +243,14 @@ def _snapshot(root: Path, man: Manifest) -> Path | None:
     return snap
 
 
+def _mode(path: Path) -> int:
+    """The mode an archive records: private (0600) and executable (0755/0700) files keep that,
+    everything else is 0644, so the umask of the machine that packs never changes the bytes."""
+    m = os.stat(path).st_mode
+    private, exe = not m & 0o077, bool(m & 0o100)
+    return (0o700 if exe else 0o600) if private else (0o755 if exe else 0o644)
+
+
 def _write_archive(root: Path, man: Manifest, raw: BinaryIO, level: int, threads: int,
                    progress: Progress | None, dense: bool = False, scan: bool = True,
                    sig: bytes | None = None) -> int:
@@ -245,7 +278,8 @@ def _write_archive(root: Path, man: Manifest, raw: BinaryIO, level: int, threads
             put(sig + padding(len(sig)))
         for f in man.files:
             width = widths.get(f.path)
-            put(member_header(f"{name}/{f.path}", f.size, mtime=mtime, extra_pax=member_records(width)))
+            put(member_header(f"{name}/{f.path}", f.size, mtime=mtime, extra_pax=member_records(width),
+                              mode=_mode(root / f.path)))
             grouping = Grouping(width, put) if width else None
             taps = [grouping or put] + ([lambda b: progress(len(b))] if progress else [])
             with open(root / f.path, "rb", buffering=0) as src:
@@ -253,6 +287,7 @@ def _write_archive(root: Path, man: Manifest, raw: BinaryIO, level: int, threads
             if grouping:
                 grouping.flush()
             put(padding(f.size))
+        problems, _notes = split(problems)  # untrusted files travel, marked in the manifest
         if problems:
             raise VerifyError(problems, what=f"run {man.name} (not packed)")
         put(end_of_archive(written))

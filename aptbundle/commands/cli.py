@@ -7,55 +7,16 @@ and only when it is a terminal and ``--quiet`` is not given.
 
 from __future__ import annotations
 
-import json
 import sys
 
 import click
 
+from aptbundle.commands import cli_store
 from aptbundle.commands.exits import CONTEXT, SHOWN, Group, plain, status_for
+from aptbundle.commands.options import (digest_opt, emit, json_opt, print_notes, quiet_opt, sign_opt, size_opt,
+                                        strict_opt, trust_opt)
 from aptbundle.commands.progress import progress
 from aptbundle.commands.render import human, render, render_diff, shown
-
-
-def emit(as_json: bool, data: dict, text: str) -> None:
-    """Print ``data`` as JSON with --json, else the human text."""
-    if as_json:
-        click.echo(json.dumps(data, indent=1, sort_keys=True, ensure_ascii=False))
-    else:
-        click.echo(text)
-
-
-def _digest(value: str | None) -> str | None:
-    """An expected run digest must be one: an empty or malformed one is misuse, never "no check"."""
-    if value is None:
-        return None
-    v = value.strip().lower()
-    if len(v) != 64 or any(c not in "0123456789abcdef" for c in v):
-        raise click.BadParameter(f"{value!r} is not a run digest (64 hex digits, as `aptbundle pack` prints)")
-    return v
-
-
-def _size(value: str | None) -> int | None:
-    """``20G``, ``500M``, ``1.5T`` or a number of bytes."""
-    if value is None:
-        return None
-    text = value.strip().upper().removesuffix("B")
-    scale = {"K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}.get(text[-1:], 1)
-    try:
-        number = float(text[:-1] if scale > 1 else text)
-    except ValueError:
-        number = -1
-    if not 0 <= number < 1e18:
-        raise click.BadParameter(f"{value!r} is not a size; write it like 20G, 500M or 1000000")
-    return int(number * scale)
-
-
-json_opt = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON on stdout.")
-trust_opt = click.option("--trust", multiple=True, type=click.Path(dir_okay=False),
-                         help="Public key file (KEY.pub); refuse anything not signed by one of these. Repeatable.")
-sign_opt = click.option("--sign", type=click.Path(dir_okay=False),
-                        help="Sign the run's digest with this private key (from `aptbundle keygen`).")
-quiet_opt = click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 
 
 @click.group(cls=Group, context_settings=CONTEXT)
@@ -65,37 +26,72 @@ def main() -> None:
     pull them from a store."""
 
 
-@main.command(short_help="Adopt a training output folder (write its manifest).")
+@main.command(short_help="Adopt a training output folder (write its manifest), or update it.")
 @click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--update", is_flag=True, help="Take in what changed in an adopted folder: new checkpoints and"
+              " files, deleted ones, changed ones.")
 @click.option("--trainer", default=None, help="Registered trainer that can resume this run.")
+@strict_opt
 @json_opt
 @quiet_opt
-def init(directory: str, trainer: str | None, as_json: bool, quiet: bool) -> None:
-    """Adopt an existing training output folder by writing its aptrun.json."""
-    from aptbundle.format.adopt import adopt
+def init(directory: str, update: bool, trainer: str | None, strict: bool, as_json: bool, quiet: bool) -> None:
+    """Adopt an existing training output folder by writing its aptrun.json: a Hugging Face Trainer,
+    accelerate, Lightning or DCP output, a save_pretrained folder, or any folder of files.
 
+    With --update, bring the manifest of a folder that kept growing up to date, and say what
+    changed. An .aptignore file in the folder (gitignore rules) names what should never travel."""
+    from aptbundle.layouts import title
+    from aptbundle.layouts.adopt import adopt
+    from aptbundle.layouts.adopt import update as do_update
+
+    notes: list = []
+    if update:
+        with progress("hashing", quiet) as cb:
+            ch = do_update(directory, progress=cb, strict=strict, notes=notes)
+        lines = [f"+ {shown(p)}" for p in ch.added] + [f"- {shown(p)}" for p in ch.removed] + \
+                [f"~ {shown(p)}" for p in ch.changed]
+        summary = (f"updated {shown(directory)}: {len(ch.added)} new, {len(ch.removed)} gone, {len(ch.changed)} changed"
+                   f" file(s); checkpoints +[{', '.join(ch.checkpoints_added)}] -[{', '.join(ch.checkpoints_removed)}];"
+                   f" digest {ch.digest}") if ch.any else f"{shown(directory)}: nothing changed; digest {ch.digest}"
+        print_notes(notes, as_json)
+        emit(as_json, {**ch.to_dict(), "path": directory, "notes": [n.to_dict() for n in notes]},
+             "\n".join(lines[:SHOWN] + [summary]))
+        return
     with progress("hashing", quiet) as cb:
-        run = adopt(directory, trainer=trainer, progress=cb)
+        run = adopt(directory, trainer=trainer, progress=cb, strict=strict, notes=notes)
     m = run.manifest
+    print_notes(notes, as_json)
+    what = title(m.layout)
+    rows = [f"  {shown(c.name):<24} step {c.step:>8}  epoch {shown(c.epoch):>6}"
+            + "".join(f"  {shown(k)} {v:.4g}" for k, v in c.metrics.items() if isinstance(v, (int, float)))
+            + ("  latest" if c.name == m.latest else "") + ("  best" if m.best and c.name == m.best.name else "")
+            for c in m.checkpoints]
     emit(as_json, {"path": str(run.path), "name": m.name, "files": len(m.files), "size": m.total_size(),
-                   "checkpoints": [c.name for c in m.checkpoints], "digest": m.digest()},
-         f"adopted {run.path}: {len(m.files)} files, {human(m.total_size())},"
-         f" {len(m.checkpoints)} checkpoint(s); digest {m.digest()}")
+                   "layout": m.layout, "checkpoints": [c.name for c in m.checkpoints],
+                   "checkpoint_info": [{"name": c.name, "step": c.step, "epoch": c.epoch, "metrics": c.metrics}
+                                       for c in m.checkpoints],
+                   "latest": m.latest, "best": m.best.name if m.best else None, "untrusted": m.untrusted,
+                   "links": [x.path for x in m.links], "digest": m.digest(), "notes": [n.to_dict() for n in notes]},
+         f"adopted {run.path}" + (f" ({what})" if what else "") + f": {len(m.files)} files, {human(m.total_size())},"
+         f" {len(m.checkpoints)} checkpoint(s)" + (f", best {shown(m.best.name)}" if m.best else "")
+         + f"; digest {m.digest()}" + "".join("\n" + row for row in rows[:SHOWN]))
 
 
 @main.command(short_help="Check a run or an archive against its manifest.")
 @click.argument("path", type=click.Path())
 @trust_opt
+@strict_opt
 @json_opt
 @quiet_opt
-def verify(path: str, trust: tuple[str, ...], as_json: bool, quiet: bool) -> None:
+def verify(path: str, trust: tuple[str, ...], strict: bool, as_json: bool, quiet: bool) -> None:
     """Check a run directory or an archive against its manifest (exit 1 on any problem).
 
     With --trust, it must also be signed, in its present state, by one of the given keys."""
     from aptbundle.commands.overview import verify_path
 
     with progress("verifying", quiet) as cb:
-        report = verify_path(path, cb, trust=list(trust))
+        report = verify_path(path, cb, trust=list(trust), strict=strict)
+    print_notes(report.notes, as_json)
     if as_json:
         emit(True, report.to_dict(), "")
     else:
@@ -154,22 +150,25 @@ def pack(run_dir: str, output: str | None, level: int | None, threads: int, whic
 @click.argument("archive", type=click.Path())
 @click.option("-C", "--dest", default=".", show_default=True, type=click.Path(file_okay=False),
               help="Folder to create NAME/ in.")
-@click.option("--expect-digest", default=None, callback=lambda ctx, param, v: _digest(v),
+@click.option("--expect-digest", default=None, callback=digest_opt,
               help="Refuse the archive unless its run digest is this (64 hex digits).")
-@click.option("--max-size", default=None, callback=lambda ctx, param, v: _size(v),
+@click.option("--max-size", default=None, callback=size_opt,
               help="Refuse an archive that declares more data than this (e.g. 20G, 500M).")
 @trust_opt
+@strict_opt
 @json_opt
 @quiet_opt
 def unpack(archive: str, dest: str, expect_digest: str | None, max_size: int | None, trust: tuple[str, ...],
-           as_json: bool, quiet: bool) -> None:
+           strict: bool, as_json: bool, quiet: bool) -> None:
     """Unpack an archive into DEST/NAME, verifying every byte before it appears."""
     from aptbundle.archive.extract import unpack as do_unpack
 
+    notes: list = []
     with progress("unpacking", quiet) as cb:
         path = do_unpack(archive, dest, expect_digest=expect_digest, progress=cb, max_size=max_size,
-                         trust=list(trust))
-    emit(as_json, {"path": str(path)}, str(path))
+                         trust=list(trust), strict=strict, notes=notes)
+    print_notes(notes, as_json)
+    emit(as_json, {"path": str(path), "notes": [n.to_dict() for n in notes]}, str(path))
 
 
 @main.command(short_help="Show a run or archive: checkpoints, history, loss chart.")
@@ -201,7 +200,7 @@ def ls_(directory: str, as_json: bool) -> None:
     from aptbundle.commands.overview import is_store, list_runs
 
     if is_store(directory):
-        _ls_store(directory, as_json)
+        cli_store.ls_store(directory, as_json)
         return
     runs = list_runs(directory)
     rows = [f"{'name':<20}{'kind':<9}{'steps':>7}{'best loss':>11}{'size':>11}  {'digest':<14}path"]
@@ -213,21 +212,6 @@ def ls_(directory: str, as_json: bool) -> None:
         rows.append(f"{shown(r['name']):<20}{r['kind']:<9}{r['steps']:>7}{loss:>11}{human(r['size']):>11}"
                     f"  {r['digest'][:12]:<14}{shown(r['path'])}")
     emit(as_json, {"runs": runs}, "\n".join(rows) if runs else f"no runs or archives under {shown(directory)}")
-
-
-def _ls_store(store: str, as_json: bool) -> None:
-    from aptbundle.store.maintain import list_store
-
-    runs = list_store(store)
-    rows = [f"{'name':<20}{'steps':>7}{'ckpts':>6}{'size':>11}{'stored':>11}  {'digest':<14}{'signed':<7}pushed"]
-    for r in runs:
-        if "error" in r:
-            rows.append(f"{shown(r['name']):<20}error: {shown(r['error'])}")
-            continue
-        rows.append(f"{shown(r['name']):<20}{r['step']:>7}{len(r['checkpoints']):>6}{human(r['size']):>11}"
-                    f"{human(r['stored_size']):>11}  {r['digest'][:12]:<14}{'yes' if r['signed'] else 'no':<7}"
-                    f"{r['pushed_at']}" + (f"  ({r['missing_blobs']} blob(s) missing)" if r["missing_blobs"] else ""))
-    emit(as_json, {"store": store, "runs": runs}, "\n".join(rows) if runs else f"no runs in the store {shown(store)}")
 
 
 @main.command(short_help="Compare two runs or archives.")
@@ -256,91 +240,6 @@ def prune(run_dir: str, keep_last: int, dry_run: bool, as_json: bool) -> None:
     verb = "would prune" if dry_run else "pruned"
     emit(as_json, {"run": run_dir, "pruned": names, "bytes": size, "dry_run": dry_run},
          f"{verb} {len(names)} checkpoint(s), {human(size)}: {', '.join(names) or 'none'}")
-
-
-@main.command(short_help="Make an Ed25519 key pair for signing runs.")
-@click.argument("key", type=click.Path(dir_okay=False))
-@click.option("--force", is_flag=True, help="Replace KEY and KEY.pub if they exist.")
-@json_opt
-def keygen(key: str, force: bool, as_json: bool) -> None:
-    """Write a new key pair: KEY (private, mode 0600: keep it secret) and KEY.pub (give it to
-    whoever should trust your runs: `unpack/pull/verify --trust KEY.pub`)."""
-    from aptbundle.format.signature import keygen as do_keygen
-
-    priv, pub, keyid = do_keygen(key, force=force)
-    emit(as_json, {"private_key": str(priv), "public_key": str(pub), "keyid": keyid},
-         f"private key {shown(str(priv))} (keep it secret)\npublic key  {shown(str(pub))}\nkey id      {keyid}")
-
-
-@main.command(short_help="Push a run into a store; only new files travel.")
-@click.argument("run_dir", type=click.Path(file_okay=False))
-@click.argument("store")
-@click.option("--checkpoints", "which", default="all", show_default=True,
-              type=click.Choice(["all", "latest", "best"]), help="Which checkpoints to push.")
-@click.option("--dense", is_flag=True, help="Byte-group float tensors before zstd (smaller blobs).")
-@click.option("--level", default=None, type=click.IntRange(1, 22), help="zstd level [default: 3; 1 with --dense].")
-@sign_opt
-@json_opt
-@quiet_opt
-def push(run_dir: str, store: str, which: str, dense: bool, level: int | None, sign: str | None, as_json: bool,
-         quiet: bool) -> None:
-    """Push RUN_DIR into STORE (a folder or a URL such as s3://bucket/runs), as STORE/NAME.
-
-    Files the store already has (by SHA-256) are not sent again; the run appears in the store
-    only once all of its files are there."""
-    from aptbundle.store.push import push as do_push
-
-    with progress("pushing", quiet, rate=True) as cb:
-        r = do_push(run_dir, store, sign=sign, dense=dense, level=level, checkpoints=which, progress=cb)
-    emit(as_json, r.to_dict(),
-         f"pushed {shown(r.name)} to {shown(r.store)}: {r.sent_files} file(s) sent ({human(r.data_bytes)} as"
-         f" {human(r.sent_bytes)}), {r.present_files} already there ({human(r.present_bytes)}) in {r.seconds:.1f} s"
-         f"\n  digest {r.digest}" + ("  (signed)" if r.signed else "")
-         + f"\n  pull it with: aptbundle pull {shown(r.store)} {shown(r.name)}")
-
-
-@main.command(short_help="Pull a run out of a store into DEST/NAME, verified.")
-@click.argument("store")
-@click.argument("name")
-@click.option("-C", "--dest", default=".", show_default=True, type=click.Path(file_okay=False),
-              help="Folder to create NAME/ in (an older version there is updated).")
-@click.option("--digest", default=None, callback=lambda ctx, param, v: _digest(v),
-              help="Pull the version with this run digest, not the newest (64 hex digits).")
-@click.option("--max-size", default=None, callback=lambda ctx, param, v: _size(v),
-              help="Refuse a run that declares more new data than this (e.g. 20G, 500M).")
-@trust_opt
-@json_opt
-@quiet_opt
-def pull(store: str, name: str, dest: str, digest: str | None, max_size: int | None, trust: tuple[str, ...],
-         as_json: bool, quiet: bool) -> None:
-    """Pull run NAME out of STORE into DEST/NAME, checking every byte before it appears.
-
-    If DEST/NAME holds an older version of the run, only the files it lacks are fetched."""
-    from aptbundle.store.pull import pull as do_pull
-
-    with progress("pulling", quiet, rate=True) as cb:
-        r = do_pull(store, name, dest, digest=digest, trust=list(trust), progress=cb, max_size=max_size)
-    emit(as_json, r.to_dict(),
-         f"{r.path}\n  {r.fetched_files} file(s) fetched ({human(r.fetched_bytes)}), {r.reused_files} reused from the"
-         f" older version ({human(r.reused_bytes)}) in {r.seconds:.1f} s\n  digest {r.digest}"
-         + (f"  (signed by {r.signed_by[:16]})" if r.signed_by else ""))
-
-
-@main.command(short_help="Delete what no run in a store references.")
-@click.argument("store")
-@click.option("--grace", default=3600.0, show_default=True, type=click.FloatRange(0),
-              help="Keep unreferenced objects younger than this many seconds.")
-@click.option("--dry-run", is_flag=True, help="Say what would go; delete nothing.")
-@json_opt
-def gc(store: str, grace: float, dry_run: bool, as_json: bool) -> None:
-    """Delete blobs and manifests of STORE that no run's ref reaches (safe while pushes run)."""
-    from aptbundle.store.maintain import gc as do_gc
-
-    r = do_gc(store, grace_s=grace, dry_run=dry_run)
-    verb = "would delete" if dry_run else "deleted"
-    emit(as_json, r.to_dict(),
-         f"{verb} {r.deleted_blobs} blob(s) and {r.deleted_manifests} manifest(s), {human(r.deleted_bytes)};"
-         f" kept {r.kept_blobs} blob(s) in use and {r.kept_young} younger than {grace:g} s")
 
 
 @main.command(short_help="Continue a run where it stopped (also from a store).")
@@ -399,3 +298,7 @@ def resume(run_dir: str | None, which: str, checkpoint: str | None, dest: str, t
     stopped_by = getattr(res, "stopped_by", None)
     if stopped_by:
         sys.exit(status_for(stopped_by))
+
+
+for _command in (cli_store.keygen, cli_store.push, cli_store.pull, cli_store.gc):
+    main.add_command(_command)

@@ -63,6 +63,8 @@ def report(error: BaseException) -> int:
         if len(error.problems) > SHOWN:
             _say(f"error: ... and {len(error.problems) - SHOWN} more (--json lists every one)")
         _say(f"error: {error.args[0].split(':')[0]}: {len(error.problems)} problem(s)")
+        if getattr(error, "hint", None):
+            _say(f"hint: {error.hint}")
         return FAILED
     if isinstance(error, AptBundleError):
         _say(f"error: {error}")

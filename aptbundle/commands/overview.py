@@ -24,6 +24,7 @@ from aptbundle.format.verify import verify_run
 from aptbundle.ground.errors import AptBundleError, RunError, SignatureError
 from aptbundle.ground.fsutil import Progress
 from aptbundle.ground.problems import Problem, Report
+from aptbundle.layouts import title
 
 
 def is_store(path: str | Path) -> bool:
@@ -40,7 +41,7 @@ def is_run_folder(path: str | Path) -> bool:
 
 
 def verify_path(path: str | Path, progress: Progress | None = None,
-                trust: list[str | Path] | None = None) -> Report:
+                trust: list[str | Path] | None = None, strict: bool = False) -> Report:
     """Verify a run folder or an ``.aptrun.tar.zst`` archive; every problem in one report.
 
     With ``trust`` (public key files) the run must also be signed, as it is now, by one of them.
@@ -48,10 +49,10 @@ def verify_path(path: str | Path, progress: Progress | None = None,
     >>> # verify_path("outputs/run1").ok
     """
     if not is_run_folder(path):
-        return verify_archive(path, progress, trust=trust)
+        return verify_archive(path, progress, trust=trust, strict=strict)
     keys = [signature.load_public_key(k) for k in trust or []]
     run = Run.open(path)
-    report = verify_run(run, progress=progress)
+    report = verify_run(run, progress=progress, strict=strict)
     if keys:
         try:
             signature.check(run.signature(), run.name, run.manifest.digest(), keys, run.name)
@@ -94,6 +95,13 @@ def describe(path: str | Path) -> dict:
         "updated_at": man.updated_at,
         "environment": man.environment,
         "history": man.history,
+        "framework": title(man.layout),
+        "layout": man.layout,
+        "untrusted": man.untrusted,
+        "links": [{"path": x.path, "target": x.target} for x in man.links],
+        "machine_paths": {k: v for k, v in man.extra.get("machine_paths", {}).items()
+                          if isinstance(k, str) and isinstance(v, str)}
+        if isinstance(man.extra.get("machine_paths"), dict) else {},
         "files": len(man.files),
         "size": man.total_size(),
         "archive_size": archive_size,
@@ -104,7 +112,7 @@ def describe(path: str | Path) -> dict:
         "checkpoints": [
             {"name": c.name, "step": c.step, "epoch": c.epoch, "loss": c.metrics.get("loss"),
              "metrics": c.metrics, "latest": c.name == man.latest, "best": c.name == best,
-             "size": sum(f.size for f in man.files if f.path.startswith(c.folder + "/"))}
+             "size": sum(f.size for f in man.files_of(c))}
             for c in man.checkpoints
         ],
         "curves": curves,

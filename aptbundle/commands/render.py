@@ -89,12 +89,35 @@ def _history(info: dict) -> list[str]:
         return []
     out = ["  history"]
     for i, h in enumerate(hist):
+        if "framework" in h:  # an adopted folder: what its framework recorded
+            facts = ", ".join(f"{shown(k).replace('_', ' ')} {shown(v)}" for k, v in h.items() if k != "framework")
+            out.append(f"    written by {shown(h['framework'])}" + (f": {facts}" if facts else ""))
+            continue
+        if "updated_at" in h and "added" in h:  # init --update
+            out.append(f"    {shown(h['updated_at'])}  updated: +{shown(h.get('added'))} -{shown(h.get('removed'))}"
+                       f" ~{shown(h.get('changed'))} files")
+            continue
         start = h.get("from_digest")
         end = next((n.get("from_digest") for n in hist[i + 1:] if n.get("from_digest")), info["digest"])
         change = f"  digest {shown(start)[:12]} -> {shown(end)[:12]}" if isinstance(start, str) else ""
         out.append(f"    {shown(h.get('started_at', '?'))}  steps {shown(h.get('start_step', '?'))} ->"
                    f" {shown(h.get('stop_step', '?'))}  on {shown(h.get('device', '?'))},"
                    f" torch {shown(h.get('torch', '?'))}{change}")
+    return out
+
+
+def note_lines(untrusted: list[str], machine_paths: dict[str, str], most: int = 8) -> list[str]:
+    """The notes of a run, one line for its untrusted files and one per file with machine paths."""
+    from aptbundle.format.trust import UNTRUSTED_NOTE
+
+    out = []
+    if untrusted:
+        more = f" and {len(untrusted) - most} more" if len(untrusted) > most else ""
+        out.append(f"note: {', '.join(shown(u) for u in untrusted[:most])}{more}: carried untrusted, {UNTRUSTED_NOTE}")
+    for path, found in list(machine_paths.items())[:most]:
+        out.append(f"warning: {shown(path)} records absolute paths of the machine that wrote it: {shown(found)}")
+    if len(machine_paths) > most:
+        out.append(f"warning: ... and {len(machine_paths) - most} more files with machine paths")
     return out
 
 
@@ -109,6 +132,8 @@ def render(info: dict) -> str:
         *([f"  signed    {shown(info['signed_by'])} (not checked: verify --trust KEY.pub checks it)"]
           if info.get("signed_by") else []),
         f"  trainer   {shown(info['trainer']) if info['trainer'] else '(none: not resumable by aptbundle)'}",
+        *([f"  framework {shown(info['framework'])} (resume it with the framework; `aptbundle resume` prints the"
+           " call)"] if info.get("framework") else []),
         f"  files     {info['files']} ({human(info['size'])} of data"
         + (f", archive {human(info['archive_size'])})" if info["archive_size"] is not None else ")"),
         *([f"  codec     {info['codec']}: unpack it with aptbundle (plain tar would give byte-grouped"
@@ -117,12 +142,13 @@ def render(info: dict) -> str:
         *([f"  best      {shown(best['name'])} by {shown(best['metric'])} ({shown(best['mode'])})"] if best else []),
     ]
     lines += _history(info)
+    lines += [f"  link      {shown(x['path'])} -> {shown(x['target'])}" for x in info.get("links", [])]
     if info["checkpoints"]:
         lines.append("  checkpoints")
         lines.append(f"    {'name':<16}{'step':>8}{'epoch':>8}{'loss':>10}{'val_loss':>10}{'size':>11}")
         for c in info["checkpoints"]:
             loss = f"{c['loss']:.4f}" if isinstance(c["loss"], (int, float)) else "-"
-            val = c["metrics"].get("val_loss") if isinstance(c["metrics"], dict) else None
+            val = c["metrics"].get("val_loss", c["metrics"].get("eval_loss")) if isinstance(c["metrics"], dict) else None
             val = f"{val:.4f}" if isinstance(val, (int, float)) else "-"
             tags = " ".join(t for t, on in (("latest", c["latest"]), ("best", c["best"])) if on)
             lines.append(f"    {shown(c['name']):<16}{c['step']:>8}{shown(c['epoch']):>8}{loss:>10}{val:>10}"
@@ -133,6 +159,7 @@ def render(info: dict) -> str:
     if plot:
         lines.append("  loss")
         lines += ["    " + line for line in plot]
+    lines += note_lines(info.get("untrusted", []), info.get("machine_paths", {}))
     return "\n".join(lines)
 
 

@@ -17,6 +17,7 @@ from typing import Any, Callable
 from aptbundle.format.run import Run
 from aptbundle.format.verify import verify_checkpoint
 from aptbundle.ground.errors import ResumeError
+from aptbundle.layouts import resume_call, title
 
 GROUP = "aptbundle.trainers"
 
@@ -66,6 +67,18 @@ def find_trainer(name: str | None, run_name: str) -> Callable[..., Any]:
     return eps[name].load()
 
 
+def framework_hint(run: Run, which: str, shown: str) -> str:
+    """What to run for a folder another framework wrote: its own resume call, ready to paste."""
+    man = run.manifest
+    name = {"latest": man.latest, "best": man.best.name if man.best else None}.get(which, which)
+    entry = man.checkpoint(name) if name else None
+    if man.checkpoints and entry is None:
+        raise ResumeError(f"{run.name}: no checkpoint {which!r} (checkpoints: {', '.join(c.name for c in man.checkpoints)})")
+    call = resume_call(man.layout, shown, entry)
+    return (f"{run.name}: written by {title(man.layout)}; aptbundle verified it and moved it, and the framework"
+            f" continues it with your training script: {call}")
+
+
 def resume(run_dir: str | Path | None = None, *, which: str = "latest", **options: Any) -> Any:
     """Continue a run with its registered trainer; returns what the trainer returns.
 
@@ -74,6 +87,8 @@ def resume(run_dir: str | Path | None = None, *, which: str = "latest", **option
     (None for a run killed before its first one, which the trainer starts again).
     """
     run = Run.open(find_run(run_dir))
+    if not run.manifest.trainer and run.manifest.layout:
+        raise ResumeError(framework_hint(run, which, str(run_dir) if run_dir is not None else str(run.path)))
     fn = find_trainer(run.manifest.trainer, run.name)
     with run.writer():
         fresh = which == "latest" and run.latest is None

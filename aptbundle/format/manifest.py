@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import posixpath
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +56,21 @@ class CheckpointEntry:
         return self.path or f"checkpoints/{self.name}"
 
 
+@dataclass(frozen=True)
+class LinkEntry:
+    """A symbolic link of the run to one of its listed files (Lightning's ``last.ckpt``): ``path``
+    is the link, ``target`` what it points to, relative to the link's folder. An archive carries
+    regular files only; the link is made again on unpack."""
+
+    path: str
+    target: str
+
+    def resolved(self) -> str:
+        """The listed file the link points to (a run-relative path)."""
+        base = self.path.rsplit("/", 1)[0] + "/" if "/" in self.path else ""
+        return posixpath.normpath(base + self.target)
+
+
 @dataclass
 class BestInfo:
     """Which checkpoint is best, by which metric, in which direction."""
@@ -80,6 +96,9 @@ class Manifest:
     best: BestInfo | None = None
     environment: dict[str, Any] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
+    layout: str | None = None  # the framework that wrote an adopted folder (``layouts``)
+    untrusted: list[str] = field(default_factory=list)  # files carried but never loaded (``trust``)
+    links: list[LinkEntry] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)  # unknown keys, kept on round-trip
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
@@ -95,6 +114,11 @@ class Manifest:
             if c.name == name:
                 return c
         return None
+
+    def files_of(self, c: CheckpointEntry) -> list[FileEntry]:
+        """The files of checkpoint ``c``: its folder's, or the one file it is (a Lightning ``.ckpt``)."""
+        pre = c.folder + "/"
+        return [f for f in self.files if f.path == c.folder or f.path.startswith(pre)]
 
     def total_size(self) -> int:
         """Bytes of all listed files."""
@@ -120,6 +144,12 @@ class Manifest:
             environment=self.environment,
             history=self.history,
         )
+        if self.layout is not None:  # only when set: the digests of runs without them do not change
+            d["layout"] = self.layout
+        if self.untrusted:
+            d["untrusted"] = sorted(self.untrusted)
+        if self.links:
+            d["links"] = [dataclasses.asdict(x) for x in sorted(self.links, key=lambda x: x.path)]
         return d
 
     def canonical_bytes(self) -> bytes:
@@ -285,8 +315,16 @@ def _from_dict(raw: dict, source: str) -> Manifest:
             raise ManifestError(f"{source}: best.mode is {mode!r}; expected 'min' or 'max'")
         best = BestInfo(bname, _req(best_raw, "metric", str, f"{source}: best"), mode,
                         _req(best_raw, "value", (int, float), f"{source}: best"))
+    layout = _req(raw, "layout", str, source, nullable=True) if "layout" in raw else None
+    if layout is not None and not re.fullmatch(r"[a-z][a-z0-9_-]{0,31}", layout):
+        raise ManifestError(f"{source}: layout {layout[:40]!r} is not a layout name")
+    listed = {f.path for f in files}
+    untrusted = _req(raw, "untrusted", list, source) if "untrusted" in raw else []
+    if not all(isinstance(u, str) and u in listed for u in untrusted):
+        raise ManifestError(f"{source}: untrusted names a file the manifest does not list")
+    links = _links(raw.get("links", []), listed, source)
     known = {"format", "format_version", "name", "run_id", "trainer", "created_at", "updated_at",
-             "files", "checkpoints", "latest", "best", "environment", "history"}
+             "files", "checkpoints", "latest", "best", "environment", "history", "layout", "untrusted", "links"}
     return Manifest(
         name=name,
         run_id=_req(raw, "run_id", str, source),
@@ -299,9 +337,37 @@ def _from_dict(raw: dict, source: str) -> Manifest:
         best=best,
         environment=_req(raw, "environment", dict, source),
         history=_req(raw, "history", list, source),
+        layout=layout,
+        untrusted=sorted(set(untrusted)),
+        links=links,
         extra={k: v for k, v in raw.items() if k not in known},
         format_version=raw["format_version"],
     )
+
+
+MAX_LINKS = 10_000
+
+
+def _links(raw: object, listed: set[str], source: str) -> list[LinkEntry]:
+    """The links, each to a listed regular file of the run (never to another link, never out)."""
+    if not isinstance(raw, list) or len(raw) > MAX_LINKS:
+        raise ManifestError(f"{source}: links should be a list of at most {MAX_LINKS} objects")
+    out = []
+    for i, x in enumerate(raw):
+        where = f"{source}: links[{i}]"
+        if not isinstance(x, dict):
+            raise ManifestError(f"{where}: expected an object with path and target")
+        path = normalize_relpath(_req(x, "path", str, where), what="link path")
+        target = _req(x, "target", str, where)
+        if not target or target.startswith("/") or "\\" in target or "\0" in target or len(target) > 4096:
+            raise ManifestError(f"{where}: target {target[:80]!r} is not a relative path inside the run")
+        link = LinkEntry(path, target)
+        if path in listed or path in (MANIFEST_NAME, SIGNATURE_NAME) or link.resolved() not in listed:
+            raise ManifestError(f"{where}: {path!r} -> {target[:80]!r} must be a new name pointing to a file the"
+                                " manifest lists")
+        out.append(link)
+    check_collisions([f for f in listed] + [x.path for x in out], what=f"{source}: link")
+    return sorted(out, key=lambda x: x.path)
 
 
 def load_manifest(run_dir: str | Path) -> Manifest:

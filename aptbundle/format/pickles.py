@@ -47,6 +47,9 @@ _DCP_ALLOWED = {
     "torch.distributed.checkpoint.filesystem._StorageInfo", "torch.strided", "torch.sparse_coo",
     "torch.contiguous_format", "torch.channels_last", "torch.preserve_format",
 }
+# plain paths, as DCP's .metadata and Lightning's hyper-parameters record them: built from strings
+_PATHS = {f"pathlib{m}.{c}" for m in ("", "._local") for c in ("Path", "PosixPath", "WindowsPath", "PurePath",
+                                                              "PurePosixPath", "PureWindowsPath")}
 _CODE_OPS = {"INST", "OBJ", "EXT1", "EXT2", "EXT4"}
 _STR_OPS = {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "STRING", "BINSTRING",
             "SHORT_BINSTRING"}
@@ -54,10 +57,11 @@ _GET_OPS = {"GET", "BINGET", "LONG_BINGET"}
 _PUT_OPS = {"PUT", "BINPUT", "LONG_BINPUT"}
 
 
-def global_allowed(name: str, dcp: bool = False) -> bool:
+def global_allowed(name: str, dcp: bool = False, extra: frozenset[str] = frozenset()) -> bool:
     """True for a global that ``torch.load(weights_only=True)`` may use (and, for DCP metadata,
-    its plain metadata classes)."""
-    return name in _ALLOWED or bool(_STORAGE.match(name)) or (dcp and name in _DCP_ALLOWED)
+    its plain metadata classes; ``extra``: what the file's trust policy adds)."""
+    return name in _ALLOWED or bool(_STORAGE.match(name)) or (dcp and name in _DCP_ALLOWED) or name in _PATHS \
+        or name in extra
 
 
 class _Global(str):
@@ -96,6 +100,9 @@ def _check_reduce(fn: object, args: object, shown: str, pos: int) -> None:
     """What a permitted callable is asked to build must be backed by bytes that exist."""
     if not isinstance(fn, _Global) or not isinstance(args, tuple):
         return
+    if fn in _PATHS and not all(type(a) is str for a in args):
+        raise UnsafeContentError(f"{shown}: pickle builds a path from something other than strings at byte {pos};"
+                                 " expected a plain path. Do not load this file")
     if fn == "builtins.bytearray" and any(type(a) is int and a > MAX_BYTEARRAY for a in args):
         raise UnsafeContentError(f"{shown}: pickle asks for a bytearray of {args[0]} bytes at byte {pos};"
                                  " expected data, not an allocation. Do not load this file")
@@ -118,7 +125,12 @@ def _check_reduce(fn: object, args: object, shown: str, pos: int) -> None:
                 " holds one. Do not load this file")
 
 
-def scan_pickle(stream, shown: str, dcp: bool = False, storages: dict[str, int] | None = None) -> list[str]:
+MACHINE_PATH = re.compile(r"^(/(home|Users|root|tmp|mnt|data|scratch|work|workspace|srv|opt|var|media|nfs|lustre|"
+                          r"gpfs|fsx|content|kaggle|private)/|[A-Za-z]:[\\/][^\\/]+[\\/])")
+
+
+def scan_pickle(stream, shown: str, dcp: bool = False, storages: dict[str, int] | None = None,
+                extra: frozenset[str] = frozenset(), paths: list[str] | None = None) -> list[str]:
     """Walk one pickle of ``stream`` up to its STOP opcode without executing it.
 
     Returns the globals it names. Raises ``UnsafeContentError`` for a global outside the
@@ -128,7 +140,9 @@ def scan_pickle(stream, shown: str, dcp: bool = False, storages: dict[str, int] 
     modelled, so every value a check looks at is the one the opcode would really get.
     ``stream`` needs ``read`` and ``readline``; it is left just after the STOP opcode. With
     ``storages``, the storages a ``torch.save`` pickle declares (``('storage', class, key,
-    location, numel)``) are recorded there as key -> bytes.
+    location, numel)``) are recorded there as key -> bytes. ``extra`` are globals the file's
+    trust policy adds (``trust``); strings that look like absolute paths of a machine (a home
+    folder, a drive letter) are appended to ``paths``.
     """
     names: list[str] = []
     memo: dict[int, object] = {}
@@ -173,7 +187,7 @@ def scan_pickle(stream, shown: str, dcp: bool = False, storages: dict[str, int] 
                             f"{shown}: pickle names a global at byte {pos} that cannot be read statically;"
                             " expected a plain torch.save file. Do not load it")
                     name = f"{mod}.{qual}"
-                if not global_allowed(name, dcp):
+                if not global_allowed(name, dcp, extra):
                     raise UnsafeContentError(
                         f"{shown}: pickle references global {name!r}, which could run code when"
                         " loaded; expected only tensors and plain data. Do not load this file")
@@ -181,6 +195,9 @@ def scan_pickle(stream, shown: str, dcp: bool = False, storages: dict[str, int] 
                 value = _Global(name)
             elif n in _STR_OPS or n in _INT_OPS or n in ("BINFLOAT", "FLOAT"):
                 value = arg
+                if paths is not None and n in _STR_OPS and isinstance(arg, str) and MACHINE_PATH.match(arg) \
+                        and len(paths) < 8:
+                    paths.append(arg)
             elif n in _GET_OPS:
                 value = memo.get(arg)
             elif n == "TUPLE":

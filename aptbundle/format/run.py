@@ -16,7 +16,9 @@ import sys
 import uuid
 from pathlib import Path
 
-from aptbundle.format.manifest import MANIFEST_NAME, SIGNATURE_NAME, CheckpointEntry, FileEntry, Manifest, load_manifest
+from aptbundle.format.ignore import Ignore
+from aptbundle.format.manifest import (MANIFEST_NAME, SIGNATURE_NAME, CheckpointEntry, FileEntry, LinkEntry, Manifest,
+                                      load_manifest)
 from aptbundle.ground import lock, temporaries
 from aptbundle.ground.errors import RunError, UnsafePathError
 from aptbundle.ground.fsutil import Progress, atomic_write_bytes, hash_file
@@ -54,29 +56,37 @@ def is_ignored(rel: str) -> bool:
         temporaries.is_temp_name(c) for c in rel.split("/"))
 
 
-def walk_files(root: Path) -> tuple[list[str], list[Problem]]:
+def walk_files(root: Path, links: list[LinkEntry] | None = None) -> tuple[list[str], list[Problem]]:
     """Relative POSIX paths of the regular files below ``root`` and problems with the rest.
 
-    Symbolic links, devices, FIFOs and unportable names are problems; aptbundle's own lock and
-    temporary names are skipped.
+    Symbolic links (other than the run's own ``links``, each pointing where it says), devices,
+    FIFOs and unportable names are problems; aptbundle's own lock and temporary names, and what
+    the ignore rules (``ignore``) leave out, are skipped.
     """
     files: list[str] = []
     problems: list[Problem] = []
+    known = {x.path: x.target for x in links or []}
+    ignore = Ignore(root)
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
         base = Path(dirpath)
         rel_base = base.relative_to(root).as_posix()
         for d in list(dirnames):
             rel = d if rel_base == "." else f"{rel_base}/{d}"
-            if temporaries.is_temp_name(d):
+            if temporaries.is_temp_name(d) or ignore.dir_ignored(rel):
                 dirnames.remove(d)
             elif (base / d).is_symlink():
                 dirnames.remove(d)
                 problems.append(Problem(rel, "type", "a regular file or folder", "a symbolic link"))
         for name in filenames:
             rel = name if rel_base == "." else f"{rel_base}/{name}"
-            if is_ignored(rel):
+            if is_ignored(rel) or ignore.file_ignored(rel):
                 continue
             st = os.lstat(base / name)
+            if stat.S_ISLNK(st.st_mode) and rel in known:
+                target = os.readlink(base / name)
+                if target != known[rel]:
+                    problems.append(Problem(rel, "link", f"a link to {known[rel]}", f"a link to {target}"))
+                continue
             if not stat.S_ISREG(st.st_mode):
                 kind = "a symbolic link" if stat.S_ISLNK(st.st_mode) else "a special file"
                 problems.append(Problem(rel, "type", "a regular file", kind))
@@ -85,6 +95,10 @@ def walk_files(root: Path) -> tuple[list[str], list[Problem]]:
                 files.append(normalize_relpath(rel, what="file"))
             except UnsafePathError as e:
                 problems.append(Problem(rel, "unsafe", "a portable name", str(e)))
+    found = set(files) | {p.path for p in problems}
+    for rel, target in known.items():
+        if rel not in found and not os.path.islink(root / rel):
+            problems.append(Problem(rel, "link", f"a link to {target}", "no such link"))
     files.sort()
     return files, problems
 
@@ -186,14 +200,16 @@ class Run:
         return self.path / (entry.folder if entry else f"{CHECKPOINTS}/{name}")
 
     def files_under(self, prefix: str) -> list[FileEntry]:
-        """Manifest entries inside the folder ``prefix``."""
+        """Manifest entries inside the folder ``prefix`` (or the one file ``prefix`` is: a
+        checkpoint that is a single file, like Lightning's ``.ckpt``)."""
         pre = prefix.rstrip("/") + "/"
-        return [f for f in self.manifest.files if f.path.startswith(pre)]
+        return [f for f in self.manifest.files if f.path.startswith(pre) or f.path == prefix]
 
     def run_files(self) -> list[FileEntry]:
-        """Manifest entries outside every checkpoint folder (config, tokenizer, data, logs)."""
+        """Manifest entries outside every checkpoint (config, tokenizer, data, logs)."""
         folders = tuple(c.folder + "/" for c in self.manifest.checkpoints)
-        return [f for f in self.manifest.files if not f.path.startswith(folders)]
+        single = {c.folder for c in self.manifest.checkpoints}
+        return [f for f in self.manifest.files if not f.path.startswith(folders) and f.path not in single]
 
     # -- writing (callers hold the writer lock; the manifest is saved under the commit lock) ---
     def record_file(self, rel: str, progress: Progress | None = None) -> FileEntry:
@@ -215,9 +231,10 @@ class Run:
         return self.record_file(rel)
 
     def forget_prefix(self, prefix: str) -> None:
-        """Drop every manifest entry under the folder ``prefix`` (files are not touched)."""
+        """Drop every manifest entry under the folder ``prefix`` (or the file ``prefix``; files are
+        not touched)."""
         pre = prefix.rstrip("/") + "/"
-        self.manifest.files = [f for f in self.manifest.files if not f.path.startswith(pre)]
+        self.manifest.files = [f for f in self.manifest.files if not f.path.startswith(pre) and f.path != prefix]
 
     def save_manifest(self) -> None:
         """Atomically write the manifest: the commit point of every change."""

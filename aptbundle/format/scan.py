@@ -23,6 +23,7 @@ from pathlib import Path
 
 from aptbundle.format.pickles import MAX_PICKLE_BYTES, scan_pickle
 from aptbundle.format.stream import Stream, file_source
+from aptbundle.format.trust import extra_globals
 from aptbundle.ground.errors import UnsafeContentError
 from aptbundle.ground.problems import Problem
 
@@ -46,34 +47,36 @@ def needs_scan(rel: str) -> bool:
             or is_dcp_metadata(rel))
 
 
-def scan_stream(stream: Stream, rel: str) -> list[str]:
-    """Check the file ``rel`` read from ``stream`` (positioned at its start).
+def scan_stream(stream: Stream, rel: str, paths: list[str] | None = None) -> list[str]:
+    """Check the file ``rel`` read from ``stream`` (positioned at its start), by its trust policy.
 
     Returns the pickle globals it names (empty for safetensors); raises ``UnsafeContentError``.
-    The stream is left wherever the check stopped: call ``drain`` after it.
+    Strings that look like absolute machine paths are appended to ``paths``. The stream is left
+    wherever the check stopped: call ``drain`` after it.
     """
     if rel.endswith(".safetensors"):
         check_safetensors(stream, rel)
         return []
+    extra = extra_globals(rel)
     head = stream.peek(4)
     if is_dcp_metadata(rel):
-        return scan_pickle(stream, rel, dcp=True)
+        return scan_pickle(stream, rel, dcp=True, paths=paths)
     if rel.endswith(".distcp"):  # DCP's data: one torch.save zip per item, back to back
         names: list[str] = []
         while stream.peek(1):
             if not stream.peek(4).startswith(_LOCAL):
                 raise UnsafeContentError(f"{rel}: item at byte {stream.tell()} is not a torch.save zip;"
                                          " the file is damaged or crafted")
-            names += _scan_zip(stream, rel, last=False)
+            names += _scan_zip(stream, rel, last=False, paths=paths)
         return names
     if head.startswith(b"PK"):
-        return _scan_zip(stream, rel)
+        return _scan_zip(stream, rel, allowed=extra, paths=paths)
     if head[:1] == b"\x80":
         names: list[str] = []
         for _ in range(LEGACY_PICKLES):
             if not stream.peek(1):
                 break
-            names += scan_pickle(stream, rel)
+            names += scan_pickle(stream, rel, extra=extra, paths=paths)
         return names
     if rel.endswith((".bin", ".ckpt")):
         return []  # these names are used for other kinds of data too; torch.load refuses them anyway
@@ -139,7 +142,8 @@ def _find_descriptor(stream: Stream, start: int, zip64: bool, shown: str, name: 
         stream.skip(avail - dlen + 1)
 
 
-def _scan_zip(stream: Stream, shown: str, last: bool = True) -> list[str]:
+def _scan_zip(stream: Stream, shown: str, last: bool = True, allowed: frozenset[str] = frozenset(),
+              paths: list[str] | None = None) -> list[str]:
     """Walk one zip from the stream's position; ``last``: nothing may follow it."""
     base = stream.tell()  # offsets in a zip count from its own start
     names: list[str] = []
@@ -165,7 +169,7 @@ def _scan_zip(stream: Stream, shown: str, last: bool = True) -> list[str]:
         z64 = _zip64_sizes(extra).get(1)
         start = stream.tell()
         if name.endswith(".pkl"):
-            names += scan_pickle(stream, f"{shown}:{name}", storages=storages)
+            names += scan_pickle(stream, f"{shown}:{name}", storages=storages, extra=allowed, paths=paths)
         if flags & 0x8:
             key = name.rsplit("/data/", 1)[1] if "/data/" in name else None
             size = _find_descriptor(stream, start, z64 is not None, shown, name, storages.get(key))

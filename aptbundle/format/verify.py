@@ -13,6 +13,7 @@ by the archive reader.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import stat
 from dataclasses import dataclass
@@ -20,28 +21,61 @@ from pathlib import Path
 from typing import Callable
 
 from aptbundle.format.manifest import CheckpointEntry, FileEntry
+from aptbundle.format.pickles import MACHINE_PATH
 from aptbundle.format.run import Run, walk_files
 from aptbundle.format.scan import needs_scan, scan_stream, unsafe
 from aptbundle.format.stream import RawRead, Stream, file_source
+from aptbundle.format.trust import UNTRUSTED, UNTRUSTED_NOTE, policy_for
 from aptbundle.ground.errors import ArchiveError, CheckpointError, UnsafeContentError, VerifyError
 from aptbundle.ground.fsutil import Progress, announce_total
-from aptbundle.ground.problems import Problem, Report
+from aptbundle.ground.problems import Problem, Report, split
 
 
-def scan_verdict(stream: Stream, rel: str) -> Problem | None:
-    """The scan's problem with the file ``rel`` being read from ``stream``, or None."""
-    if not needs_scan(rel):
-        return None
+MAX_JSON_LOOKED_AT = 4 << 20  # JSON files up to this size are read for machine paths
+
+
+def scan_verdict(stream: Stream, rel: str) -> list[Problem]:
+    """What the scan finds in the file ``rel`` being read from ``stream``: the refusal (or, for a
+    file the trust policy carries untrusted, a note), and notes of machine paths recorded in it."""
+    paths: list[str] = []
+    found: list[Problem] = []
+    if rel.endswith(".json") and stream.size <= MAX_JSON_LOOKED_AT:
+        _json_paths(stream.read(stream.size), paths)
+    elif needs_scan(rel):
+        try:
+            scan_stream(stream, rel, paths)
+        except UnsafeContentError as e:
+            found.append(unsafe(rel, e))
+        except (ArchiveError, OSError):
+            raise
+        except Exception as e:  # a malformed file the parsers did not foresee: refuse, never crash
+            found.append(unsafe(rel, UnsafeContentError(f"{rel}: cannot be parsed ({type(e).__name__}); the file"
+                                                        " is damaged or crafted. Do not load it")))
+        if found and policy_for(rel) == UNTRUSTED:
+            found = [Problem(rel, "untrusted", "a file aptbundle may load", f"an arbitrary pickle, carried: {UNTRUSTED_NOTE}")]
+    if paths:
+        shown = ", ".join(repr(p[:80]) for p in paths[:3])
+        found.append(Problem(rel, "machine-path", "no absolute paths of the machine that wrote it",
+                             f"{shown}; found statically, never loaded. Paths that differ here may need editing"))
+    return found
+
+
+def _json_paths(data: bytes, paths: list[str]) -> None:
     try:
-        scan_stream(stream, rel)
-    except UnsafeContentError as e:
-        return unsafe(rel, e)
-    except (ArchiveError, OSError):
-        raise
-    except Exception as e:  # a malformed file the parsers did not foresee: refuse, never crash
-        return unsafe(rel, UnsafeContentError(f"{rel}: cannot be parsed ({type(e).__name__}); the file is"
-                                              " damaged or crafted. Do not load it"))
-    return None
+        doc = json.loads(data)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return
+    todo, seen = [doc], 0
+    while todo and seen < 100_000 and len(paths) < 8:
+        v = todo.pop()
+        seen += 1
+        if isinstance(v, str):
+            if MACHINE_PATH.match(v):
+                paths.append(v)
+        elif isinstance(v, dict):
+            todo.extend(v.values())
+        elif isinstance(v, list):
+            todo.extend(v)
 
 
 def check_stream(raw: RawRead, entry: FileEntry, *, scan: bool = True,
@@ -53,7 +87,7 @@ def check_stream(raw: RawRead, entry: FileEntry, *, scan: bool = True,
     """
     h = hashlib.sha256()
     stream = Stream(raw, entry.size, [h.update, *(taps or [])])
-    found = scan_verdict(stream, entry.path) if scan else None
+    found = scan_verdict(stream, entry.path) if scan else []
     stream.drain()
     if stream.short:
         return [Problem(entry.path, "size", f"{entry.size} bytes", f"{stream.pulled} bytes")]
@@ -62,7 +96,7 @@ def check_stream(raw: RawRead, entry: FileEntry, *, scan: bool = True,
     sha = h.hexdigest()
     if sha != entry.sha256:
         return [Problem(entry.path, "hash", f"sha256 {entry.sha256[:16]}…", f"sha256 {sha[:16]}…")]
-    return [found] if found else []
+    return found
 
 
 def check_file(root: Path, entry: FileEntry, *, scan: bool = True, quick: bool = False,
@@ -87,8 +121,8 @@ def check_file(root: Path, entry: FileEntry, *, scan: bool = True, quick: bool =
                             taps=[lambda b: progress(len(b))] if progress else None)
 
 
-def hash_and_scan(root: Path, rel: str) -> tuple[FileEntry, Problem | None]:
-    """Size and SHA-256 of a file not yet listed, and the scan's verdict, in one pass."""
+def hash_and_scan(root: Path, rel: str) -> tuple[FileEntry, list[Problem]]:
+    """Size and SHA-256 of a file not yet listed, and what the scan found, in one pass."""
     full = root / rel
     size = os.lstat(full).st_size
     h = hashlib.sha256()
@@ -100,8 +134,10 @@ def hash_and_scan(root: Path, rel: str) -> tuple[FileEntry, Problem | None]:
 
 
 def verify_run(run: Run, *, checkpoint: CheckpointEntry | None = None, only: list[str] | None = None,
-               scan: bool = True, quick: bool = False, progress: Progress | None = None) -> Report:
-    """Verify the run; every problem at once.
+               scan: bool = True, quick: bool = False, progress: Progress | None = None,
+               strict: bool = False) -> Report:
+    """Verify the run; every problem at once (and, apart, the notes: untrusted files carried,
+    machine paths recorded; ``strict`` makes an untrusted file a problem).
 
     By default every listed file, and no file that is not listed. ``checkpoint``: only its
     files and the run's own (config, tokenizer, data, logs). ``only``: only those listed paths
@@ -126,7 +162,7 @@ def verify_run(run: Run, *, checkpoint: CheckpointEntry | None = None, only: lis
             problems: list[Problem] = []
         else:
             entries = list(run.manifest.files)
-            on_disk, problems = walk_files(run.path)
+            on_disk, problems = walk_files(run.path, run.manifest.links)
             listed = run.manifest.file_map()
             problems += [Problem(p, "extra", "no such file (not in the manifest)", "a file on disk")
                          for p in on_disk if p not in listed]
@@ -141,7 +177,9 @@ def verify_run(run: Run, *, checkpoint: CheckpointEntry | None = None, only: lis
                                         f"a file behind the symbolic link {behind}"))
                 continue
             problems += check_file(run.path, entry, scan=scan, quick=quick, progress=progress)
-    rep.problems = sorted(problems, key=lambda p: p.path)
+    errors, notes = split(problems, strict)
+    rep.problems = sorted(errors, key=lambda p: p.path)
+    rep.notes = sorted(notes, key=lambda p: p.path)
     return rep
 
 

@@ -51,8 +51,9 @@ class ResumeError(AptBundleError):
 class VerifyError(AptBundleError):
     """One or more files do not match the manifest. ``problems`` lists every one of them."""
 
-    def __init__(self, problems: list, what: str = "run"):
+    def __init__(self, problems: list, what: str = "run", hint: str | None = None):
         self.problems = list(problems)
+        self.hint = hint  # what to do about them, when it is known
         lines = "; ".join(str(p) for p in self.problems[:5])
         more = f" (and {len(self.problems) - 5} more)" if len(self.problems) > 5 else ""
         super().__init__(f"{what} failed verification: {lines}{more}")

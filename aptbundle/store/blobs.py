@@ -24,7 +24,7 @@ from aptbundle.format.stream import file_source
 from aptbundle.format.verify import check_stream
 from aptbundle.ground.ahead import ReadAhead
 from aptbundle.ground.errors import AptBundleError, StoreError
-from aptbundle.ground.problems import Problem
+from aptbundle.ground.problems import Problem, split
 from aptbundle.store.backend import Store
 
 SKIPPABLE = 0x184D2A5A  # one of zstd's sixteen skippable-frame magics
@@ -57,7 +57,7 @@ def write_blob(store: Store, root: Path, entry: FileEntry, *, level: int, thread
                 grouping = Grouping(width, z.write) if width else None
                 taps = [grouping or z.write] + ([tap] if tap else [])
                 with open(root / entry.path, "rb", buffering=0) as src:
-                    problems = check_stream(file_source(src), entry, taps=taps)
+                    problems, _notes = split(check_stream(file_source(src), entry, taps=taps))
                 if grouping:
                     grouping.flush()
             if problems:

@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from aptbundle.archive.extract import _CREATE, _check_size
+from aptbundle.archive.extract import _CREATE, _check_size, make_links
 from aptbundle.format import signature
 from aptbundle.format.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, SIGNATURE_NAME, Manifest, parse_manifest
 from aptbundle.format.run import Run, walk_files
@@ -33,7 +33,7 @@ from aptbundle.ground import temporaries
 from aptbundle.ground.errors import AptBundleError, StoreError, UnsafePathError, VerifyError
 from aptbundle.ground.fsutil import Progress, announce_total, fsync_dir
 from aptbundle.ground.paths import check_name
-from aptbundle.ground.problems import Problem
+from aptbundle.ground.problems import Problem, split
 from aptbundle.store.backend import Store
 from aptbundle.store.blobs import read_blob
 from aptbundle.store.push import manifest_key, ref_key
@@ -97,7 +97,7 @@ def resolve(store: Store, name: str, digest: str | None = None) -> tuple[str, by
 
 def pull(store_url: str | Path, name: str, dest: str | Path = ".", *, digest: str | None = None,
          trust: list[str | Path] | None = None, progress: Progress | None = None,
-         max_size: int | None = None) -> PullResult:
+         max_size: int | None = None, strict: bool = False) -> PullResult:
     """Pull run ``name`` (its newest version, or the one with ``digest``) into ``DEST/NAME``.
 
     >>> # pull("s3://bucket/runs", "run1", "elsewhere").path
@@ -130,12 +130,13 @@ def pull(store_url: str | Path, name: str, dest: str | Path = ".", *, digest: st
                     target.parent.mkdir(parents=True, exist_ok=True)
                     kind, found = _place(store, f, target, old.path / by_hash[f.sha256] if f.sha256 in by_hash
                                          else None, progress)
-                    problems += found
+                    problems += split(found, strict)[0]
                     counts[kind][0] += 1
                     counts[kind][1] += f.size
                 if problems:
                     raise VerifyError(problems, what=f"{store.url}/{man.name} at {digest[:16]}… (not pulled)")
                 _write(tmp / MANIFEST_NAME, data)
+                make_links(tmp, man)
                 if sig is not None:
                     _write(tmp / SIGNATURE_NAME, sig)
                 _swap(tmp, final, old is not None)
@@ -166,7 +167,7 @@ def _old_version(final: Path):
                          " into another folder") from None
     with run.writer():
         listed = run.manifest.file_map()
-        files, problems = walk_files(final)
+        files, problems = walk_files(final, run.manifest.links)
         extra = [p for p in files if p not in listed] + [p.path for p in problems]
         if extra:
             raise StoreError(f"{final}: holds files its manifest does not list ({', '.join(extra[:5])}); a pull"
@@ -181,7 +182,7 @@ def _place(store: Store, f, target: Path, local: Path | None, progress: Progress
         try:
             os.link(local, target, follow_symlinks=False)
             with open(target, "rb", buffering=0) as src:
-                if not check_stream(file_source(src), f, taps=taps):
+                if not split(check_stream(file_source(src), f, taps=taps))[0]:
                     return "reused", []
             target.unlink()
         except OSError:

@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from aptbundle.archive.writer import _snapshot, carried_signature, select_checkpoints
+from aptbundle.archive.writer import _snapshot, carried_signature, refuse, select_checkpoints
 from aptbundle.format import signature
 from aptbundle.format.manifest import Manifest
 from aptbundle.format.run import Run
@@ -91,7 +91,7 @@ def push(run_dir: str | Path, store_url: str | Path, *, sign: str | Path | None 
             man = select_checkpoints(run.manifest, checkpoints)
             only = None if checkpoints == "all" else [f.path for f in man.files]
             if not verify_run(run, only=only, quick=True).ok:
-                raise VerifyError(verify_run(run, only=only).problems, what=f"run {run.name} (not pushed)")
+                refuse(run, verify_run(run, only=only).problems, "pushed")
             sig = signature.sign(man.name, man.digest(), sign) if sign is not None else carried_signature(run, man)
             snap = _snapshot(run.path, man)
             if snap is None:  # no hard links here: read in place, commits held off meanwhile

@@ -1,0 +1,53 @@
+"""The trust policy: how each file of a run may be loaded, decided per file, never per folder.
+
+Every file that can hide code is scanned statically (``scan``); what the scan accepts depends on
+how the file is loaded by the code that reads it:
+
+``default``
+    loaded with ``torch.load(weights_only=True)`` (or safetensors): only tensors and plain data.
+``numpy-rng``
+    the random-number states the Hugging Face ``Trainer`` (``rng_state.pth``,
+    ``rng_state_N.pth``) and ``accelerate`` (``random_states_N.pkl``) save. Both load them with
+    ``torch.load(weights_only=True)`` plus an allow-list of exactly these numpy globals (see
+    ``transformers.trainer_pt_utils.safe_globals`` and ``accelerate.utils.other
+    .TORCH_SAFE_GLOBALS``): ``numpy._core.multiarray._reconstruct`` (``numpy.core`` before numpy
+    2), ``numpy.ndarray``, ``numpy.dtype`` and ``numpy.dtypes.UInt32DType``. The scan accepts
+    those and nothing else; everything nested inside is still scanned.
+``untrusted``
+    files no framework loads when it resumes, which are real arbitrary-object pickles: the Hugging
+    Face ``training_args.bin`` (a pickled ``TrainingArguments``). They are carried, marked
+    untrusted in the manifest, and named in one line by ``init``, ``verify``, ``unpack`` and
+    ``inspect``; aptbundle never loads them, and ``--strict`` refuses them.
+
+Plain ``pathlib`` paths (``PosixPath(...)`` built from strings, as DCP's ``.metadata`` and
+Lightning's hyper-parameters record them) are harmless to construct and allowed everywhere.
+"""
+
+from __future__ import annotations
+
+import re
+
+DEFAULT, NUMPY_RNG, UNTRUSTED = "default", "numpy-rng", "untrusted"
+
+NUMPY_RNG_GLOBALS = frozenset({
+    "numpy._core.multiarray._reconstruct", "numpy.core.multiarray._reconstruct", "numpy.ndarray",
+    "numpy.dtype", "numpy.dtypes.UInt32DType",
+})
+_RNG = re.compile(r"(^|/)(rng_state(_\d+)?\.pth|random_states_\d+\.pkl)$")
+_UNTRUSTED = re.compile(r"(^|/)training_args\.bin$")
+
+UNTRUSTED_NOTE = "never loaded by aptbundle; do not torch.load it without weights_only"
+
+
+def policy_for(rel: str) -> str:
+    """The policy of the file at ``rel`` (a run-relative path)."""
+    if _RNG.search(rel):
+        return NUMPY_RNG
+    if _UNTRUSTED.search(rel):
+        return UNTRUSTED
+    return DEFAULT
+
+
+def extra_globals(rel: str) -> frozenset[str]:
+    """Globals the scan accepts in this file beyond the ``weights_only`` allow-list."""
+    return NUMPY_RNG_GLOBALS if policy_for(rel) == NUMPY_RNG else frozenset()

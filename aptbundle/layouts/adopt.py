@@ -1,0 +1,216 @@
+"""Adopt a training output folder, and follow it while it grows (``aptbundle init [--update]``).
+
+``adopt`` writes the manifest a folder lacks: every file hashed and, where it can hide code,
+scanned in the same pass, each by its trust policy (``format.trust``); every refused file is
+reported at once. The framework that wrote the folder is recognised (``layouts``): its
+checkpoints with step, epoch and loss, the best one and the loss curves come from its own
+records. A symbolic link to a file of the folder (Lightning's ``last.ckpt``) is recorded as a
+link; any other link is refused. ``update`` brings an adopted folder's manifest up to date:
+new files and checkpoints in, deleted ones out, changed files hashed again; it says what changed.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from aptbundle.format.manifest import MANIFEST_NAME, FileEntry, LinkEntry, Manifest
+from aptbundle.format.metrics import checked_curves
+from aptbundle.format.run import Run, environment_info, now_iso, walk_files
+from aptbundle.format.verify import hash_and_scan
+from aptbundle.ground.errors import RunError, UnsafePathError, VerifyError
+from aptbundle.ground.fsutil import Progress, announce_total
+from aptbundle.ground.paths import check_collisions, check_name
+from aptbundle.ground.problems import Problem, split
+from aptbundle.layouts import detect
+
+
+def _walk(root: Path) -> tuple[list[str], list[LinkEntry], list[Problem]]:
+    """The folder's regular files, its links to them, and what cannot be adopted."""
+    files, problems = walk_files(root)
+    listed = set(files)
+    links, rest = [], []
+    for p in problems:
+        link = _as_link(root, p, listed) if p.kind == "type" and p.found == "a symbolic link" else None
+        (links.append(link) if link else rest.append(p))
+    if not rest:
+        try:
+            check_collisions(files + [x.path for x in links], what="file")
+        except UnsafePathError as e:
+            rest.append(Problem(str(root), "unsafe", "portable file names", str(e)))
+    return files, links, rest
+
+
+def _as_link(root: Path, p: Problem, listed: set[str]) -> LinkEntry | None:
+    """The link at ``p.path`` as a ``LinkEntry`` if it points to a listed file of the folder."""
+    try:
+        target = os.readlink(root / p.path)
+    except OSError:
+        return None
+    base = posixpath.dirname(p.path)
+    if os.path.isabs(target):  # an absolute link into the folder itself: recorded relative
+        real_root = os.path.realpath(root)
+        real = os.path.realpath(target)
+        if not real.startswith(real_root + os.sep):
+            return None
+        target = posixpath.relpath(Path(real).relative_to(real_root).as_posix(), base or ".")
+    target = target.replace(os.sep, "/")
+    link = LinkEntry(p.path, target)
+    return link if link.resolved() in listed and not link.resolved().startswith("../") else None
+
+
+def _hash_all(root: Path, rels: list[str], progress: Progress | None) -> tuple[list[FileEntry], list[Problem]]:
+    announce_total(progress, sum((root / rel).stat().st_size for rel in rels))
+    entries, found = [], []
+    for rel in rels:
+        entry, problems = hash_and_scan(root, rel)
+        entries.append(entry)
+        found += problems
+        if progress:
+            progress(entry.size)
+    return entries, found
+
+
+def _record_paths(m: Manifest, notes: list[Problem], replaced: set[str] | None = None) -> None:
+    """Remember which files record machine paths (``inspect`` shows it without reading them)."""
+    old = m.extra.get("machine_paths") if isinstance(m.extra.get("machine_paths"), dict) else {}
+    listed = m.file_map()
+    kept = {k: v for k, v in old.items() if k in listed and k not in (replaced or set())}
+    kept.update({n.path: n.found[:400] for n in notes if n.kind == "machine-path"})
+    if kept:
+        m.extra["machine_paths"] = dict(sorted(kept.items()))
+    else:
+        m.extra.pop("machine_paths", None)
+
+
+def _describe(run: Run, files: list[str]) -> None:
+    """Checkpoints, latest, best, curves and layout, from the framework's own records."""
+    m = run.manifest
+    found = detect(run.path, files)
+    m.layout = found.layout if found else None
+    m.checkpoints = found.checkpoints if found else []
+    m.latest = m.checkpoints[-1].name if m.checkpoints else None
+    m.best = found.best if found else None
+    curves = checked_curves(found.curves) if found else {}
+    if curves:
+        m.extra["curves"] = curves
+    else:
+        m.extra.pop("curves", None)
+    if found:
+        m.history = [h for h in m.history if not (isinstance(h, dict) and "framework" in h)] + found.history
+
+
+def adopt(path: str | Path, *, trainer: str | None = None, progress: Progress | None = None,
+          strict: bool = False, notes: list[Problem] | None = None) -> Run:
+    """Write a manifest for an existing folder (a Hugging Face Trainer, accelerate, Lightning or
+    DCP output, a ``save_pretrained`` folder, or any folder of files).
+
+    Refuses a folder that is already a run, or that holds links out of it, special files,
+    unportable names or files that would run code when loaded (all of them named). Files a
+    framework never loads (``training_args.bin``) are carried and marked untrusted, or refused
+    with ``strict``; they and machine paths found in files are appended to ``notes``.
+
+    >>> # adopt("hf_output/").manifest.latest
+    'checkpoint-40'
+    """
+    p = Path(path)
+    if not p.is_dir():
+        raise RunError(f"{path}: no such folder; expected the training output folder to adopt")
+    if Run.is_run(p):
+        raise RunError(f"{path}: already has {MANIFEST_NAME}; `aptbundle init --update {path}` takes in what"
+                       " changed, `aptbundle verify {path}` checks it")
+    name = check_name(p.resolve().name)
+    files, links, problems = _walk(p)
+    if problems:
+        raise VerifyError(problems, what=f"{path} cannot be adopted")
+    t = now_iso()
+    run = Run(p, Manifest(name=name, run_id=uuid.uuid4().hex, trainer=trainer, created_at=t,
+                          updated_at=t, environment=environment_info()))
+    with run.writer():
+        entries, found = _hash_all(p, files, progress)
+        problems, found_notes = split(found, strict)
+        if problems:
+            raise VerifyError(problems, what=f"{path} cannot be adopted")
+        run.manifest.files = entries
+        run.manifest.links = links
+        run.manifest.untrusted = sorted(n.path for n in found_notes if n.kind == "untrusted")
+        _record_paths(run.manifest, found_notes)
+        _describe(run, files)
+        with run.committing():
+            run.save_manifest()
+    if notes is not None:
+        notes += found_notes
+    return run
+
+
+@dataclass
+class Changes:
+    """What ``update`` changed in a manifest."""
+
+    added: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    changed: list[str] = field(default_factory=list)
+    checkpoints_added: list[str] = field(default_factory=list)
+    checkpoints_removed: list[str] = field(default_factory=list)
+    digest: str = ""
+
+    @property
+    def any(self) -> bool:
+        return bool(self.added or self.removed or self.changed)
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def update(path: str | Path, *, progress: Progress | None = None, strict: bool = False,
+           notes: list[Problem] | None = None) -> Changes:
+    """Bring a run's manifest up to date with its folder, in one commit; what changed.
+
+    New files are hashed and scanned, deleted ones dropped, and files whose size changed or that
+    were written after the manifest are hashed again; the checkpoints, best and curves are read
+    again from the framework's records. A run that a trainer is writing is refused.
+    """
+    run = Run.open(path)
+    with run.writer():
+        run.reload()
+        old = run.manifest.file_map()
+        stamp = os.stat(run.path / MANIFEST_NAME).st_mtime_ns
+        files, links, problems = _walk(run.path)
+        if problems:
+            raise VerifyError(problems, what=f"{path} cannot be updated")
+        changes = Changes(added=[f for f in files if f not in old], removed=sorted(set(old) - set(files)))
+        for rel in files:
+            if rel in old:
+                st = os.stat(run.path / rel)
+                if st.st_size != old[rel].size or st.st_mtime_ns > stamp:
+                    changes.changed.append(rel)
+        fresh, found = _hash_all(run.path, changes.added + changes.changed, progress)
+        problems, found_notes = split(found, strict)
+        if problems:
+            raise VerifyError(problems, what=f"{path} cannot be updated")
+        by_path = {**{f: old[f] for f in files if f in old}, **{e.path: e for e in fresh}}
+        changes.changed = [e.path for e in fresh if e.path in old and e.sha256 != old[e.path].sha256]
+        before = {c.name for c in run.manifest.checkpoints}
+        untrusted = set(run.manifest.untrusted) - set(changes.removed) - {e.path for e in fresh}
+        links_changed = links != run.manifest.links
+        run.manifest.files = [by_path[f] for f in files]
+        run.manifest.links = links
+        run.manifest.untrusted = sorted(untrusted | {n.path for n in found_notes if n.kind == "untrusted"})
+        _record_paths(run.manifest, found_notes, {e.path for e in fresh})
+        if run.manifest.trainer is None:  # an adopted folder: its framework's records say what is what
+            _describe(run, files)
+        after = {c.name for c in run.manifest.checkpoints}
+        changes.checkpoints_added = sorted(after - before)
+        changes.checkpoints_removed = sorted(before - after)
+        if changes.any or links_changed:
+            run.manifest.history.append({"updated_at": now_iso(), "added": len(changes.added),
+                                         "removed": len(changes.removed), "changed": len(changes.changed)})
+            with run.committing():
+                run.save_manifest()
+        changes.digest = run.manifest.digest()
+    if notes is not None:
+        notes += found_notes
+    return changes

@@ -1,0 +1,246 @@
+"""Real training outputs of other frameworks: adopt, move, resume (Hugging Face Trainer,
+accelerate, Lightning, torch.distributed.checkpoint, save_pretrained), with the real libraries."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+from pathlib import Path
+
+import pytest
+
+import frameworks as fw
+from aptbundle.format.manifest import load_manifest
+from conftest import cli, no_traceback
+
+transformers = pytest.importorskip("transformers")
+
+
+def init(path: Path, *more: str) -> tuple[dict, str]:
+    r = cli("init", path, "--json", "-q", *more)
+    assert r.exit_code == 0, r.output + r.stderr
+    return json.loads(r.stdout), r.stderr
+
+
+def move(run: Path, tmp: Path, *pack_args: str) -> Path:
+    """Pack, verify the archive, unpack under another HOME and working directory, verify there."""
+    arc = tmp / f"{run.name}.aptrun.tar.zst"
+    r = cli("pack", run, "-o", arc, "--force", "-q", *pack_args)
+    assert r.exit_code == 0, r.output + r.stderr
+    assert cli("verify", arc, "-q").exit_code == 0
+    elsewhere = tmp / "elsewhere"
+    elsewhere.mkdir(exist_ok=True)
+    home = os.environ.get("HOME")
+    os.environ["HOME"] = str(elsewhere)
+    try:
+        r = cli("unpack", arc, "-q", cwd=elsewhere)
+        assert r.exit_code == 0, r.output + r.stderr
+    finally:
+        if home is not None:
+            os.environ["HOME"] = home
+    moved = elsewhere / run.name
+    assert cli("verify", moved, "-q").exit_code == 0
+    return moved
+
+
+def test_hugging_face_trainer_output_adopts_moves_and_resumes_bit_exactly(tmp_path):
+    ref = tmp_path / "hf_out"
+    fw.hf_trainer(ref)
+    info, err = init(ref)
+    assert info["layout"] == "hf-trainer"
+    assert [(c["name"], c["step"]) for c in info["checkpoint_info"]] == [
+        ("checkpoint-10", 10), ("checkpoint-20", 20), ("checkpoint-30", 30), ("checkpoint-40", 40)]
+    assert all(isinstance(c["metrics"].get("loss"), float) for c in info["checkpoint_info"])
+    state = json.loads((ref / "checkpoint-40" / "trainer_state.json").read_text())
+    assert info["best"] == state["best_model_checkpoint"].rsplit("/", 1)[-1]
+    assert "training_args.bin" in info["untrusted"] and "checkpoint-20/training_args.bin" in info["untrusted"]
+    lines = err.splitlines()
+    assert len([x for x in lines if "training_args.bin" in x]) == 1  # named in one line
+    assert any("checkpoint-40/trainer_state.json records absolute paths" in x and str(ref) in x for x in lines)
+    r = cli("inspect", ref)
+    assert "Hugging Face Trainer" in r.stdout and "never loaded" in r.stdout and "loss" in r.stdout
+    r = cli("verify", ref, "--strict")
+    assert r.exit_code == 1 and "training_args.bin" in r.stderr and no_traceback(r.stderr)
+
+    moved = move(ref, tmp_path)
+    r = cli("resume", moved, "--from", "checkpoint-20")
+    assert r.exit_code == 1 and f'trainer.train(resume_from_checkpoint="{moved}/checkpoint-20")' in r.stderr
+    resumed = tmp_path / "resumed"
+    fw.hf_trainer(resumed, resume=moved / "checkpoint-20")
+    assert (resumed / "model.safetensors").read_bytes() == (ref / "model.safetensors").read_bytes()
+
+
+def test_init_update_follows_a_folder_the_trainer_keeps_writing(tmp_path):
+    out = tmp_path / "hf_out"
+    fw.hf_trainer(out, steps=20, save_total_limit=3)
+    init(out)
+    fw.hf_trainer(out, steps=40, save_total_limit=3, resume=out / "checkpoint-20")  # writes 30, 40; deletes 10
+    on_disk = sorted(p.name for p in out.glob("checkpoint-*"))
+    assert len(on_disk) == 3 and "checkpoint-40" in on_disk
+    r = cli("pack", out, "-o", tmp_path / "x.aptrun.tar.zst")  # new checkpoints, a deleted one, a new final model
+    assert r.exit_code == 1 and f"aptbundle init --update {out}" in r.stderr and no_traceback(r.stderr)
+    r = cli("init", out, "--update")
+    assert r.exit_code == 0, r.stderr
+    assert "+ checkpoint-40/model.safetensors" in r.stdout and "- checkpoint-10/model.safetensors" in r.stdout
+    man = load_manifest(out)
+    assert sorted(c.name for c in man.checkpoints) == on_disk and man.latest == "checkpoint-40"
+    assert cli("pack", out, "-o", tmp_path / "x.aptrun.tar.zst", "-q").exit_code == 0
+    r = cli("init", out, "--update")
+    assert r.exit_code == 0 and "nothing changed" in r.stdout
+
+
+def test_accelerate_save_state_adopts_moves_and_resumes_bit_exactly(tmp_path):
+    pytest.importorskip("accelerate")
+    ref = tmp_path / "acc_out"
+    fw.accelerate_loop(ref)
+    info, _ = init(ref)
+    assert info["layout"] == "accelerate"
+    assert info["checkpoints"] == [f"checkpoint_{i}" for i in range(4)]
+    moved = move(ref, tmp_path)
+    r = cli("resume", moved, "--from", "checkpoint_1")
+    assert r.exit_code == 1 and f'accelerator.load_state("{moved}/checkpoints/checkpoint_1")' in r.stderr
+    resumed = tmp_path / "resumed"
+    fw.accelerate_loop(resumed, resume=moved / "checkpoints/checkpoint_1")
+    assert (resumed / "final/model.safetensors").read_bytes() == (ref / "final/model.safetensors").read_bytes()
+
+
+def test_lightning_checkpoints_are_listed_and_last_ckpt_link_travels(tmp_path):
+    pytest.importorskip("lightning")
+    ref = tmp_path / "pl_out"
+    fw.lightning_fit(ref)
+    assert (ref / "checkpoints/last.ckpt").is_symlink()
+    info, err = init(ref)
+    assert info["layout"] == "lightning" and info["links"] == ["checkpoints/last.ckpt"]
+    assert [c["step"] for c in info["checkpoint_info"]] == [10, 20, 30, 40]
+    assert "records absolute paths" in err  # ModelCheckpoint's dirpath, found statically
+    latest = moved = move(ref, tmp_path, "--checkpoints", "latest")
+    link = moved / "checkpoints/last.ckpt"
+    assert link.is_symlink() and os.readlink(link) == "epoch=4-step=40.ckpt" and link.resolve().is_file()
+    assert [c.step for c in load_manifest(latest).checkpoints] == [40]
+    r = cli("resume", moved)
+    assert r.exit_code == 1 and "trainer.fit(model, ckpt_path=" in r.stderr
+    trainer, _ = fw.lightning_fit(tmp_path / "more", ckpt_path=link, steps=50)
+    assert trainer.global_step == 50
+
+
+def test_a_link_out_of_the_folder_is_refused(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "a.bin").write_bytes(b"x" * 10)
+    os.symlink("/etc/passwd", run / "out.ckpt")
+    r = cli("init", run)
+    assert r.exit_code == 1 and "out.ckpt" in r.stderr and "symbolic link" in r.stderr
+    (run / "out.ckpt").unlink()
+    os.symlink("a.bin", run / "alias.bin")
+    assert cli("init", run, "-q").exit_code == 0
+    (run / "alias.bin").unlink()
+    os.symlink("../../etc/passwd", run / "alias.bin")  # the recorded link now points elsewhere
+    r = cli("verify", run)
+    assert r.exit_code == 1 and "alias.bin" in r.stderr
+
+
+@pytest.mark.parametrize("nested", [True, False])
+def test_a_default_dcp_save_adopts_moves_and_loads(tmp_path, nested):
+    run = tmp_path / "dcp_out"
+    saved = fw.dcp_save(run / "step-10" if nested else run)
+    info, _ = init(run)
+    assert info["layout"] == "dcp" and info["checkpoints"] == (["step-10"] if nested else [])
+    meta = run / ("step-10/.metadata" if nested else ".metadata")
+    assert b"PosixPath" in meta.read_bytes()  # the path a default dcp.save records: allowed, scanned
+    moved = move(run, tmp_path)
+    loaded = fw.dcp_load(moved / "step-10" if nested else moved)
+    assert all((loaded[k] == v).all() for k, v in saved.items())
+
+
+def test_a_save_pretrained_folder_verifies_as_an_archive_and_keeps_its_modes(tmp_path):
+    import torch
+
+    run = tmp_path / "tiny_gpt"
+    model = fw.save_pretrained(run)
+    os.chmod(run / "config.json", 0o600)
+    os.chmod(run / "generation_config.json", 0o644)
+    info, _ = init(run)
+    assert info["layout"] == "save-pretrained"
+    moved = move(run, tmp_path)  # verify ARCHIVE with a scannable file at the top of the run
+    for f in ("config.json", "generation_config.json", "model.safetensors"):
+        assert stat.S_IMODE(os.stat(moved / f).st_mode) == stat.S_IMODE(os.stat(run / f).st_mode), f
+    assert stat.S_IMODE(os.stat(moved / "config.json").st_mode) == 0o600
+    from transformers import GPT2LMHeadModel
+
+    again = GPT2LMHeadModel.from_pretrained(str(moved)).eval()
+    model.eval()
+    ids = torch.arange(16).unsqueeze(0) % 64
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, again(ids).logits)
+    r = cli("resume", moved)
+    assert r.exit_code == 1 and "from_pretrained" in r.stderr
+
+
+def test_aptignore_keeps_files_from_travelling(tmp_path):
+    run = tmp_path / "out"
+    (run / "runs").mkdir(parents=True)
+    (run / "weights.bin").write_bytes(b"w" * 100)
+    (run / "runs/events.out.tfevents.1").write_bytes(b"e")
+    (run / ".DS_Store").write_bytes(b"d")
+    (run / "notes.txt~").write_text("backup")
+    (run / ".aptignore").write_text("runs/\n")
+    info, _ = init(run)
+    assert sorted(f.path for f in load_manifest(run).files) == [".aptignore", "weights.bin"]
+    (run / "runs/events.out.tfevents.2").write_bytes(b"e")  # TensorBoard keeps writing: no matter
+    assert cli("verify", run, "-q").exit_code == 0
+    assert cli("pack", run, "-o", tmp_path / "o.aptrun.tar.zst", "-q").exit_code == 0
+
+
+def test_a_manifest_cannot_make_a_file_untrusted_to_skip_its_scan(tmp_path):
+    """``untrusted`` in a manifest is a record, not a pass: the policy comes from the file's name."""
+    import pickle
+
+    run = tmp_path / "run"
+    run.mkdir()
+
+    class Boom:
+        def __reduce__(self):
+            return (os.system, ("true",))
+
+    (run / "optimizer.pt").write_bytes(pickle.dumps(Boom(), protocol=2))
+    (run / "ok.txt").write_text("x")
+    r = cli("init", run)
+    assert r.exit_code == 1 and "optimizer.pt" in r.stderr
+    (run / "optimizer.pt").unlink()
+    init(run)
+    (run / "optimizer.pt").write_bytes(pickle.dumps(Boom(), protocol=2))
+    r = cli("init", run, "--update")
+    assert r.exit_code == 1 and "optimizer.pt" in r.stderr and no_traceback(r.stderr)
+    raw = json.loads((run / "aptrun.json").read_text())
+    import hashlib
+
+    data = (run / "optimizer.pt").read_bytes()
+    raw["files"].append({"path": "optimizer.pt", "size": len(data), "sha256": hashlib.sha256(data).hexdigest()})
+    raw["files"].sort(key=lambda f: f["path"])
+    raw["untrusted"] = ["optimizer.pt"]
+    (run / "aptrun.json").write_text(json.dumps(raw))
+    r = cli("verify", run)
+    assert r.exit_code == 1 and "optimizer.pt" in r.stderr and "system" in r.stderr
+    shutil.rmtree(run)
+
+
+@pytest.mark.parametrize("links", [
+    [{"path": "x", "target": "../../etc/passwd"}],
+    [{"path": "x", "target": "/etc/passwd"}],
+    [{"path": "a.bin", "target": "a.bin"}],  # a link over a listed file
+    [{"path": "x", "target": "y"}, {"path": "y", "target": "a.bin"}],  # a link to a link
+    [{"path": "../x", "target": "a.bin"}],
+    "not a list",
+])
+def test_a_hostile_link_in_a_manifest_is_refused_before_anything_is_written(tmp_path, links):
+    from archive_builder import manifest, member, tar, zst
+
+    files = {"a.bin": b"data"}
+    raw = manifest("run1", files, links=links)
+    arc = tmp_path / "evil.aptrun.tar.zst"
+    arc.write_bytes(zst(tar(member("run1/aptrun.json", raw), member("run1/a.bin", files["a.bin"]))))
+    r = cli("unpack", arc, "-C", tmp_path / "dest")
+    assert r.exit_code == 1 and no_traceback(r.output + r.stderr) and not (tmp_path / "dest").exists()
+    assert not (tmp_path / "x").exists() and not (tmp_path.parent / "x").exists()
