@@ -123,6 +123,9 @@ def test_lightning_checkpoints_are_listed_and_last_ckpt_link_travels(tmp_path):
     assert r.exit_code == 1 and "trainer.fit(model, ckpt_path=" in r.stderr
     trainer, _ = fw.lightning_fit(tmp_path / "more", ckpt_path=link, steps=50)
     assert trainer.global_step == 50
+    r = cli("prune", ref, "--keep-last", "1")  # single-file checkpoints are pruned like folders
+    assert r.exit_code == 0 and not (ref / "checkpoints/epoch=1-step=10.ckpt").exists()
+    assert cli("verify", ref, "-q").exit_code == 0
 
 
 def test_a_link_out_of_the_folder_is_refused(tmp_path):

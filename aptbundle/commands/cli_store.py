@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import click
 
-from aptbundle.commands.options import digest_opt, emit, json_opt, quiet_opt, sign_opt, size_opt, trust_opt
+from aptbundle.commands.options import (digest_opt, emit, json_opt, quiet_opt, sign_opt, size_opt, strict_opt,
+                                        trust_opt)
 from aptbundle.commands.progress import progress
 from aptbundle.commands.render import human, shown
 
@@ -75,17 +76,19 @@ def push(run_dir: str, store: str, which: str, dense: bool, level: int | None, s
 @click.option("--max-size", default=None, callback=size_opt,
               help="Refuse a run that declares more new data than this (e.g. 20G, 500M).")
 @trust_opt
+@strict_opt
 @json_opt
 @quiet_opt
 def pull(store: str, name: str, dest: str, digest: str | None, max_size: int | None, trust: tuple[str, ...],
-         as_json: bool, quiet: bool) -> None:
+         strict: bool, as_json: bool, quiet: bool) -> None:
     """Pull run NAME out of STORE into DEST/NAME, checking every byte before it appears.
 
     If DEST/NAME holds an older version of the run, only the files it lacks are fetched."""
     from aptbundle.store.pull import pull as do_pull
 
     with progress("pulling", quiet, rate=True) as cb:
-        r = do_pull(store, name, dest, digest=digest, trust=list(trust), progress=cb, max_size=max_size)
+        r = do_pull(store, name, dest, digest=digest, trust=list(trust), progress=cb, max_size=max_size,
+                    strict=strict)
     emit(as_json, r.to_dict(),
          f"{r.path}\n  {r.fetched_files} file(s) fetched ({human(r.fetched_bytes)}), {r.reused_files} reused from the"
          f" older version ({human(r.reused_bytes)}) in {r.seconds:.1f} s\n  digest {r.digest}"

@@ -56,6 +56,14 @@ def is_ignored(rel: str) -> bool:
         temporaries.is_temp_name(c) for c in rel.split("/"))
 
 
+def remove_path(p: Path) -> None:
+    """Delete a retired checkpoint: a folder, or a single file (or link) such as a ``.ckpt``."""
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p, ignore_errors=True)
+    else:
+        p.unlink(missing_ok=True)
+
+
 def walk_files(root: Path, links: list[LinkEntry] | None = None) -> tuple[list[str], list[Problem]]:
     """Relative POSIX paths of the regular files below ``root`` and problems with the rest.
 
@@ -272,6 +280,11 @@ class Run:
             self.forget_prefix(c.folder)
             self.manifest.checkpoints.remove(c)
             folders.append(self.path / c.folder)
+        listed = {f.path for f in self.manifest.files}
+        for link in [x for x in self.manifest.links if x.resolved() not in listed]:  # a link to what went
+            self.manifest.links.remove(link)
+            folders.append(self.path / link.path)
+        self.manifest.untrusted = [u for u in self.manifest.untrusted if u in listed]
         return folders
 
     def start_session(self, **info) -> dict:
@@ -343,5 +356,5 @@ def prune(path: str | Path, keep_last: int, *, dry_run: bool = False) -> tuple[l
             folders = run.retire(gone)
             run.save_manifest()
             for d in folders:
-                shutil.rmtree(d, ignore_errors=True)
+                remove_path(d)
     return [c.name for c in gone], size

@@ -38,7 +38,7 @@ from safetensors.torch import save_file as _st_save_file
 
 from aptbundle.format.manifest import BestInfo, CheckpointEntry
 from aptbundle.format.metrics import METRICS_FILE, read_curves, summarize
-from aptbundle.format.run import CHECKPOINTS, Run, environment_info, now_iso
+from aptbundle.format.run import CHECKPOINTS, Run, environment_info, now_iso, remove_path
 from aptbundle.format.verify import VerifiedCheckpoint, verify_checkpoint
 from aptbundle.ground import temporaries
 from aptbundle.ground.errors import AptBundleError, CheckpointError
@@ -278,7 +278,7 @@ class Checkpointer:
             for saved in backups.values():
                 saved.unlink(missing_ok=True)
             for d in retired + [old for src, old in moved if src == final]:
-                shutil.rmtree(d, ignore_errors=True)
+                remove_path(d)
         if self.on_commit is not None:
             self.on_commit(entry)
         return entry
