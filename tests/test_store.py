@@ -277,6 +277,22 @@ def test_backup_to_survives_sigkill_and_resume_from_the_store_is_exact(tmp_path)
         assert (fresh / "run1/checkpoints" / final / f).read_bytes() == (ref / "run1/checkpoints" / final / f).read_bytes()
 
 
+def test_sigterm_saves_and_the_final_push_holds_that_checkpoint(tmp_path):
+    store = tmp_path / "store"
+    p = subprocess.Popen([PY, "-m", "apt_model.training.trainer", "--run-dir", "run1", "--epochs", "6",
+                          "--save-every", "10", "-q", "--backup-to", store], cwd=tmp_path, stderr=subprocess.PIPE,
+                         text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and p.poll() is None and not (store / "refs/run1").exists():
+        time.sleep(0.05)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 143, err
+    man = load_manifest(tmp_path / "run1")
+    assert list_store(store)[0]["digest"] == man.digest()  # the checkpoint SIGTERM saved was pushed
+    assert list_store(store)[0]["latest"] == man.latest
+
+
 def test_backup_pushes_in_the_background_and_a_failing_store_never_stops_training(tmp_path):
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("x")
