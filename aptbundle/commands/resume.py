@@ -75,6 +75,8 @@ def framework_hint(run: Run, which: str, shown: str) -> str:
     if man.checkpoints and entry is None:
         raise ResumeError(f"{run.name}: no checkpoint {which!r} (checkpoints: {', '.join(c.name for c in man.checkpoints)})")
     call = resume_call(man.layout, shown, entry)
+    if man.layout == "checkpoints":
+        return f"{run.name}: its manifest names no trainer, so aptbundle cannot continue it; use {call}"
     return (f"{run.name}: written by {title(man.layout)}; aptbundle verified it and moved it, and the framework"
             f" continues it with your training script: {call}")
 

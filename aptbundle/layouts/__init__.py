@@ -24,7 +24,7 @@ from pathlib import Path
 
 from aptbundle.format.manifest import BestInfo, CheckpointEntry
 
-ORDER = ("hf_trainer", "accelerate", "lightning", "dcp", "pretrained")
+ORDER = ("hf_trainer", "accelerate", "lightning", "dcp", "native", "pretrained")
 
 
 @dataclass
