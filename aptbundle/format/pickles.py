@@ -64,6 +64,10 @@ def global_allowed(name: str, dcp: bool = False, extra: frozenset[str] = frozens
         or name in extra
 
 
+class MalformedPickle(UnsafeContentError):
+    """Bytes that do not parse as a pickle (every opcode before the fault was checked)."""
+
+
 class _Global(str):
     """A global named by the pickle (told apart from a plain string on the modelled stack)."""
 
@@ -224,5 +228,5 @@ def scan_pickle(stream, shown: str, dcp: bool = False, storages: dict[str, int] 
     except UnsafeContentError:
         raise
     except Exception as e:  # a malformed pickle: pickletools raises ValueError and friends
-        raise UnsafeContentError(f"{shown}: not a readable pickle ({e}); the file is damaged or not a checkpoint") from None
+        raise MalformedPickle(f"{shown}: not a readable pickle ({e}); the file is damaged or not a checkpoint") from None
     return names

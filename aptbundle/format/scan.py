@@ -21,7 +21,7 @@ import os
 import struct
 from pathlib import Path
 
-from aptbundle.format.pickles import MAX_PICKLE_BYTES, scan_pickle
+from aptbundle.format.pickles import MAX_PICKLE_BYTES, MalformedPickle, scan_pickle
 from aptbundle.format.stream import Stream, file_source
 from aptbundle.format.trust import extra_globals
 from aptbundle.ground.errors import UnsafeContentError
@@ -73,10 +73,17 @@ def scan_stream(stream: Stream, rel: str, paths: list[str] | None = None) -> lis
         return _scan_zip(stream, rel, allowed=extra, paths=paths)
     if head[:1] == b"\x80":
         names: list[str] = []
-        for _ in range(LEGACY_PICKLES):
+        for i in range(LEGACY_PICKLES):
             if not stream.peek(1):
                 break
-            names += scan_pickle(stream, rel, extra=extra, paths=paths)
+            try:
+                names += scan_pickle(stream, rel, extra=extra, paths=paths)
+            except MalformedPickle:
+                # a .bin or .ckpt of other data that happens to start with 0x80: not a pickle at all
+                # (every opcode before the fault was checked, so nothing it could run was let by)
+                if i == 0 and rel.endswith((".bin", ".ckpt")):
+                    return []
+                raise
         return names
     if rel.endswith((".bin", ".ckpt")):
         return []  # these names are used for other kinds of data too; torch.load refuses them anyway
