@@ -218,6 +218,10 @@ def scan_pickle(stream, shown: str, dcp: bool = False, storages: dict[str, int] 
                     value = _Storage(pid[2], pid[4])
             elif n == "REDUCE":
                 _check_reduce(consumed[0], consumed[1], shown, pos)
+                if paths is not None and consumed[0] in _PATHS and isinstance(consumed[1], tuple) and consumed[1]:
+                    joined = "/".join(consumed[1]).replace("//", "/")  # PosixPath(('/', 'home', ...))
+                    if MACHINE_PATH.match(joined) and joined not in paths and len(paths) < 8:
+                        paths.append(joined)
             elif n == "BUILD" and isinstance(consumed[0], _Global):
                 raise UnsafeContentError(
                     f"{shown}: pickle sets attributes on the class {consumed[0]!r} at byte {pos}, which would"

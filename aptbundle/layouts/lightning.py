@@ -24,9 +24,13 @@ MAX_PICKLE = 64 << 20
 _STR = {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "STRING", "BINSTRING", "SHORT_BINSTRING"}
 
 
-def _entry(rel: str) -> CheckpointEntry:
+def _entry(root: Path, rel: str) -> CheckpointEntry:
     stem = rel.rsplit("/", 1)[-1][:-len(".ckpt")]
     pairs = {k: float(v) for k, v in _PAIR.findall(stem)}
+    if "step" not in pairs:  # last.ckpt saved as a copy, or a custom name: the counters inside
+        inside = checkpoint_state(root / rel)
+        pairs.setdefault("step", inside.get("global_step", 0))
+        pairs.setdefault("epoch", inside.get("epoch", 0))
     step, epoch = int(pairs.pop("step", 0)), int(pairs.pop("epoch", 0))
     name = stem.replace("=", "-") or "checkpoint"
     return CheckpointEntry(name, step, epoch, {k: v for k, v in pairs.items() if finite(v)}, rel)
@@ -45,7 +49,11 @@ def checkpoint_state(path: Path) -> dict:
             strings: list[str] = []
             memo: dict[int, object] = {}
             last: object = None
+            out: dict = {}
             for op, arg, _pos in pickletools.genops(data):
+                if op.name in ("BININT", "BININT1", "BININT2", "LONG1", "INT") and type(arg) is int and strings \
+                        and strings[-1] in ("global_step", "epoch") and last == strings[-1]:
+                    out.setdefault(strings[-1], arg)  # the top-level counters come first in a .ckpt
                 if op.name in _STR:
                     last = arg
                     strings.append(arg if isinstance(arg, str) else "")
@@ -59,7 +67,6 @@ def checkpoint_state(path: Path) -> dict:
                         strings.append(last)
                 else:
                     last = None
-            out: dict = {}
             for key in ("best_model_path", "monitor", "mode"):
                 if key in strings:
                     i = strings.index(key)
@@ -80,7 +87,7 @@ def recognise(root: Path, files: list[str]) -> Found | None:
     ckpts = [rel for rel in files if rel.endswith(".ckpt")]
     if not ckpts:
         return None
-    out = Found(LAYOUT, TITLE, [_entry(rel) for rel in ckpts])
+    out = Found(LAYOUT, TITLE, [_entry(root, rel) for rel in ckpts])
     names = [c.name for c in out.checkpoints]
     if len(set(names)) != len(names):
         out.checkpoints = [CheckpointEntry(c.folder.replace("/", "_").replace("=", "-"), c.step, c.epoch, c.metrics,
