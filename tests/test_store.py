@@ -157,6 +157,7 @@ def _complete_runs_only(store: Path, run: Path, dest: Path) -> list[str]:
     return [r["name"] for r in listed]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rounds", [STORE_KILL_ROUNDS])
 def test_sigkill_during_push_leaves_only_complete_runs_and_the_next_push_completes_it(tmp_path, rounds):
     run = random_run(tmp_path / "run1", {f"ckpt/part-{i:02d}.bin": 1 << 20 for i in range(16)})
