@@ -461,3 +461,35 @@ def test_pull_scans_what_it_fetches_and_push_refuses_to_store_a_payload(small_st
     (store / "refs/run1").write_text(digest)
     err = _refused(store, tmp_path / "dest", msg="optimizer.pt")
     assert "system" in err and not marker.exists()
+
+
+def test_a_mangled_signature_is_a_clean_refusal_never_a_crash(keys, tmp_path):
+    """Whatever bytes stand in aptrun.sig, --trust refuses them with a SignatureError."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from aptbundle.format.signature import check, load_public_key
+    from aptbundle.ground.errors import SignatureError
+
+    good = json.loads(sign("run1", "a" * 64, keys / "alice"))
+    trusted = [load_public_key(keys / "alice.pub")]
+    values = st.one_of(st.none(), st.integers(), st.text(max_size=40), st.binary(max_size=40).map(lambda b: b.hex()),
+                       st.lists(st.integers(), max_size=3), st.dictionaries(st.text(max_size=5), st.integers(),
+                                                                            max_size=2))
+
+    @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(key=st.sampled_from(["payloadType", "payload", "signatures", "extra"]), value=values,
+           raw=st.binary(max_size=200))
+    def round_(key, value, raw):
+        env = dict(good)
+        env[key] = value
+        for data in (json.dumps(env).encode(), raw):
+            try:
+                check(data, "run1", "a" * 64, trusted, "run1")
+            except SignatureError:
+                pass
+            else:  # accepted: only an envelope whose signed parts are the original ones
+                assert data != raw or raw == json.dumps(good).encode()
+                assert key == "extra" or env[key] == good[key]
+
+    round_()
