@@ -61,6 +61,8 @@ def test_hugging_face_trainer_output_adopts_moves_and_resumes_bit_exactly(tmp_pa
     assert any("checkpoint-40/trainer_state.json records absolute paths" in x and str(ref) in x for x in lines)
     r = cli("inspect", ref)
     assert "Hugging Face Trainer" in r.stdout and "never loaded" in r.stdout and "loss" in r.stdout
+    best = json.loads(cli("inspect", ref, "--json").stdout)["best"]  # the rule, read from training_args.bin's strings
+    assert (best["metric"], best["mode"]) == ("eval_loss", "min") and best["value"] == state["best_metric"]
     r = cli("verify", ref, "--strict")
     assert r.exit_code == 1 and "training_args.bin" in r.stderr and no_traceback(r.stderr)
 

@@ -19,6 +19,8 @@ frameworks.
 from __future__ import annotations
 
 import importlib
+import pickletools
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -91,6 +93,57 @@ def step_of(name: str) -> int:
     """The last number in a checkpoint's name (``checkpoint-20`` -> 20, ``step-5`` -> 5), else 0."""
     digits = "".join(c if c.isdigit() else " " for c in name).split()
     return int(digits[-1]) if digits and len(digits[-1]) < 16 else 0
+
+
+MAX_PICKLE = 64 << 20
+_STR = {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "STRING", "BINSTRING", "SHORT_BINSTRING"}
+_INT = {"BININT", "BININT1", "BININT2", "LONG1", "INT", "LONG"}
+_PLAIN = {"NEWTRUE": True, "NEWFALSE": False, "NONE": None}
+
+
+def pickle_tokens(path: Path) -> tuple[list[tuple[str, object]], zipfile.ZipFile | None]:
+    """The plain values of a ``torch.save`` zip's pickle, in order, as ``(kind, value)``: kind is
+    ``str``, ``int``, ``float``, ``const`` (True, False, None) or ``op`` (anything else). Walked
+    with ``pickletools``, nothing is run; strings fetched again from the memo count again. Also
+    the open zip (the caller closes it), for a tensor's bytes; ``([], None)`` when unreadable."""
+    try:
+        z = zipfile.ZipFile(path)
+        pkl = next((n for n in z.namelist() if n.endswith("/data.pkl") or n == "data.pkl"), None)
+        if pkl is None or z.getinfo(pkl).file_size > MAX_PICKLE:
+            z.close()
+            return [], None
+        tokens: list[tuple[str, object]] = []
+        memo: dict[int, object] = {}
+        last: object = None
+        for op, arg, _pos in pickletools.genops(z.read(pkl)):
+            n = op.name
+            if n in _STR or n in _INT or n in ("BINFLOAT", "FLOAT"):
+                last = arg
+                tokens.append(("str" if n in _STR else "int" if n in _INT else "float", arg))
+            elif n in _PLAIN:
+                tokens.append(("const", _PLAIN[n]))
+            elif n in ("BINPUT", "LONG_BINPUT", "PUT"):
+                memo[arg] = last
+            elif n == "MEMOIZE":
+                memo[len(memo)] = last
+            elif n in ("BINGET", "LONG_BINGET", "GET"):
+                last = memo.get(arg)
+                if isinstance(last, str):
+                    tokens.append(("str", last))
+            else:
+                last = None
+                tokens.append(("op", n))
+        return tokens, z
+    except (OSError, zipfile.BadZipFile, ValueError, KeyError, RecursionError):
+        return [], None
+
+
+def value_after(tokens: list[tuple[str, object]], key: str, kinds: tuple[str, ...] = ("str", "int", "float", "const")):
+    """The plain value right after the string ``key`` (a dict entry or attribute), or None."""
+    for i, (kind, v) in enumerate(tokens[:-1]):
+        if kind == "str" and v == key and tokens[i + 1][0] in kinds:
+            return tokens[i + 1][1]
+    return None
 
 
 def finite(v) -> bool:

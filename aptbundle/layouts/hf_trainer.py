@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 
 from aptbundle.format.manifest import BestInfo, CheckpointEntry
-from aptbundle.layouts import Found, finite
+from aptbundle.layouts import Found, finite, pickle_tokens, value_after
 
 LAYOUT, TITLE = "hf-trainer", "Hugging Face Trainer"
 _STATE = re.compile(r"^((?:[^/]+/)*?)(checkpoint-(\d+))/trainer_state\.json$")
@@ -60,10 +60,29 @@ def recognise(root: Path, files: list[str]) -> Found | None:
     if isinstance(best_path, str) and finite(newest.get("best_metric")):
         name = best_path.rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1]
         if any(c.name == name for c in out.checkpoints):
-            out.best = BestInfo(name, "best_metric (metric_for_best_model)", "min", float(newest["best_metric"]))
+            metric, mode = _best_rule(root, [f for f in files if f.endswith("training_args.bin")])
+            out.best = BestInfo(name, metric, mode, float(newest["best_metric"]))
     out.history.append({"framework": TITLE, "global_step": max(c.step for c in out.checkpoints),
                         "log_entries": len(log)})
     return out
+
+
+def _best_rule(root: Path, args_files: list[str]) -> tuple[str, str]:
+    """``metric_for_best_model`` and its direction, read statically from ``training_args.bin`` (a
+    pickle aptbundle never loads: its strings are walked, nothing is built), as the Trainer reads
+    them: ``loss`` means ``eval_loss``, and a metric is maximised unless its name ends in loss."""
+    for rel in sorted(args_files, key=lambda r: (r.count("/") == 0, r)):  # a checkpoint's, else the top one
+        tokens, z = pickle_tokens(root / rel)
+        if z is None:
+            continue
+        z.close()
+        metric = value_after(tokens, "metric_for_best_model")
+        if isinstance(metric, str) and metric:
+            greater = value_after(tokens, "greater_is_better", ("const",))
+            name = metric if metric.startswith("eval_") else f"eval_{metric}"
+            up = greater if isinstance(greater, bool) else not name.endswith("loss")
+            return name, "max" if up else "min"
+    return "best_metric (metric_for_best_model)", "min"
 
 
 def resume_call(run: str, checkpoint: CheckpointEntry | None) -> str:

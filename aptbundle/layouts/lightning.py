@@ -9,19 +9,16 @@ saved with ``save_last="link"`` is a link to a checkpoint: the manifest records 
 
 from __future__ import annotations
 
-import pickletools
 import re
 import struct
 import zipfile
 from pathlib import Path
 
 from aptbundle.format.manifest import BestInfo, CheckpointEntry
-from aptbundle.layouts import Found, finite
+from aptbundle.layouts import Found, finite, pickle_tokens, value_after
 
 LAYOUT, TITLE = "lightning", "PyTorch Lightning"
 _PAIR = re.compile(r"([A-Za-z_][\w.]*)=(-?\d+(?:\.\d+)?(?:e-?\d+)?)")
-MAX_PICKLE = 64 << 20
-_STR = {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "STRING", "BINSTRING", "SHORT_BINSTRING"}
 
 
 def _entry(root: Path, rel: str) -> CheckpointEntry:
@@ -37,50 +34,25 @@ def _entry(root: Path, rel: str) -> CheckpointEntry:
 
 
 def checkpoint_state(path: Path) -> dict:
-    """``best_model_path``, ``monitor``, ``mode`` and ``best_model_score`` of the ``ModelCheckpoint``
-    state in a ``.ckpt``, found by walking its pickle (nothing is run); {} when not found."""
-    try:
-        with zipfile.ZipFile(path) as z:
-            pkl = next((n for n in z.namelist() if n.endswith("/data.pkl") or n == "data.pkl"), None)
-            if pkl is None or z.getinfo(pkl).file_size > MAX_PICKLE:
-                return {}
-            data = z.read(pkl)
-            prefix = pkl[:-len("data.pkl")]
-            strings: list[str] = []
-            memo: dict[int, object] = {}
-            last: object = None
-            out: dict = {}
-            for op, arg, _pos in pickletools.genops(data):
-                if op.name in ("BININT", "BININT1", "BININT2", "LONG1", "INT") and type(arg) is int and strings \
-                        and strings[-1] in ("global_step", "epoch") and last == strings[-1]:
-                    out.setdefault(strings[-1], arg)  # the top-level counters come first in a .ckpt
-                if op.name in _STR:
-                    last = arg
-                    strings.append(arg if isinstance(arg, str) else "")
-                elif op.name in ("BINPUT", "LONG_BINPUT", "PUT"):
-                    memo[arg] = last
-                elif op.name == "MEMOIZE":
-                    memo[len(memo)] = last
-                elif op.name in ("BINGET", "LONG_BINGET", "GET"):
-                    last = memo.get(arg)
-                    if isinstance(last, str):
-                        strings.append(last)
-                else:
-                    last = None
-            for key in ("best_model_path", "monitor", "mode"):
-                if key in strings:
-                    i = strings.index(key)
-                    if i + 1 < len(strings):
-                        out[key] = strings[i + 1]
-            if "best_model_score" in strings:  # a 0-d tensor: ('storage', <class>, KEY, 'cpu', 1)
-                rest = strings[strings.index("best_model_score") + 1:]
-                if len(rest) >= 2 and rest[0] == "storage":
-                    raw = z.read(f"{prefix}data/{rest[1]}")[:8] if f"{prefix}data/{rest[1]}" in z.namelist() else b""
-                    if len(raw) >= 4:
-                        out["best_model_score"] = struct.unpack("<f", raw[:4])[0]
-            return out
-    except (OSError, zipfile.BadZipFile, ValueError, KeyError, struct.error, RecursionError):
+    """``best_model_path``, ``monitor``, ``mode``, ``best_model_score``, ``global_step`` and
+    ``epoch`` recorded in a ``.ckpt``, found by walking its pickle (nothing is run)."""
+    tokens, z = pickle_tokens(path)
+    if z is None:
         return {}
+    with z:
+        out = {k: v for k in ("best_model_path", "monitor", "mode") if isinstance(v := value_after(tokens, k), str)}
+        out.update({k: v for k in ("global_step", "epoch") if type(v := value_after(tokens, k, ("int",))) is int})
+        try:  # a 0-d tensor: ('storage', <class>, KEY, 'cpu', 1) after the key
+            at = tokens.index(("str", "best_model_score"))
+            keys = [v for kind, v in tokens[at + 1:at + 8] if kind == "str"]
+            if len(keys) >= 2 and keys[0] == "storage":
+                name = next((n for n in z.namelist() if n.endswith(f"/data/{keys[1]}")), None)
+                raw = z.read(name)[:4] if name else b""
+                if len(raw) == 4:
+                    out["best_model_score"] = struct.unpack("<f", raw)[0]
+        except (ValueError, KeyError, OSError, zipfile.BadZipFile):
+            pass
+        return out
 
 
 def recognise(root: Path, files: list[str]) -> Found | None:
