@@ -237,6 +237,8 @@ def test_a_manifest_cannot_make_a_file_untrusted_to_skip_its_scan(tmp_path):
     [{"path": "a.bin", "target": "a.bin"}],  # a link over a listed file
     [{"path": "x", "target": "y"}, {"path": "y", "target": "a.bin"}],  # a link to a link
     [{"path": "../x", "target": "a.bin"}],
+    [{"path": "a.bin/x", "target": "../a.bin"}],  # a link inside a listed file
+    [{"path": ".aptrun.lock", "target": "a.bin"}],  # one of aptbundle's own names
     "not a list",
 ])
 def test_a_hostile_link_in_a_manifest_is_refused_before_anything_is_written(tmp_path, links):

@@ -130,12 +130,12 @@ def refuse(run: Run, problems: list[Problem], verb: str) -> None:
     """Raise for a run that does not match its manifest; when it only gained or lost files (a
     folder a framework keeps writing), say so and name the command that takes them in."""
     if problems and all(p.kind in ("extra", "missing") for p in problems):
-        new = [p.path for p in problems if p.kind == "extra"]
-        gone = [p.path for p in problems if p.kind == "missing"]
-        what = "; ".join(x for x in (
-            f"{len(new)} new file(s) the manifest does not list ({', '.join(new[:3])}{', ...' if len(new) > 3 else ''})"
-            if new else "", f"{len(gone)} listed file(s) gone ({', '.join(gone[:3])}{', ...' if len(gone) > 3 else ''})"
-            if gone else "") if x)
+        def few(kind: str, what: str) -> str:
+            paths = [p.path for p in problems if p.kind == kind]
+            return f"{len(paths)} {what} ({', '.join(paths[:3])}{', ...' if len(paths) > 3 else ''})" if paths else ""
+
+        what = "; ".join(x for x in (few("extra", "new file(s) the manifest does not list"),
+                                     few("missing", "listed file(s) gone")) if x)
         raise ArchiveError(f"{run.path}: {what}; nothing was {verb}. Take the changes in with `aptbundle init --update"
                            f" {run.path}` (or list what should not travel in {run.path}/.aptignore)")
     hint = None

@@ -53,14 +53,14 @@ def init(directory: str, update: bool, trainer: str | None, strict: bool, as_jso
         summary = (f"updated {shown(directory)}: {len(ch.added)} new, {len(ch.removed)} gone, {len(ch.changed)} changed"
                    f" file(s); checkpoints +[{', '.join(ch.checkpoints_added)}] -[{', '.join(ch.checkpoints_removed)}];"
                    f" digest {ch.digest}") if ch.any else f"{shown(directory)}: nothing changed; digest {ch.digest}"
-        print_notes(notes, as_json)
+        print_notes(notes)
         emit(as_json, {**ch.to_dict(), "path": directory, "notes": [n.to_dict() for n in notes]},
              "\n".join(lines[:SHOWN] + [summary]))
         return
     with progress("hashing", quiet) as cb:
         run = adopt(directory, trainer=trainer, progress=cb, strict=strict, notes=notes)
     m = run.manifest
-    print_notes(notes, as_json)
+    print_notes(notes)
     what = title(m.layout)
     rows = [f"  {shown(c.name):<24} step {c.step:>8}  epoch {shown(c.epoch):>6}"
             + "".join(f"  {shown(k)} {v:.4g}" for k, v in c.metrics.items() if isinstance(v, (int, float)))
@@ -91,7 +91,7 @@ def verify(path: str, trust: tuple[str, ...], strict: bool, as_json: bool, quiet
 
     with progress("verifying", quiet) as cb:
         report = verify_path(path, cb, trust=list(trust), strict=strict)
-    print_notes(report.notes, as_json)
+    print_notes(report.notes)
     if as_json:
         emit(True, report.to_dict(), "")
     else:
@@ -167,7 +167,7 @@ def unpack(archive: str, dest: str, expect_digest: str | None, max_size: int | N
     with progress("unpacking", quiet) as cb:
         path = do_unpack(archive, dest, expect_digest=expect_digest, progress=cb, max_size=max_size,
                          trust=list(trust), strict=strict, notes=notes)
-    print_notes(notes, as_json)
+    print_notes(notes)
     emit(as_json, {"path": str(path), "notes": [n.to_dict() for n in notes]}, str(path))
 
 

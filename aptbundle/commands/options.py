@@ -18,8 +18,9 @@ def emit(as_json: bool, data: dict, text: str) -> None:
         click.echo(text)
 
 
-def _digest(value: str | None) -> str | None:
-    """An expected run digest must be one: an empty or malformed one is misuse, never "no check"."""
+def digest_opt(ctx, param, value: str | None) -> str | None:
+    """Click callback for an expected run digest: an empty or malformed one is misuse, never "no
+    check"."""
     if value is None:
         return None
     v = value.strip().lower()
@@ -28,8 +29,8 @@ def _digest(value: str | None) -> str | None:
     return v
 
 
-def _size(value: str | None) -> int | None:
-    """``20G``, ``500M``, ``1.5T`` or a number of bytes."""
+def size_opt(ctx, param, value: str | None) -> int | None:
+    """Click callback for a size limit: ``20G``, ``500M``, ``1.5T`` or a number of bytes."""
     if value is None:
         return None
     text = value.strip().upper().removesuffix("B")
@@ -49,15 +50,13 @@ trust_opt = click.option("--trust", multiple=True, type=click.Path(dir_okay=Fals
 sign_opt = click.option("--sign", type=click.Path(dir_okay=False),
                         help="Sign the run's digest with this private key (from `aptbundle keygen`).")
 quiet_opt = click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-
-
 strict_opt = click.option("--strict", is_flag=True,
                           help="Refuse files carried as untrusted (ones no framework loads, like training_args.bin).")
 
 
-def print_notes(notes: list, as_json: bool) -> None:
-    """The notes of a check on stderr (also with --json, which lists them on stdout too): one line
-    for the untrusted files, one per file with machine paths."""
+def print_notes(notes: list) -> None:
+    """The notes of a check on stderr (with --json they are also listed on stdout): one line for
+    the untrusted files, one per file with machine paths."""
     if not notes:
         return
     untrusted = sorted({n.path for n in notes if n.kind == "untrusted"})
@@ -65,12 +64,3 @@ def print_notes(notes: list, as_json: bool) -> None:
     for line in note_lines(untrusted, paths):
         click.echo(plain(line), err=True)
 
-
-def digest_opt(ctx, param, value: str | None) -> str | None:
-    """Click callback for an expected run digest."""
-    return _digest(value)
-
-
-def size_opt(ctx, param, value: str | None) -> int | None:
-    """Click callback for a size limit."""
-    return _size(value)

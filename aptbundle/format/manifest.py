@@ -254,16 +254,7 @@ def _from_dict(raw: dict, source: str) -> Manifest:
         where = f"{source}: files[{i}]"
         if not isinstance(f, dict):
             raise ManifestError(f"{where}: expected an object with path, size, sha256")
-        path = _req(f, "path", str, where)
-        norm = normalize_relpath(path, what="file path")
-        if norm != path:
-            raise ManifestError(f"{where}: path {path!r} is not NFC-normalised")
-        if norm == MANIFEST_NAME:
-            raise ManifestError(f"{where}: the manifest may not list itself")
-        if norm == SIGNATURE_NAME:
-            raise ManifestError(f"{where}: {norm!r} is the name of the run's signature; it is never listed")
-        if is_lock_name(norm) or any(is_temp_name(c) for c in norm.split("/")):
-            raise ManifestError(f"{where}: {norm!r} is a name aptbundle reserves for locks and work in progress")
+        norm = _entry_path(f, where, "file path")
         size = _req(f, "size", int, where)
         if size < 0:
             raise ManifestError(f"{where}: size {size} is negative")
@@ -348,25 +339,42 @@ def _from_dict(raw: dict, source: str) -> Manifest:
 MAX_LINKS = 10_000
 
 
+def _entry_path(raw: dict, where: str, what: str) -> str:
+    """The ``path`` of a file or link entry: portable, NFC, and none of aptbundle's own names."""
+    path = _req(raw, "path", str, where)
+    norm = normalize_relpath(path, what=what)
+    if norm != path:
+        raise ManifestError(f"{where}: path {path!r} is not NFC-normalised")
+    if norm == MANIFEST_NAME:
+        raise ManifestError(f"{where}: the manifest may not list itself")
+    if norm == SIGNATURE_NAME:
+        raise ManifestError(f"{where}: {norm!r} is the name of the run's signature; it is never listed")
+    if is_lock_name(norm) or any(is_temp_name(c) for c in norm.split("/")):
+        raise ManifestError(f"{where}: {norm!r} is a name aptbundle reserves for locks and work in progress")
+    return norm
+
+
 def _links(raw: object, listed: set[str], source: str) -> list[LinkEntry]:
     """The links, each to a listed regular file of the run (never to another link, never out)."""
     if not isinstance(raw, list) or len(raw) > MAX_LINKS:
         raise ManifestError(f"{source}: links should be a list of at most {MAX_LINKS} objects")
     out = []
+    folders = {"/".join(p.split("/")[:i]) for p in listed for i in range(1, p.count("/") + 1)}
     for i, x in enumerate(raw):
         where = f"{source}: links[{i}]"
         if not isinstance(x, dict):
             raise ManifestError(f"{where}: expected an object with path and target")
-        path = normalize_relpath(_req(x, "path", str, where), what="link path")
+        path = _entry_path(x, where, "link path")
         target = _req(x, "target", str, where)
         if not target or target.startswith("/") or "\\" in target or "\0" in target or len(target) > 4096:
             raise ManifestError(f"{where}: target {target[:80]!r} is not a relative path inside the run")
         link = LinkEntry(path, target)
-        if path in listed or path in (MANIFEST_NAME, SIGNATURE_NAME) or link.resolved() not in listed:
+        inside_a_file = any("/".join(path.split("/")[:i]) in listed for i in range(1, path.count("/") + 1))
+        if path in listed or path in folders or inside_a_file or link.resolved() not in listed:
             raise ManifestError(f"{where}: {path!r} -> {target[:80]!r} must be a new name pointing to a file the"
                                 " manifest lists")
         out.append(link)
-    check_collisions([f for f in listed] + [x.path for x in out], what=f"{source}: link")
+    check_collisions(list(listed) + [x.path for x in out], what=f"{source}: link")
     return sorted(out, key=lambda x: x.path)
 
 

@@ -54,12 +54,6 @@ class Prefetch(ReadAhead):
         super().close()
         self.raw.close()
 
-    def __enter__(self) -> "Prefetch":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
 
 class _WriteBehind:
     """A writer that uploads in a thread of its own while the caller compresses the next part."""
@@ -150,11 +144,6 @@ class Store:
         """Every key below ``prefix`` in one listing (remote stores: one LIST instead of a HEAD per
         object); None for a local store, where asking is cheap."""
         return None if self.local else {key for key, _, _ in self.list(prefix)}
-
-    def size(self, key: str) -> int:
-        if self.local:
-            return os.stat(self._path(key)).st_size
-        return int(self.fs.size(self._path(key)))
 
     def list(self, prefix: str) -> list[tuple[str, float, int]]:
         """``(key, modified time, size)`` of every object below the folder ``prefix``."""

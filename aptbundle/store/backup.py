@@ -39,8 +39,6 @@ class Backup:
         self.run_dir, self.store, self.sign, self.dense = Path(run_dir), store, sign, dense
         self.warn = warn or (lambda msg: None)
         self.threads = threads  # zstd workers: leave the other cores to training
-        self.pushes: list[PushResult] = []
-        self.errors: list[str] = []
         self._lock = threading.Lock()
         self._wanted = False
         self._thread: threading.Thread | None = None
@@ -70,11 +68,9 @@ class Backup:
         try:
             res = push(self.run_dir, self.store, sign=self.sign, dense=self.dense, threads=self.threads, level=1)
         except (AptBundleError, OSError) as e:
-            msg = f"backup to {self.store} failed ({e}); training goes on, the next checkpoint tries again"
-            self.errors.append(msg)
-            self.warn(f"warning: {msg}")
+            self.warn(f"warning: backup to {self.store} failed ({e}); training goes on, the next checkpoint tries"
+                      " again")
             return None
-        self.pushes.append(res)
         return res
 
     def wait(self) -> None:

@@ -44,10 +44,6 @@ def write_blob(store: Store, root: Path, entry: FileEntry, *, level: int, thread
     width = dense_width(root / entry.path, entry.path, entry.size) if dense else None
     cctx = zstandard.ZstdCompressor(level=level, threads=threads, write_checksum=True)
     problems: list[Problem] = []
-
-    class _Refused(Exception):
-        pass
-
     try:
         with store.writer(blob_key(entry.sha256)) as sink:
             if width:
@@ -114,7 +110,11 @@ def read_blob(store: Store, entry: FileEntry, taps: list[Callable[[memoryview], 
 
 
 class _TooLong(Exception):
-    pass
+    """A blob that decompresses to more than its entry's size."""
+
+
+class _Refused(Exception):
+    """Raised inside a blob's writer so that a file which failed its checks is never stored."""
 
 
 def _marker(raw, shown: str) -> int | None:

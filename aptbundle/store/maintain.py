@@ -18,7 +18,7 @@ from aptbundle.ground.errors import AptBundleError, StoreError
 from aptbundle.ground.temporaries import is_temp_name
 from aptbundle.store import locks
 from aptbundle.store.backend import Store
-from aptbundle.store.pull import resolve
+from aptbundle.store.pull import HEX64, resolve
 from aptbundle.store.push import manifest_key
 
 GRACE_S = 3600.0
@@ -93,7 +93,7 @@ def gc(store_url: str | Path, *, grace_s: float = GRACE_S, dry_run: bool = False
             keep_manifests.add(digest)
             keep_blobs.update(f.sha256 for f in man.files)
         for digest in list(pushing_manifests):  # a push in flight keeps what its manifest lists
-            data = store.read(manifest_key(digest), MAX_MANIFEST_BYTES) if len(digest) == 64 else None
+            data = store.read(manifest_key(digest), MAX_MANIFEST_BYTES) if HEX64.fullmatch(digest) else None
             if data is not None:
                 try:
                     keep_blobs.update(f.sha256 for f in parse_manifest(data).files)

@@ -38,7 +38,7 @@ from aptbundle.store.backend import Store
 from aptbundle.store.blobs import read_blob
 from aptbundle.store.push import manifest_key, ref_key
 
-_HEX64 = re.compile(r"[0-9a-f]{64}")
+HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass
@@ -77,7 +77,7 @@ def resolve(store: Store, name: str, digest: str | None = None) -> tuple[str, by
             raise StoreError(f"{store.shown(ref_key(name))}: no such run in the store; `aptbundle ls {store.url}`"
                              " lists what it holds")
         digest = raw.decode("ascii", "replace").strip()
-        if not _HEX64.fullmatch(digest):
+        if not HEX64.fullmatch(digest):
             raise StoreError(f"{store.shown(ref_key(name))}: is not a run digest (64 hex digits); the store is"
                              " damaged or crafted")
     mkey = manifest_key(digest)

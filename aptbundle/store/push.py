@@ -24,7 +24,7 @@ from pathlib import Path
 
 from aptbundle.archive.writer import _snapshot, carried_signature, refuse, select_checkpoints
 from aptbundle.format import signature
-from aptbundle.format.manifest import Manifest
+from aptbundle.format.manifest import FileEntry, Manifest
 from aptbundle.format.run import Run
 from aptbundle.format.verify import verify_run
 from aptbundle.ground import temporaries
@@ -33,8 +33,6 @@ from aptbundle.ground.fsutil import Progress, announce_total
 from aptbundle.store import locks
 from aptbundle.store.backend import Store
 from aptbundle.store.blobs import blob_key, write_blob
-
-DIGEST_LEN = 64
 
 
 def manifest_key(digest: str) -> str:
@@ -54,7 +52,7 @@ class PushResult:
     digest: str
     files: int  # files the run lists
     sent_files: int  # blobs written by this push
-    sent_bytes: int  # bytes written to the store (blobs, manifest, signature, ref, lock)
+    sent_bytes: int  # bytes written to the store (blobs, manifest, signature, ref; not the lock)
     data_bytes: int  # original bytes of the blobs written
     present_files: int  # blobs the store already had
     present_bytes: int  # their original bytes
@@ -105,7 +103,7 @@ def push(run_dir: str | Path, store_url: str | Path, *, sign: str | Path | None 
 def _push(store: Store, root: Path, man: Manifest, sig: bytes | None, dense: bool, level: int, threads: int,
           progress: Progress | None, t0: float) -> PushResult:
     digest = man.digest()
-    unique: dict[str, object] = {}
+    unique: dict[str, FileEntry] = {}
     for f in man.files:
         unique.setdefault(f.sha256, f)
     announce_total(progress, sum(f.size for f in unique.values()))
