@@ -18,8 +18,7 @@ from pathlib import Path
 
 import torch
 
-from aptbundle.errors import UnsafePathError
-from aptbundle.paths import check_name
+from aptbundle import UnsafePathError, check_name
 from apt_model.errors import DataError
 
 COPY_LIMIT = 64 * 1024 * 1024

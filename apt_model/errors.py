@@ -3,7 +3,7 @@ project turns them into one line on stderr and exit status 1 by the same rule.""
 
 from __future__ import annotations
 
-from aptbundle.ground.errors import AptBundleError
+from aptbundle import AptBundleError
 
 
 class APTError(AptBundleError):

@@ -11,15 +11,16 @@ from __future__ import annotations
 import click
 import torch
 
-from aptbundle.commands.exits import CONTEXT, Command
-from aptbundle.commands.progress import progress
+from aptbundle import CONTEXT, Command, progress
 
 
 def generate_text(path: str, prompt: str, max_new_tokens: int = 120, temperature: float = 0.8,
                   seed: int = 0, which: str = "best", device: str = "cpu", progress_bar=None) -> str:
     """The prompt followed by ``max_new_tokens`` sampled characters.
 
-    >>> # generate_text("outputs/run1", "The ")
+    For example::
+
+        generate_text("outputs/run1", "The ")
     """
     from apt_model.training.checkpoint import load_model
 

@@ -75,7 +75,9 @@ class Block(nn.Module):
 class APTModel(nn.Module):
     """The APT language model.
 
-    >>> # model = APTModel(preset("tiny", vocab_size=300)); logits = model(ids)
+    For example::
+
+        model = APTModel(preset("tiny", vocab_size=300)); logits = model(ids)
     """
 
     def __init__(self, cfg: APTConfig):

@@ -1,16 +1,12 @@
 """aptbundle: make a training run portable.
 
 A run is one self-describing directory (``Run``); an archive is one verified
-``NAME.aptrun.tar.zst`` (``pack``, ``unpack``); ``Checkpointer`` saves and restores complete
-training state into a run. Importing this package never imports torch: the names below are
-loaded when first used.
+``NAME.aptrun.tar.zst`` (``pack``, ``unpack``); a store keeps runs deduplicated (``push``,
+``pull``); ``Checkpointer`` saves and restores complete training state into a run. Importing
+this package never imports torch: the names below are loaded when first used.
 
-The layers, lowest first (each imports only from those below it; ``lint-imports`` checks it):
-``ground`` (errors, problems, file helpers, temporaries, path rules, locks), ``format``
-(manifest, scan, trust, run, verify, signatures), ``state`` (the checkpointer), ``layouts``
-(foreign training outputs, ``adopt``), ``archive`` (tar + zstd,
-codec, reader, writer), ``store`` (push, pull, ls, gc, backups) and ``commands`` (resume, the
-command line).
+The names here are the whole public API: a training loop (``apt_model`` among them) needs
+nothing else. How the package is built inside, layer by layer, is in ``docs/ARCHITECTURE.md``.
 """
 
 from __future__ import annotations
@@ -18,21 +14,39 @@ from __future__ import annotations
 import importlib
 import importlib.machinery
 import sys
+import warnings
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 from aptbundle.ground.errors import AptBundleError  # noqa: E402
 
 _PUBLIC = {
-    "Run": "aptbundle.format.run", "Manifest": "aptbundle.format.manifest",
-    "load_manifest": "aptbundle.format.manifest", "adopt": "aptbundle.layouts.adopt",
-    "verify_run": "aptbundle.format.verify", "verify_checkpoint": "aptbundle.format.verify",
-    "VerifiedCheckpoint": "aptbundle.format.verify", "Checkpointer": "aptbundle.state.checkpoint",
-    "verify_on_main": "aptbundle.state.checkpoint", "unwrap": "aptbundle.state.checkpoint",
+    # errors
+    **{n: "aptbundle.ground.errors" for n in (
+        "ArchiveError", "CheckpointError", "ManifestError", "MaterializeError", "ResumeError", "RunError",
+        "SignatureError", "StoreError", "UnsafeContentError", "UnsafePathError", "VerifyError")},
+    "check_name": "aptbundle.ground.paths", "pid_alive": "aptbundle.ground.temporaries",
+    # the run and its checks
+    "Run": "aptbundle.format.run", "building_run": "aptbundle.format.run",
+    "environment_info": "aptbundle.format.run", "Manifest": "aptbundle.format.manifest",
+    "load_manifest": "aptbundle.format.manifest", "METRICS_FILE": "aptbundle.format.metrics",
+    "verify_run": "aptbundle.format.verify", "verify_files": "aptbundle.format.verify",
+    "verify_checkpoint": "aptbundle.format.verify", "VerifiedCheckpoint": "aptbundle.format.verify",
+    # saving and loading training state
+    "Checkpointer": "aptbundle.state.checkpoint", "verify_on_main": "aptbundle.state.checkpoint",
+    "unwrap": "aptbundle.state.checkpoint", "checkpoint_name": "aptbundle.state.checkpoint",
+    "MODEL_FILE": "aptbundle.state.checkpoint", "ProcessGroup": "aptbundle.state.collective",
+    "adopt": "aptbundle.layouts.adopt",
+    # moving a run
     "pack": "aptbundle.archive", "unpack": "aptbundle.archive", "verify_archive": "aptbundle.archive",
-    "ArchiveReader": "aptbundle.archive", "verify_path": "aptbundle.commands.overview",
-    "describe": "aptbundle.commands.overview", "push": "aptbundle.store.push", "pull": "aptbundle.store.pull",
+    "ArchiveReader": "aptbundle.archive", "push": "aptbundle.store.push", "pull": "aptbundle.store.pull",
     "Backup": "aptbundle.store.backup", "gc": "aptbundle.store.maintain", "list_store": "aptbundle.store.maintain",
+    # resuming, and what a command-line program of a trainer shares with aptbundle's
+    "verify_path": "aptbundle.commands.overview", "describe": "aptbundle.commands.overview",
+    "ResumeRequest": "aptbundle.commands.resume", "ResumeResult": "aptbundle.commands.resume",
+    "ResumeTrainer": "aptbundle.commands.resume", "progress": "aptbundle.commands.progress",
+    "Command": "aptbundle.commands.exits", "CONTEXT": "aptbundle.commands.exits",
+    "status_for": "aptbundle.commands.exits",
 }
 __all__ = ["AptBundleError", "__version__", *_PUBLIC]
 
@@ -43,18 +57,18 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'aptbundle' has no attribute {name!r}")
 
 
-# Import paths of aptbundle 0.1, kept working for code written against them.
+# Import paths of aptbundle 0.1, kept for one more release behind a DeprecationWarning.
 _MOVED = {
     "errors": "ground.errors", "paths": "ground.paths", "fsutil": "ground.fsutil",
     "manifest": "format.manifest", "scan": "format.scan", "run": "format.run", "verify": "format.verify",
-    "checkpoint": "state.checkpoint", "tarstream": "archive.tarstream", "codec": "archive.codec",
+    "checkpoint": "state.checkpoint", "tarstream": "archive.tarstream", "codec": "transfer.codec",
     "storage": "archive.storage", "cli": "commands.cli", "resume": "commands.resume",
 }
 
 
 class _Moved:
-    """Serves ``aptbundle.run`` and friends as the modules that now hold their code (a finder and
-    loader for ``sys.meta_path``)."""
+    """Serves ``aptbundle.run`` and friends as the modules that now hold their code, with a
+    ``DeprecationWarning`` naming the new path (a finder and loader for ``sys.meta_path``)."""
 
     def find_spec(self, fullname, path=None, target=None):
         head, _, tail = fullname.partition(".")
@@ -63,7 +77,10 @@ class _Moved:
         return None
 
     def create_module(self, spec):
-        return importlib.import_module(f"aptbundle.{_MOVED[spec.name.partition('.')[2]]}")
+        new = f"aptbundle.{_MOVED[spec.name.partition('.')[2]]}"
+        warnings.warn(f"{spec.name} is deprecated and goes in aptbundle 0.4; import {new} (or the name from"
+                      " aptbundle itself)", DeprecationWarning, stacklevel=2)
+        return importlib.import_module(new)
 
     def exec_module(self, module) -> None:
         pass

@@ -7,7 +7,7 @@ import json
 
 import zstandard
 
-from aptbundle.archive.tarstream import _header, _pax_record, end_of_archive, padding
+from aptbundle.archive.tarstream import end_of_archive, padding, pax_record, tar_header
 
 SHA0 = hashlib.sha256(b"").hexdigest()
 
@@ -28,9 +28,9 @@ def member(name: str, data: bytes = b"", typeflag: bytes = b"0", *, size: int | 
     raw_name = name.encode("utf-8", "surrogateescape")
     out = b""
     if pax:
-        body = b"".join(_pax_record(k, v) for k, v in pax.items())
-        out += _header(b"PaxHeader/x", len(body), b"x", 0o644, 0) + body + padding(len(body))
-    h = bytearray(_header(raw_name[:100], len(data) if size is None else size, typeflag, mode, 0))
+        body = b"".join(pax_record(k, v) for k, v in pax.items())
+        out += tar_header(b"PaxHeader/x", len(body), b"x", 0o644, 0) + body + padding(len(body))
+    h = bytearray(tar_header(raw_name[:100], len(data) if size is None else size, typeflag, mode, 0))
     if linkname:
         h[157:157 + len(linkname)] = linkname
         h[148:156] = b" " * 8

@@ -10,9 +10,19 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from aptbundle.cli import main as cli_main
+from aptbundle.commands.cli import main as cli_main
 
 ROOT = Path(__file__).resolve().parent.parent
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # pytest-xdist runs one worker per core: each trains with one thread (its subprocesses too, so
+    # runs compared bit for bit use the same thread count), instead of two workers fighting over
+    # both cores with two threads each
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = "1"
+    import torch
+
+    torch.set_num_threads(1)
 
 
 def cli(*args: str, cwd: str | Path | None = None):

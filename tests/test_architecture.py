@@ -11,11 +11,11 @@ import time
 
 import torch
 
-from aptbundle.checkpoint import Checkpointer
+from aptbundle.state.checkpoint import Checkpointer
 from aptbundle.layouts.adopt import adopt
-from aptbundle.manifest import load_manifest
-from aptbundle.run import Run
-from aptbundle.verify import verify_run
+from aptbundle.format.manifest import load_manifest
+from aptbundle.format.run import Run
+from aptbundle.format.verify import verify_run
 from conftest import APTBUNDLE, PY, ROOT, TRAINER, cli, no_traceback, sh
 
 

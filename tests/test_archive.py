@@ -8,9 +8,9 @@ import subprocess
 import pytest
 
 from aptbundle.archive import pack, read_archive_manifest, unpack
-from aptbundle.manifest import load_manifest
-from aptbundle.run import Run
-from aptbundle.verify import verify_run
+from aptbundle.format.manifest import load_manifest
+from aptbundle.format.run import Run
+from aptbundle.format.verify import verify_run
 from conftest import APTBUNDLE, cli, no_traceback, sh
 
 
@@ -131,7 +131,7 @@ def test_cli_misuse_is_exit_2_and_missing_files_exit_1(tmp_path):
 def test_commands_do_not_import_torch(tiny_run, tmp_path):
     out = tmp_path / "run1.aptrun.tar.zst"
     code = (
-        "import sys\nfrom aptbundle.cli import main\n"
+        "import sys\nfrom aptbundle.commands.cli import main\n"
         "try:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n    assert e.code in (0, None), e.code\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
     )
@@ -216,7 +216,7 @@ def test_dense_codec_on_each_float_type(tmp_path, dtype):
     import torch
     from safetensors.torch import save_file
 
-    from aptbundle.codec import dense_width
+    from aptbundle.transfer.codec import dense_width
 
     run = Run.create(tmp_path / "r", trainer=None)
     t = {"w": (torch.randn(300, 300) * 0.02).to(getattr(torch, dtype))}

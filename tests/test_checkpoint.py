@@ -11,11 +11,11 @@ import time
 import pytest
 import torch
 
-from aptbundle.checkpoint import Checkpointer
-from aptbundle.errors import CheckpointError, VerifyError
-from aptbundle.manifest import load_manifest
-from aptbundle.run import Run
-from aptbundle.verify import verify_run
+from aptbundle.state.checkpoint import Checkpointer
+from aptbundle.ground.errors import CheckpointError, VerifyError
+from aptbundle.format.manifest import load_manifest
+from aptbundle.format.run import Run
+from aptbundle.format.verify import verify_files, verify_run
 from conftest import KILL_ROUNDS, cli, no_traceback
 
 
@@ -143,8 +143,8 @@ def test_verify_cli_names_every_damaged_file(run_copy, action):
 
 SAVER = textwrap.dedent("""
     import sys, torch
-    from aptbundle.run import Run
-    from aptbundle.checkpoint import Checkpointer
+    from aptbundle.format.run import Run
+    from aptbundle.state.checkpoint import Checkpointer
     torch.manual_seed(0)
     path = sys.argv[1]
     run = Run.open(path) if Run.is_run(path) else Run.create(path, trainer="t")
@@ -180,7 +180,7 @@ def test_sigkill_inside_save_never_breaks_the_manifest(tmp_path):
         run = Run.open(run_dir)
         assert man.latest is not None
         listed = [f.path for f in man.files if f.path.startswith("checkpoints/")]
-        assert verify_run(run, only=listed).problems == []  # every listed checkpoint file is complete
+        assert verify_files(run, listed).problems == []  # every listed checkpoint file is complete
         for c in man.checkpoints:
             assert (run_dir / "checkpoints" / c.name / "model.safetensors").is_file()
     assert kills == max(2, KILL_ROUNDS)

@@ -12,9 +12,9 @@ import time
 
 import pytest
 
-from aptbundle.manifest import load_manifest
-from aptbundle.run import Run
-from aptbundle.verify import verify_run
+from aptbundle.format.manifest import load_manifest
+from aptbundle.format.run import Run
+from aptbundle.format.verify import verify_files, verify_run
 from conftest import APTBUNDLE, TRAINER, cli, no_traceback, sh
 
 from conftest import KILL_ROUNDS  # noqa: E402
@@ -56,7 +56,7 @@ def test_random_sigkills_lose_nothing_and_end_bit_exact(tmp_path):
                 lost += 1
             best_step = max(best_step, latest)
             listed = [f.path for f in run.manifest.files if f.path.startswith("checkpoints/")]
-            assert verify_run(run, only=listed).problems == [], "a listed checkpoint is incomplete"
+            assert verify_files(run, listed).problems == [], "a listed checkpoint is incomplete"
     r = sh(*TRAINER, *args, "--resume-from", "latest", cwd=tmp_path, timeout=300)
     assert r.returncode == 0, r.stderr
     assert lost == 0
@@ -122,7 +122,7 @@ def test_full_disk_is_a_clear_error_and_loses_no_checkpoint(tiny_run, tmp_path):
     assert run.latest.step == 56
     assert {f.path: f.sha256 for f in run.manifest.files} == before
     listed = [f.path for f in run.manifest.files if f.path.startswith("checkpoints/")]
-    assert verify_run(run, only=listed).problems == []
+    assert verify_files(run, listed).problems == []
     r = sh(*TRAINER, "--run-dir", tmp_path / "r", "--resume-from", "latest", "--epochs", "3",
            "--stop-at-step", "58", "-q", cwd=tmp_path)
     assert r.returncode == 0, r.stderr

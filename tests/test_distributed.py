@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from aptbundle.manifest import load_manifest
-from aptbundle.run import Run
+from aptbundle.format.manifest import load_manifest
+from aptbundle.format.run import Run
 from conftest import cli, sh, trainer
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",

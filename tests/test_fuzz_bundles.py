@@ -15,7 +15,7 @@ import zipfile
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from aptbundle.run import Run
+from aptbundle.format.run import Run
 from conftest import cli, no_traceback
 
 EXAMPLES = int(os.environ.get("APTBUNDLE_FUZZ_EXAMPLES", "12"))

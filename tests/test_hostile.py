@@ -12,7 +12,7 @@ import stat
 import pytest
 import zstandard
 
-from aptbundle.manifest import MAX_MANIFEST_BYTES
+from aptbundle.format.manifest import MAX_MANIFEST_BYTES
 from archive_builder import good_archive, good_parts, manifest, member, tar, zst
 from conftest import cli, no_traceback
 
@@ -136,10 +136,10 @@ CASES = {
 
 
 def _malformed_pax() -> bytes:
-    from aptbundle.tarstream import _header, padding
+    from aptbundle.archive.tarstream import padding, tar_header
 
     body = b"99 path=x\n"
-    return _header(b"PaxHeader/x", len(body), b"x", 0o644, 0) + body + padding(len(body)) + member(f"{N}/x", b"1")
+    return tar_header(b"PaxHeader/x", len(body), b"x", 0o644, 0) + body + padding(len(body)) + member(f"{N}/x", b"1")
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -189,7 +189,7 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from aptbundle.archive import unpack  # noqa: E402
-from aptbundle.errors import AptBundleError  # noqa: E402
+from aptbundle.ground.errors import AptBundleError  # noqa: E402
 
 MUT_FILES = {"config.json": b'{"lr": 0.001}', "checkpoints/step-00000001/model.bin": bytes(range(256)) * 40,
              "logs/metrics.jsonl": b'{"step": 1}\n' * 50}

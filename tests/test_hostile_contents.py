@@ -9,10 +9,10 @@ import subprocess
 
 import pytest
 
-from aptbundle.errors import UnsafePathError
-from aptbundle.manifest import load_manifest
-from aptbundle.paths import normalize_relpath
-from aptbundle.run import Run
+from aptbundle.ground.errors import UnsafePathError
+from aptbundle.format.manifest import load_manifest
+from aptbundle.ground.paths import normalize_relpath
+from aptbundle.format.run import Run
 from conftest import APTBUNDLE, cli, no_traceback, sh
 
 
@@ -122,7 +122,8 @@ def test_a_payload_among_dcp_items_is_refused_everywhere(tmp_path):
     import pickle
     import zipfile
 
-    from aptbundle.archive.writer import _write_archive
+    from aptbundle.archive.writer import write_archive
+    from aptbundle.transfer.codec import Encoding
     from conftest import trainer
 
     r = trainer("--run-dir", tmp_path / "s", "--sharded", "--epochs", "1", "--stop-at-step", "3", "-q", cwd=tmp_path)
@@ -146,7 +147,7 @@ def test_a_payload_among_dcp_items_is_refused_everywhere(tmp_path):
     assert cli("pack", run_dir, "-o", tmp_path / "p.aptrun.tar.zst").exit_code == 1
     arc = tmp_path / "evil.aptrun.tar.zst"
     with open(arc, "wb") as f:
-        _write_archive(run_dir, load_manifest(run_dir), f, 3, 1, None, scan=False)  # a stranger's packer
+        write_archive(run_dir, load_manifest(run_dir), f, Encoding.choose(threads=1), scan=False)  # a stranger's packer
     r = cli("verify", arc)
     assert r.exit_code == 1 and ".distcp" in r.stderr
     r = cli("unpack", arc, "-C", tmp_path / "dest")
@@ -216,7 +217,7 @@ def test_allowed_globals_that_allocate_or_rewrite_classes_are_refused(tmp_path):
     import pickle
     import pickletools
 
-    from aptbundle.errors import UnsafeContentError
+    from aptbundle.ground.errors import UnsafeContentError
     from aptbundle.format.scan import scan_file
 
     g = pickle.GLOBAL
@@ -292,7 +293,7 @@ def test_deep_paths_many_unlisted_members_and_chained_pax_headers_are_bounded(tm
 def test_safetensors_with_a_gap_is_refused(tmp_path):
     import struct
 
-    from aptbundle.errors import UnsafeContentError
+    from aptbundle.ground.errors import UnsafeContentError
     from aptbundle.format.scan import scan_file
 
     raw = json.dumps({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},

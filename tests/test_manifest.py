@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from aptbundle.errors import ManifestError
-from aptbundle.manifest import MAX_MANIFEST_BYTES, FileEntry, Manifest, load_manifest, parse_manifest
-from aptbundle.run import Run
+from aptbundle.ground.errors import ManifestError
+from aptbundle.format.manifest import MAX_MANIFEST_BYTES, FileEntry, Manifest, load_manifest, parse_manifest
+from aptbundle.format.run import Run
 
 SHA = "0" * 64
 

@@ -13,9 +13,9 @@ import click
 import pytest
 
 from aptbundle.commands.cli import main as aptbundle_main
-from aptbundle.manifest import load_manifest
-from aptbundle.run import Run
-from aptbundle.verify import verify_run
+from aptbundle.format.manifest import load_manifest
+from aptbundle.format.run import Run
+from aptbundle.format.verify import verify_run
 from conftest import APTBUNDLE, PY, TRAINER, cli, no_traceback, sh, trainer
 
 GENERATE = [PY, "-m", "apt_model.generate"]

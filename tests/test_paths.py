@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aptbundle.errors import UnsafePathError
-from aptbundle.paths import check_collisions, check_name, normalize_relpath
+from aptbundle.ground.errors import UnsafePathError
+from aptbundle.ground.paths import check_collisions, check_name, normalize_relpath
 
 GOOD = ["config.json", "checkpoints/step-00000010/model.safetensors", "data/中文.txt", "a b/c-d_e.f",
         "lpt10", "conx.txt", ".hidden"]

@@ -7,7 +7,7 @@ import pytest
 pytest.importorskip("s3fs")
 moto_server = pytest.importorskip("moto.server")
 
-from aptbundle.manifest import load_manifest  # noqa: E402
+from aptbundle.format.manifest import load_manifest  # noqa: E402
 from conftest import APTBUNDLE, cli, no_traceback, sh  # noqa: E402
 
 

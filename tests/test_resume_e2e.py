@@ -5,9 +5,9 @@ import shutil
 
 import pytest
 
-from aptbundle.manifest import load_manifest
-from aptbundle.resume import find_run
-from aptbundle.errors import ResumeError
+from aptbundle.format.manifest import load_manifest
+from aptbundle.commands.resume import find_run
+from aptbundle.ground.errors import ResumeError
 from conftest import APTBUNDLE, TRAINER, cli, no_traceback, sh
 
 

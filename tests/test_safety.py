@@ -9,10 +9,11 @@ import zipfile
 
 import pytest
 
-from aptbundle.archive.writer import _write_archive
-from aptbundle.errors import UnsafeContentError
-from aptbundle.manifest import load_manifest
-from aptbundle.run import Run
+from aptbundle.archive.writer import write_archive
+from aptbundle.transfer.codec import Encoding
+from aptbundle.ground.errors import UnsafeContentError
+from aptbundle.format.manifest import load_manifest
+from aptbundle.format.run import Run
 from aptbundle.format.scan import scan_file
 from conftest import cli, no_traceback
 
@@ -54,7 +55,7 @@ def test_planted_pickle_is_refused_by_verify_unpack_and_resume(run_copy, tmp_pat
 
     arc = tmp_path / "evil.aptrun.tar.zst"
     with open(arc, "wb") as f:
-        _write_archive(run_copy, load_manifest(run_copy), f, 3, 1, None, scan=False)  # a stranger's packer
+        write_archive(run_copy, load_manifest(run_copy), f, Encoding.choose(threads=1), scan=False)  # a stranger's packer
     r = cli("verify", arc)
     assert r.exit_code == 1 and victim in r.stderr
     dest = tmp_path / "dest"

@@ -23,9 +23,9 @@ from aptbundle.format.manifest import load_manifest
 from aptbundle.format.signature import sign
 from aptbundle.store import locks
 from aptbundle.store.backend import Store
-from aptbundle.store.blobs import blob_key
+from aptbundle.store import layout
 from aptbundle.store.maintain import gc, list_store
-from aptbundle.store.push import manifest_key, push
+from aptbundle.store.push import push
 from aptbundle.store.pull import pull
 from conftest import APTBUNDLE, KILL_ROUNDS, PY, cli, no_traceback, trainer
 
@@ -116,7 +116,7 @@ def test_dense_blobs_are_plain_zstd_files_and_pull_back_exactly(tiny_run, tmp_pa
     res = pushed(tiny_run, store, "--dense")
     assert res["sent_files"] > 0
     weights = max(load_manifest(tiny_run).files, key=lambda f: f.size)
-    blob = (store / blob_key(weights.sha256)).read_bytes()
+    blob = (store / layout.blob(weights.sha256)).read_bytes()
     assert blob[:4] == (0x184D2A5A).to_bytes(4, "little")  # a skippable frame names the codec
     r = subprocess.run(["zstd", "-dc"], input=blob, capture_output=True) if shutil.which("zstd") else None
     if r is not None:
@@ -190,12 +190,12 @@ def test_gc_keeps_what_a_running_push_needs(tmp_path):
     push(random_run(tmp_path / "other/run1", {"a.bin": (run / "a.bin").read_bytes()}), store)
     (store / "refs/run1").unlink()  # a.bin's blob is now garbage, and old
     old = time.time() - 7200
-    os.utime(store / blob_key(sha_a), (old, old))
+    os.utime(store / layout.blob(sha_a), (old, old))
     s = Store(store)
     with locks.pushing(s, sorted({f.sha256 for f in man.files}), man.digest()):
         # the push has seen a.bin in the store and will not send it: gc must keep it
         assert gc(store, grace_s=0).deleted_blobs == 0
-        assert (store / blob_key(sha_a)).exists()
+        assert (store / layout.blob(sha_a)).exists()
     assert gc(store, grace_s=0).deleted_blobs == 1  # once the push is gone, garbage goes
 
 
@@ -325,7 +325,7 @@ def _refused(store, dest, *more, msg: str = "") -> str:
 def test_pull_refuses_an_altered_blob_and_a_missing_one(small_store, tmp_path):
     run, store = small_store
     sha = load_manifest(run).file_map()["a.bin"].sha256
-    blob = store / blob_key(sha)
+    blob = store / layout.blob(sha)
     import zstandard
 
     blob.write_bytes(zstandard.ZstdCompressor().compress(os.urandom(70_000)))
@@ -350,8 +350,8 @@ def test_pull_refuses_a_hostile_manifest(small_store, tmp_path, change):
     raw.update(change)
     data = json.dumps(raw).encode()
     digest = hashlib.sha256(data).hexdigest()  # the hash matches by construction
-    (store / manifest_key(digest)).parent.mkdir(parents=True, exist_ok=True)
-    (store / manifest_key(digest)).write_bytes(data)
+    (store / layout.manifest(digest)).parent.mkdir(parents=True, exist_ok=True)
+    (store / layout.manifest(digest)).write_bytes(data)
     (store / "refs/run1").write_text(digest)
     _refused(store, tmp_path / "dest")
     outside = tmp_path / "evil"
@@ -392,7 +392,7 @@ def test_signed_push_pull_and_trust(small_store, keys, tmp_path):
     assert r.exit_code == 0 and json.loads(r.stdout)["signed_by"]
     assert cli("verify", tmp_path / "ok/run1", "--trust", keys / "alice.pub").exit_code == 0
     _refused(store, tmp_path / "d1", "--trust", keys / "mallory.pub", msg="--trust does not name")
-    sig = store / (manifest_key(digest) + ".sig")
+    sig = store / layout.signature(digest)
     sig.write_bytes(sign("run1", digest, keys / "mallory"))  # re-signed by another key
     _refused(store, tmp_path / "d2", "--trust", keys / "alice.pub", msg="--trust does not name")
     sig.write_bytes(sign("run1", "f" * 64, keys / "alice"))  # alice's signature of another state
@@ -449,15 +449,15 @@ def test_pull_scans_what_it_fetches_and_push_refuses_to_store_a_payload(small_st
     r = cli("push", run, tmp_path / "store2")
     assert r.exit_code == 1 and "optimizer.pt" in r.stderr and no_traceback(r.output)
     assert not (tmp_path / "store2/refs").exists()  # nothing listed
-    blob = store / blob_key(hashlib.sha256(evil).hexdigest())  # a stranger's pusher stores it anyway
+    blob = store / layout.blob(hashlib.sha256(evil).hexdigest())  # a stranger's pusher stores it anyway
     blob.parent.mkdir(parents=True, exist_ok=True)
     blob.write_bytes(zstandard.ZstdCompressor().compress(evil))
     data = json.dumps(raw).encode()
     from aptbundle.format.manifest import parse_manifest
 
     digest = parse_manifest(data).digest()
-    (store / manifest_key(digest)).parent.mkdir(parents=True, exist_ok=True)
-    (store / manifest_key(digest)).write_bytes(data)
+    (store / layout.manifest(digest)).parent.mkdir(parents=True, exist_ok=True)
+    (store / layout.manifest(digest)).write_bytes(data)
     (store / "refs/run1").write_text(digest)
     err = _refused(store, tmp_path / "dest", msg="optimizer.pt")
     assert "system" in err and not marker.exists()

@@ -8,9 +8,9 @@ import time
 
 import torch
 
-from aptbundle.manifest import load_manifest
-from aptbundle.run import Run
-from aptbundle.verify import verify_run
+from aptbundle.format.manifest import load_manifest
+from aptbundle.format.run import Run
+from aptbundle.format.verify import verify_run
 from conftest import TRAINER, cli, no_traceback, sh, trainer
 
 

@@ -13,9 +13,7 @@ from typing import Any
 
 import torch
 
-from aptbundle import Checkpointer, Run, verify_checkpoint
-from aptbundle.errors import CheckpointError
-from aptbundle.state.checkpoint import MODEL_FILE, checkpoint_name
+from aptbundle import MODEL_FILE, CheckpointError, Checkpointer, Run, checkpoint_name, verify_checkpoint
 from apt_model.config import APTConfig
 from apt_model.model import APTModel
 from apt_model.tokenizer import CharTokenizer
@@ -25,9 +23,11 @@ from apt_model.training.setup import CONFIG_FILE, TOKENIZER_DIR, TRAINER_NAME
 class CheckpointManager:
     """Save and load APT checkpoints into an aptbundle run at ``save_dir``.
 
-    >>> # cm = CheckpointManager("outputs/run1")
-    >>> # cm.save_checkpoint(model, opt, sched, epoch=1, global_step=100, loss_history=[...])
-    >>> # epoch, step, losses, metrics = cm.load_checkpoint(model, opt, sched)
+    For example::
+
+        cm = CheckpointManager("outputs/run1")
+        cm.save_checkpoint(model, opt, sched, epoch=1, global_step=100, loss_history=[...])
+        epoch, step, losses, metrics = cm.load_checkpoint(model, opt, sched)
     """
 
     def __init__(self, save_dir: str | Path, keep_last: int | None = None):
@@ -76,7 +76,9 @@ def load_model(path: str | Path, *, which: str = "best", device: str = "cpu"
                ) -> tuple[APTModel, CharTokenizer, APTConfig]:
     """``(model, tokenizer, config)`` from a run folder (its ``which`` checkpoint) or a checkpoint folder.
 
-    >>> # model, tok, cfg = load_model("outputs/run1")
+    For example::
+
+        model, tok, cfg = load_model("outputs/run1")
     """
     p = Path(path)
     if Run.is_run(p):

@@ -15,12 +15,12 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from aptbundle.state.collective import Group
+from aptbundle import ProcessGroup
 from apt_model.errors import TrainingError
 
 
 @dataclass(frozen=True)
-class Dist(Group):
+class Dist(ProcessGroup):
     """This process's place among the training processes (rank 0 of 1 without torchrun), with
     aptbundle's ``barrier`` and ``on_main`` and the loop's own collectives."""
 

@@ -20,10 +20,7 @@ from pathlib import Path
 
 import torch
 
-from aptbundle import Checkpointer
-from aptbundle.commands.progress import progress
-from aptbundle.format.metrics import METRICS_FILE
-from aptbundle.state.checkpoint import unwrap
+from aptbundle import METRICS_FILE, Checkpointer, progress, unwrap
 from apt_model.training.distributed import Dist
 from apt_model.training.setup import Session, log
 

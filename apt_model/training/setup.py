@@ -7,7 +7,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,11 +14,7 @@ from pathlib import Path
 import click
 import torch
 
-from aptbundle import Run, verify_run
-from aptbundle.ground import temporaries
-from aptbundle.ground.paths import check_name
-from aptbundle.errors import RunError, VerifyError
-from aptbundle.format.run import environment_info
+from aptbundle import Run, RunError, VerifyError, building_run, check_name, environment_info, verify_files
 from apt_model.errors import TrainingError
 from apt_model.config import APTConfig
 from apt_model.data import (SOURCE_FILE, ResumableSampler, builtin_corpus, describe_source, make_blocks,
@@ -108,9 +103,7 @@ def new_run(run_dir: Path, cfg: APTConfig, data: str | Path | None) -> tuple[Run
     cfg = cfg.replace(vocab_size=len(tok))
     load_blocks(text, tok, cfg)  # a corpus too short to train on is refused before anything is created
     name = check_name(run_dir.resolve().name)
-    run_dir.parent.mkdir(parents=True, exist_ok=True)
-    temporaries.clean_stale(run_dir.parent, name)
-    with temporaries.temp_dir(run_dir.parent, name) as tmp:
+    with building_run(run_dir, name) as tmp:
         run = Run.create(tmp, trainer=TRAINER_NAME, name=name)
         rec = describe_source(src)
         if rec["copied"]:
@@ -122,9 +115,6 @@ def new_run(run_dir: Path, cfg: APTConfig, data: str | Path | None) -> tuple[Run
         for fname, blob in tok.files().items():
             run.write_file(f"{TOKENIZER_DIR}/{fname}", blob)
         run.save_manifest()
-        if run_dir.exists():
-            run_dir.rmdir()  # empty, checked above
-        os.rename(tmp, run_dir)
     return Run.open(run_dir), cfg, tok, text
 
 
@@ -168,7 +158,7 @@ def locate(resume_from: str, run_dir: Path | None) -> tuple[Path, str]:
 
 def verify_run_files(run: Run) -> None:
     """Verify the run's own files (config, tokenizer, data): a restart from scratch loads them."""
-    rep = verify_run(run, only=[f.path for f in run.run_files()])
+    rep = verify_files(run, [f.path for f in run.run_files()])
     if not rep.ok:
         raise VerifyError(rep.problems, what=f"{run.name} (not resumed)")
 

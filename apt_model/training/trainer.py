@@ -12,16 +12,18 @@ packs a half-finished run. The last line names the run's digest and what to do n
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import shutil
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import click
 import torch
 
-from aptbundle import Backup, Checkpointer, Run, VerifiedCheckpoint
-from aptbundle.commands.exits import CONTEXT, Command, status_for
-from aptbundle.state.checkpoint import unwrap, verify_on_main
+from aptbundle import (CONTEXT, Backup, Checkpointer, Command, ResumeRequest, ResumeResult, Run, VerifiedCheckpoint,
+                       status_for, unwrap, verify_on_main)
 from apt_model.config import PRESETS, APTConfig, preset
 from apt_model.errors import TrainingError
 from apt_model.training.distributed import Dist
@@ -29,68 +31,94 @@ from apt_model.training.loop import Trainer, TrainResult
 from apt_model.training.setup import (Session, build, check_weights_fit, locate, log, new_run, pick_device,
                                       reopen_run, verify_run_files, warn_environment)
 
-__all__ = ["TrainResult", "Trainer", "main", "resume_run", "train"]
+__all__ = ["TrainRequest", "TrainResult", "Trainer", "main", "resume_run", "train"]
+SAVE_MODES = ("sync", "async", "sharded")
+
+
+@dataclass(frozen=True)
+class TrainRequest:
+    """One training session, as asked: a new run, or one to continue."""
+
+    run_dir: Path | None = None  # the run folder (created if new)
+    config: APTConfig | None = None  # a new run's whole config (default: the model_size preset)
+    model_size: str = "tiny"  # the preset of a new run without config
+    data: str | Path | None = None  # a UTF-8 corpus (default: the built-in one)
+    resume_from: str | None = None  # latest, best, a checkpoint name, or a run/checkpoint path
+    stop_at_step: int | None = None  # save and stop once this global step is done
+    device: str = "auto"  # auto, cpu or cuda
+    allow_data_change: bool = False  # continue even if the data differs from the run's
+    quiet: bool = False  # no progress bar or messages
+    save_mode: str = "sync"  # sync, async (written in a background thread) or sharded (DCP)
+    checkpoint: VerifiedCheckpoint | None = None  # the checkpoint to continue, already verified by the caller
+    backup_to: str | None = None  # a store to push the run to after each checkpoint, and at the end
+    overrides: dict[str, Any] = field(default_factory=dict)  # APTConfig fields (epochs, lr, ...), None left out
+
+    def __post_init__(self) -> None:
+        if self.save_mode not in SAVE_MODES:
+            raise TrainingError(f"save_mode {self.save_mode!r}: expected one of {', '.join(SAVE_MODES)}")
+        if self.run_dir is not None and not isinstance(self.run_dir, Path):
+            object.__setattr__(self, "run_dir", Path(self.run_dir))
+        object.__setattr__(self, "overrides", {k: v for k, v in self.overrides.items() if v is not None})
+
+    @classmethod
+    def of(cls, *, async_save: bool = False, sharded: bool = False, **fields: Any) -> "TrainRequest":
+        """A request from keyword arguments: this class's fields, ``async_save``/``sharded`` for
+        ``save_mode``, and any other name as an APTConfig override (checked by APTConfig)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        overrides = {**fields.pop("overrides", {}), **{k: fields.pop(k) for k in list(fields) if k not in names}}
+        if async_save and sharded:
+            raise TrainingError("--async-save works in one process without --sharded; drop one of them")
+        mode = "async" if async_save else "sharded" if sharded else fields.pop("save_mode", "sync")
+        return cls(**fields, save_mode=mode, overrides=overrides)
 
 
 # -- starting a session ------------------------------------------------------------------------
-def train(config: APTConfig | None = None, run_dir: str | Path | None = None, *, model_size: str = "tiny",
-          data: str | Path | None = None, resume_from: str | None = None, stop_at_step: int | None = None,
-          device: str = "auto", allow_data_change: bool = False, quiet: bool = False,
-          async_save: bool = False, sharded: bool = False, checkpoint: VerifiedCheckpoint | None = None,
-          backup_to: str | None = None, **overrides) -> TrainResult:
+def train(request: TrainRequest | None = None, /, **fields: Any) -> TrainResult:
     """Train a new run or continue one (in one process, or in each of ``torchrun``'s).
 
-    ``overrides`` are APTConfig fields (``epochs``, ``batch_size``, ``lr``, ``seed``, ``save_every``,
-    ``save_freq``, ``keep_last``...); None values are ignored. ``async_save`` writes checkpoints
-    in a background thread (the training thread only copies the state); ``sharded`` saves model
-    and optimizer with torch.distributed.checkpoint, which reshards when the number of
-    processes changes. ``checkpoint`` is one already verified by the caller (``aptbundle resume``).
-    ``backup_to`` is a store (folder or URL): the run is pushed there after each checkpoint, in
-    the background, and once more at the end (also after Ctrl-C or SIGTERM).
-
-    >>> # train(run_dir="outputs/run1", model_size="tiny", epochs=2, quiet=True).finished
-    True
+    Takes a ``TrainRequest``, or its fields as keywords (``TrainRequest.of``): for example
+    ``train(run_dir="outputs/run1", model_size="tiny", epochs=2, quiet=True)``. ``async`` saves
+    write checkpoints in a background thread (the training thread only copies the state);
+    ``sharded`` saves model and optimizer with torch.distributed.checkpoint, which reshards when
+    the number of processes changes. With ``backup_to`` the run is pushed to that store after
+    each checkpoint, in the background, and once more at the end (also after Ctrl-C or SIGTERM).
     """
-    dev = pick_device(device)
+    req = request if request is not None else TrainRequest.of(**fields)
+    dev = pick_device(req.device)
     d = Dist.from_env(dev)
     if d.enabled and dev.type == "cuda":
         dev = torch.device("cuda", d.local_rank)
-    if async_save and (d.enabled or sharded):
+    if req.save_mode == "async" and d.enabled:
         raise TrainingError("--async-save works in one process without --sharded; drop one of them")
     try:
-        return _train(d, dev, config, run_dir, model_size, data, resume_from, stop_at_step, allow_data_change,
-                      quiet or not d.is_main, "async" if async_save else "sharded" if sharded else "sync",
-                      checkpoint, backup_to, {k: v for k, v in overrides.items() if v is not None})
+        return _train(req, d, dev)
     finally:
         d.close()
 
 
-def _train(d: Dist, dev: torch.device, config, run_dir, model_size, data, resume_from, stop_at_step,
-           allow_data_change, quiet, mode, checkpoint, backup_to, overrides) -> TrainResult:
-    run_path = Path(run_dir) if run_dir is not None else None
-    which = None
-    if resume_from:
-        run_path, which = locate(resume_from, run_path)
+def _train(req: TrainRequest, d: Dist, dev: torch.device) -> TrainResult:
+    run_path, which = req.run_dir, None
+    if req.resume_from:
+        run_path, which = locate(req.resume_from, run_path)
     elif run_path is None:
         raise TrainingError("--run-dir: required, the folder of the new run (for example outputs/run1)")
     else:
-        cfg0 = (config or preset(model_size)).replace(**overrides)
-        d.on_main(lambda: new_run(run_path, cfg0, data) and None)
-    run = checkpoint.run if checkpoint is not None else Run.open(run_path)
+        cfg0 = (req.config or preset(req.model_size)).replace(**req.overrides)
+        d.on_main(lambda: new_run(run_path, cfg0, req.data) and None)
+    run = req.checkpoint.run if req.checkpoint is not None else Run.open(run_path)
     try:
-        return _session(d, dev, run, which, data, stop_at_step, allow_data_change, quiet, mode, checkpoint,
-                        backup_to, overrides)
+        return _session(req, d, dev, run, which)
     except BaseException:
         if which is None and d.is_main:
             run.reload()
             if run.latest is None:  # nothing was saved: a first run that failed leaves no folder behind
                 shutil.rmtree(run.path, ignore_errors=True)
-                log(quiet, f"removed {run.path}: the run failed before its first checkpoint")
+                log(req.quiet or not d.is_main, f"removed {run.path}: the run failed before its first checkpoint")
         raise
 
 
-def _session(d: Dist, dev: torch.device, run: Run, which, data, stop_at_step, allow_data_change, quiet, mode,
-             checkpoint, backup_to, overrides) -> TrainResult:
+def _session(req: TrainRequest, d: Dist, dev: torch.device, run: Run, which: str | None) -> TrainResult:
+    quiet, checkpoint, overrides, mode = req.quiet or not d.is_main, req.checkpoint, req.overrides, req.save_mode
     with run.writer() if d.is_main else contextlib.nullcontext():
         if which is not None and d.is_main:
             removed = run.recover()
@@ -110,7 +138,7 @@ def _session(d: Dist, dev: torch.device, run: Run, which, data, stop_at_step, al
                             if isinstance(h, dict) and "planned_epochs" in h), None)
             if type(planned) is int and 1 <= planned <= 1_000_000:
                 overrides = {**overrides, "epochs": planned}
-        cfg, tok, text, changed = reopen_run(run, data, allow_data_change, overrides if which else {})
+        cfg, tok, text, changed = reopen_run(run, req.data, req.allow_data_change, overrides if which else {})
         if changed:
             log(quiet, "warning: training continues on different data (--allow-data-change)")
         if checkpoint is not None:
@@ -122,26 +150,26 @@ def _session(d: Dist, dev: torch.device, run: Run, which, data, stop_at_step, al
         session = build(run, cfg, tok, text, dev, d.rank, d.world)
         if d.enabled:  # same initial weights everywhere, then a dropout stream of each rank's own
             torch.manual_seed(cfg.seed * 1_000_003 + d.rank)
-        backup = Backup(run.path, backup_to, warn=lambda m: log(quiet, m)) if backup_to and d.is_main else None
+        backup = Backup(run.path, req.backup_to, warn=lambda m: log(quiet, m)) if req.backup_to and d.is_main else None
         ckpt = Checkpointer(run, model=session.model, optimizer=session.optimizer, scheduler=session.scheduler,
                             keep_last=cfg.keep_last, best_metric=cfg.best_metric, best_mode=cfg.best_mode,
                             mode=mode, on_commit=backup)
-        state = _restore(session, ckpt, checkpoint, d, allow_data_change, quiet) if checkpoint else None
+        state = _restore(session, ckpt, checkpoint, d, req.allow_data_change, quiet) if checkpoint else None
         if d.enabled:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             session.model = DDP(session.model, device_ids=[dev.index] if dev.type == "cuda" else None)
         try:
-            return Trainer(session, ckpt, d, state=state, quiet=quiet).fit(stop_at_step)
+            return Trainer(session, ckpt, d, state=state, quiet=quiet).fit(req.stop_at_step)
         finally:
             ckpt.wait()
             session.model = unwrap(session.model)  # drop the DDP wrapper before the group goes
             if backup is not None and run.latest is not None:
                 last = backup.close()  # the final state, also after Ctrl-C or SIGTERM
                 if last is not None:
-                    log(quiet, f"backed up to {backup_to}: {last.sent_files} file(s) sent in this push,"
+                    log(quiet, f"backed up to {req.backup_to}: {last.sent_files} file(s) sent in this push,"
                                f" digest {last.digest[:16]}…; continue anywhere with"
-                               f" `aptbundle resume --from {backup_to.rstrip('/')}/{run.name}`")
+                               f" `aptbundle resume --from {req.backup_to.rstrip('/')}/{run.name}`")
 
 
 def _restore(s: Session, ckpt: Checkpointer, checkpoint: VerifiedCheckpoint, d: Dist,
@@ -188,14 +216,14 @@ def _check_state(state: dict, shown: str) -> None:
                             " the checkpoint is damaged or crafted")
 
 
-def resume_run(run_dir: str | Path, *, which: str = "latest", checkpoint: VerifiedCheckpoint | None = None,
-               epochs: int | None = None, stop_at_step: int | None = None, device: str = "auto",
-               data: str | Path | None = None, allow_data_change: bool = False, quiet: bool = False,
-               backup_to: str | None = None) -> TrainResult:
-    """The ``aptbundle.trainers`` entry point: continue ``run_dir`` to its planned length."""
-    return train(run_dir=run_dir, resume_from=which, checkpoint=checkpoint, epochs=epochs,
-                 stop_at_step=stop_at_step, device=device, data=data, allow_data_change=allow_data_change,
-                 quiet=quiet, backup_to=backup_to)
+def resume_run(run_dir: str | Path, request: ResumeRequest) -> ResumeResult:
+    """The ``aptbundle.trainers`` entry point (``aptbundle.ResumeTrainer``): continue ``run_dir``
+    to its planned length."""
+    res = train(TrainRequest(run_dir=Path(run_dir), resume_from=request.which, checkpoint=request.checkpoint,
+                             stop_at_step=request.stop_at_step, device=request.device, data=request.data,
+                             allow_data_change=request.allow_data_change, quiet=request.quiet,
+                             backup_to=request.backup_to, overrides={"epochs": request.epochs}))
+    return ResumeResult(res.run_dir, res.global_step, res.finished, res.last_checkpoint, res.stopped_by)
 
 
 # -- the command line ---------------------------------------------------------------------------
@@ -236,9 +264,10 @@ def main(ctx: click.Context, run_dir, config_file, model_size, data, resume_from
          allow_data_change, async_save, sharded, backup_to, quiet, **fields) -> None:
     """Train an APT model into a portable aptbundle run, or continue one."""
     config = preset(model_size).replace(**APTConfig.load(config_file).to_dict()) if config_file else None
-    res = train(config, run_dir, model_size=model_size, data=data, resume_from=resume_from,
-                stop_at_step=stop_at_step, device=device, allow_data_change=allow_data_change, quiet=quiet,
-                async_save=async_save, sharded=sharded, backup_to=backup_to, **fields)
+    res = train(TrainRequest.of(config=config, run_dir=run_dir, model_size=model_size, data=data,
+                                resume_from=resume_from, stop_at_step=stop_at_step, device=device,
+                                allow_data_change=allow_data_change, quiet=quiet, async_save=async_save,
+                                sharded=sharded, backup_to=backup_to, **fields))
     digest = Run.open(res.run_dir).manifest.digest()
     if res.finished:
         log(quiet, f"finished at step {res.global_step}: {res.run_dir} (digest {digest})\n"

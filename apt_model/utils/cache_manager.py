@@ -11,7 +11,7 @@ import shutil
 import time
 from pathlib import Path
 
-from aptbundle.ground.temporaries import pid_alive
+from aptbundle import pid_alive
 from apt_model.errors import APTError
 
 SUBFOLDERS = ("temp", "logs", "models", "data")
@@ -20,7 +20,9 @@ SUBFOLDERS = ("temp", "logs", "models", "data")
 class CacheManager:
     """Project-local cache folders.
 
-    >>> # CacheManager().get_cache_path("temp")  ->  PosixPath('.cache/temp')
+    For example::
+
+        CacheManager().get_cache_path("temp")  ->  PosixPath('.cache/temp')
     """
 
     def __init__(self, cache_dir: str | Path | None = None):

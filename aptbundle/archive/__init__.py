@@ -1,9 +1,9 @@
 """The archive: one verified ``NAME.aptrun.tar.zst`` per run.
 
-``tarstream`` (a strict tar writer and reader, one zstd frame), ``codec`` (the ``--dense``
-per-member transform), ``writer`` (``pack``), ``reader`` (the one ``ArchiveReader``),
-``extract`` (``unpack`` and ``verify_archive``, loops over the reader) and ``storage`` (local
-paths and fsspec URLs). Nothing here imports torch. The names below load their module on first
+``tarstream`` (a strict tar writer and reader), ``writer`` (``pack``, a loop over the read view
+of ``transfer``), ``reader`` (the one ``ArchiveReader``), ``extract`` (``unpack``, a loop over
+the reader into the materializer of ``transfer``, and ``verify_archive``) and ``storage`` (where
+archives live). Nothing here imports torch. The names below load their module on first
 use, so a command imports only what it runs.
 """
 
@@ -13,7 +13,7 @@ import importlib
 
 _NAMES = {"unpack": "extract", "verify_archive": "extract", "ArchiveReader": "reader",
           "read_archive_manifest": "reader", "SUFFIX": "storage", "archive_name": "storage",
-          "PackResult": "writer", "pack": "writer", "select_checkpoints": "writer"}
+          "PackResult": "writer", "pack": "writer", "write_archive": "writer"}
 __all__ = sorted(_NAMES)
 
 

@@ -19,18 +19,19 @@ from typing import BinaryIO, Callable, Iterator
 
 import zstandard
 
-from aptbundle.archive.codec import check_archive_records, member_decoder
-from aptbundle.archive.storage import CHUNK, open_source
-from aptbundle.archive.tarstream import BLOCK as TAR_BLOCK
-from aptbundle.archive.tarstream import RECORD, FrameGuard, TarReader
+from aptbundle.transfer.codec import check_archive_records, member_decoder
+from aptbundle.archive.storage import open_source
+from aptbundle.archive.tarstream import TAR_BLOCK
+from aptbundle.archive.tarstream import RECORD, TarReader
+from aptbundle.transfer.frames import FrameGuard
 from aptbundle.format.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, FileEntry, Manifest, parse_manifest
 from aptbundle.format.signature import MAX_SIGNATURE_BYTES, SIGNATURE_NAME
 from aptbundle.format.verify import check_stream
 from aptbundle.ground.ahead import ReadAhead
 from aptbundle.ground.errors import ArchiveError, UnsafePathError
-from aptbundle.ground.fsutil import Progress, announce_total
+from aptbundle.ground.fsutil import BLOCK, Progress, announce_total
 from aptbundle.ground.paths import check_name, collision_key, normalize_relpath
-from aptbundle.ground.problems import Problem
+from aptbundle.ground.problems import Kind, Problem
 
 
 class _Decoder:
@@ -42,20 +43,20 @@ class _Decoder:
 
     AHEAD = 8  # blocks decompressed ahead of the reader: memory stays at a few MiB
 
-    def __init__(self, raw: BinaryIO, shown: str):
-        self.shown = shown
-        self.guard = FrameGuard(raw, shown)
+    def __init__(self, raw: BinaryIO, label: str):
+        self.label = label
+        self.guard = FrameGuard(raw, label)
         self.reader = zstandard.ZstdDecompressor().stream_reader(
-            self.guard, read_size=CHUNK, read_across_frames=False, closefd=False)
+            self.guard, read_size=BLOCK, read_across_frames=False, closefd=False)
         self.total = 0
         self.cap = MAX_MANIFEST_BYTES + 4 * 65536 + 16 * TAR_BLOCK
         self._ahead = ReadAhead(self._block, self.AHEAD, "zstd")
 
     def _block(self) -> bytes:
         try:
-            return self.reader.read(CHUNK)
+            return self.reader.read(BLOCK)
         except zstandard.ZstdError as e:
-            raise ArchiveError(f"{self.shown}: corrupt zstd data ({e}); the archive is damaged") from None
+            raise ArchiveError(f"{self.label}: corrupt zstd data ({e}); the archive is damaged") from None
 
     def close(self) -> None:
         """Stop the decompressing thread (it may be blocked handing out a block)."""
@@ -66,11 +67,11 @@ class _Decoder:
 
     def read_some(self, n: int) -> bytes:
         if self.total + n > self.cap:
-            raise ArchiveError(f"{self.shown}: decompresses to more than the manifest declares"
+            raise ArchiveError(f"{self.label}: decompresses to more than the manifest declares"
                                f" ({self.cap} bytes); refusing it as a decompression bomb")
         b = self._raw_read(n)
         if not b:
-            raise ArchiveError(f"{self.shown}: the tar stream ends early; the archive is truncated")
+            raise ArchiveError(f"{self.label}: the tar stream ends early; the archive is truncated")
         self.total += len(b)
         return b
 
@@ -90,12 +91,12 @@ class _Decoder:
         """After the tar end marker: only zero padding, then the frame's end, then the file's."""
         slack = 0
         while True:
-            b = self._raw_read(CHUNK)
+            b = self._raw_read(BLOCK)
             if not b:
                 break
             slack += len(b)
             if slack > RECORD or b.count(0) != len(b):
-                raise ArchiveError(f"{self.shown}: data after the tar end-of-archive marker; expected nothing")
+                raise ArchiveError(f"{self.label}: data after the tar end-of-archive marker; expected nothing")
         self.close()
         self.guard.finish()
 
@@ -117,7 +118,7 @@ class Member:
     def check(self, *, scan: bool = True, taps: list[Callable[[memoryview], None]] | None = None) -> list[Problem]:
         """Read the member once: hash it, scan it, hand every byte to ``taps``; the problems found."""
         if self.checked:
-            raise ArchiveError(f"{self.reader.shown}: member {self.rel!r} was already read")
+            raise ArchiveError(f"{self.reader.label}: member {self.rel!r} was already read")
         self.checked = True
         progress = self.reader.progress
         taps = list(taps or []) + ([lambda b: progress(len(b))] if progress else [])
@@ -127,8 +128,10 @@ class Member:
 class ArchiveReader:
     """Read an archive as a stream: ``manifest`` on entry, then ``members()``.
 
-    >>> # with ArchiveReader("run1.aptrun.tar.zst") as ar:
-    >>> #     problems = [p for m in ar.members() for p in m.check()] + ar.problems
+    For example::
+
+        with ArchiveReader("run1.aptrun.tar.zst") as ar:
+            problems = [p for m in ar.members() for p in m.check()] + ar.problems
     """
 
     def __init__(self, source, *, progress: Progress | None = None, expect_digest: str | None = None):
@@ -137,10 +140,10 @@ class ArchiveReader:
         self.manifest: Manifest | None = None
 
     def __enter__(self) -> "ArchiveReader":
-        self._raw, self.shown, self.size = open_source(self.source)
+        self._raw, self.label, self.size = open_source(self.source)
         try:
-            self._dec = _Decoder(self._raw, self.shown)
-            self._tar = TarReader(self._dec.read_exact, self._dec.read_some, self.shown)
+            self._dec = _Decoder(self._raw, self.label)
+            self._tar = TarReader(self._dec.read_exact, self._dec.read_some, self.label)
             self._read_manifest()
         except BaseException:
             if hasattr(self, "_dec"):
@@ -154,7 +157,7 @@ class ArchiveReader:
         self._raw.close()
 
     def _read_manifest(self) -> None:
-        shown, tr = self.shown, self._tar
+        shown, tr = self.label, self._tar
         m = tr.next()
         if m is None:
             raise ArchiveError(f"{shown}: empty archive; expected NAME/{MANIFEST_NAME} as its first member")
@@ -170,7 +173,7 @@ class ArchiveReader:
             raise ArchiveError(f"{shown}: manifest is {m.size} bytes, over the {MAX_MANIFEST_BYTES}-byte limit")
         self.requires = check_archive_records(m.pax, shown)
         chunks = []
-        while b := tr.read_data(CHUNK):
+        while b := tr.read_data(BLOCK):
             chunks.append(b)
         tr.end_member()
         self.manifest_bytes = b"".join(chunks)
@@ -193,10 +196,10 @@ class ArchiveReader:
         if m is None or m.name != f"{self.name}/{SIGNATURE_NAME}" or m.kind != "file":
             return
         if m.size > MAX_SIGNATURE_BYTES:
-            raise ArchiveError(f"{self.shown}: {m.name} is {m.size} bytes, over the {MAX_SIGNATURE_BYTES}-byte"
+            raise ArchiveError(f"{self.label}: {m.name} is {m.size} bytes, over the {MAX_SIGNATURE_BYTES}-byte"
                                " limit for a signature; the archive is damaged or crafted")
         chunks = []
-        while b := self._tar.read_data(CHUNK):
+        while b := self._tar.read_data(BLOCK):
             chunks.append(bytes(b))
         self._tar.end_member()
         self.signature, self._pending = b"".join(chunks), self._tar.next()
@@ -210,7 +213,7 @@ class ArchiveReader:
 
     def members(self) -> Iterator[Member]:
         """Each listed member in archive order; afterwards ``problems`` holds what else was wrong."""
-        shown, tr, man, name = self.shown, self._tar, self.manifest, self.name
+        shown, tr, man, name = self.label, self._tar, self.manifest, self.name
         announce_total(self.progress, man.total_size())
         listed = man.file_map()
         dirs = {"/".join(p.split("/")[:i]) for p in listed for i in range(1, p.count("/") + 1)}
@@ -237,25 +240,25 @@ class ArchiveReader:
             entry = listed.get(rel)
             if m.kind == "dir":
                 if rel in listed:
-                    problems.append(Problem(rel, "type", "a regular file", "a folder"))
+                    problems.append(Problem(rel, Kind.TYPE, "a regular file", "a folder"))
                 elif rel not in dirs:
-                    problems.append(Problem(rel, "extra", "no such folder (not in the manifest)", "a folder in the archive"))
+                    problems.append(Problem(rel, Kind.EXTRA, "no such folder (not in the manifest)", "a folder in the archive"))
                 continue
             if entry is None:
-                problems.append(Problem(rel, "extra", "no such file (not in the manifest)", f"a member of {m.size} bytes"))
+                problems.append(Problem(rel, Kind.EXTRA, "no such file (not in the manifest)", f"a member of {m.size} bytes"))
                 if len(problems) > MAX_UNLISTED:
                     raise ArchiveError(f"{shown}: more than {MAX_UNLISTED} members the manifest does not list;"
                                        " refusing the archive")
                 continue
             if m.size != entry.size:
-                problems.append(Problem(rel, "size", f"{entry.size} bytes", f"{m.size} bytes"))
+                problems.append(Problem(rel, Kind.SIZE, f"{entry.size} bytes", f"{m.size} bytes"))
                 continue
             decode = member_decoder(m.pax, self.requires, m.size, shown, m.name)
             member = Member(self, entry, decode(tr.read_data) if decode else tr.read_data, m.mode)
             yield member  # a member the caller did not read is skipped by the next tr.next()
         for rel, entry in listed.items():
             if collision_key(rel) not in seen:
-                problems.append(Problem(rel, "missing", f"{entry.size} bytes", "not in the archive"))
+                problems.append(Problem(rel, Kind.MISSING, f"{entry.size} bytes", "not in the archive"))
         self._dec.finish()
         problems.sort(key=lambda p: p.path)
 

@@ -12,29 +12,9 @@ from pathlib import Path
 from typing import BinaryIO
 
 from aptbundle.ground.errors import SourceError
+from aptbundle.transfer.remote import is_remote, remote_fs
 
 SUFFIX = ".aptrun.tar.zst"
-CHUNK = 1 << 20
-
-
-def is_remote(path: str | Path) -> bool:
-    """True for a URL such as ``s3://bucket/run1.aptrun.tar.zst`` (read and written via fsspec)."""
-    return "://" in str(path)
-
-
-def remote_fs(url: str):
-    """``(filesystem, path)`` for a URL, or a clear error naming the package to install."""
-    try:
-        import fsspec
-
-        return fsspec.url_to_fs(url)
-    except ImportError as e:
-        raise SourceError(f"{url}: remote archives need fsspec and the backend for this URL ({e.name or e});"
-                           " install them with `pip install aptbundle[s3]`") from None
-    except ValueError as e:
-        raise SourceError(f"{url}: not a usable URL ({e})") from None
-
-
 def archive_name(run_name: str) -> str:
     """``run1`` -> ``run1.aptrun.tar.zst``."""
     return run_name + SUFFIX

@@ -10,14 +10,12 @@ headers, checks every header checksum and number, and refuses everything else by
 
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass, field
-from typing import BinaryIO
 
 from aptbundle.ground.errors import ArchiveError
 
-BLOCK = 512
-RECORD = 20 * BLOCK  # what GNU tar pads the end of an archive to
+TAR_BLOCK = 512
+RECORD = 20 * TAR_BLOCK  # what GNU tar pads the end of an archive to
 MAX_PAX = 64 * 1024
 MAX_EXTENDED = 1 << 20  # extended-header bytes before one member: chained pax headers add up
 _OCTAL_MAX_SIZE = 0o77777777777
@@ -28,10 +26,10 @@ def _octal(value: int, width: int) -> bytes:
 
 
 def _pad(n: int) -> int:
-    return -n % BLOCK
+    return -n % TAR_BLOCK
 
 
-def _pax_record(key: str, value: str) -> bytes:
+def pax_record(key: str, value: str) -> bytes:
     body = f" {key}={value}\n".encode("utf-8")
     n = len(body) + 1
     while len(str(n)) + len(body) != n:
@@ -39,8 +37,8 @@ def _pax_record(key: str, value: str) -> bytes:
     return str(n).encode() + body
 
 
-def _header(name: bytes, size: int, typeflag: bytes, mode: int, mtime: int) -> bytes:
-    h = bytearray(BLOCK)
+def tar_header(name: bytes, size: int, typeflag: bytes, mode: int, mtime: int) -> bytes:
+    h = bytearray(TAR_BLOCK)
     h[0:len(name)] = name
     h[100:108] = _octal(mode, 8)
     h[108:116] = _octal(0, 8)
@@ -64,20 +62,20 @@ def member_header(name: str, size: int, *, is_dir: bool = False, mtime: int = 0,
     ``extra_pax`` adds records (aptbundle's own ``APTBUNDLE.*`` keys) to the member's pax header.
     """
     raw = name.encode("utf-8")
-    pax = b"".join(_pax_record(k, v) for k, v in sorted((extra_pax or {}).items()))
+    pax = b"".join(pax_record(k, v) for k, v in sorted((extra_pax or {}).items()))
     short = raw
     if len(raw) > 100 or not raw.isascii():
-        pax += _pax_record("path", name)
+        pax += pax_record("path", name)
         short = raw.decode("ascii", "replace").encode("ascii", "replace")[-100:] if raw.isascii() else \
             ("aptrun-member-" + str(len(raw))).encode()
     if size > _OCTAL_MAX_SIZE:
-        pax += _pax_record("size", str(size))
+        pax += pax_record("size", str(size))
     out = b""
     if pax:
-        out += _header(b"PaxHeader/" + short[-90:], len(pax), b"x", 0o644, mtime) + pax + b"\0" * _pad(len(pax))
+        out += tar_header(b"PaxHeader/" + short[-90:], len(pax), b"x", 0o644, mtime) + pax + b"\0" * _pad(len(pax))
     hsize = 0 if is_dir or size > _OCTAL_MAX_SIZE else size  # a larger size travels in the pax record
     mode = (0o755 if is_dir else 0o644) if mode is None else mode & 0o777
-    return out + _header(short, hsize, b"5" if is_dir else b"0", mode, mtime)
+    return out + tar_header(short, hsize, b"5" if is_dir else b"0", mode, mtime)
 
 
 def padding(size: int) -> bytes:
@@ -87,13 +85,13 @@ def padding(size: int) -> bytes:
 
 def end_of_archive(written: int) -> bytes:
     """Two zero blocks, then zeros up to a full 10 KiB record, as GNU tar writes."""
-    n = written + 2 * BLOCK
-    return b"\0" * (2 * BLOCK + (-n % RECORD))
+    n = written + 2 * TAR_BLOCK
+    return b"\0" * (2 * TAR_BLOCK + (-n % RECORD))
 
 
 # -- reading ---------------------------------------------------------------------------------
 @dataclass
-class Member:
+class TarEntry:
     """One member as the reader found it."""
 
     name: str
@@ -119,8 +117,8 @@ def _parse_number(field: bytes, what: str, where: str) -> int:
 class TarReader:
     """Pull members one by one from a byte stream that returns exactly what is asked of it."""
 
-    def __init__(self, read_exact, read_some=None, shown: str = "archive"):
-        self.shown = shown
+    def __init__(self, read_exact, read_some=None, label: str = "archive"):
+        self.label = label
         self._read = read_exact  # read_exact(n) -> bytes of length n or raises ArchiveError
         self._some = read_some or read_exact  # read_some(n) -> 1..n bytes
         self.offset = 0
@@ -129,11 +127,11 @@ class TarReader:
         self._left = 0  # data bytes of the current member not yet read
 
     def _block(self) -> bytes:
-        b = self._read(BLOCK)
-        self.offset += BLOCK
+        b = self._read(TAR_BLOCK)
+        self.offset += TAR_BLOCK
         return b
 
-    def next(self) -> Member | None:
+    def next(self) -> TarEntry | None:
         """The next member's header, or None at the end-of-archive marker."""
         if self._pending:
             self.end_member()
@@ -141,10 +139,10 @@ class TarReader:
         longname: str | None = None
         extended = 0
         while True:
-            where = f"{self.shown}: tar header at byte {self.offset}"
+            where = f"{self.label}: tar header at byte {self.offset}"
             h = self._block()
-            if h == b"\0" * BLOCK:
-                if self._block() != b"\0" * BLOCK:
+            if h == b"\0" * TAR_BLOCK:
+                if self._block() != b"\0" * TAR_BLOCK:
                     raise ArchiveError(f"{where}: a lone zero block inside the archive; the tar stream is malformed")
                 if pax or longname is not None:
                     raise ArchiveError(f"{where}: extended header with no member after it")
@@ -176,7 +174,7 @@ class TarReader:
                          b"g": "global pax header", b"K": "GNU long link name", b"V": "volume label"}
                 what = names.get(typeflag, f"type {typeflag!r}")
                 raw_name = h[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
-                raise ArchiveError(f"{self.shown}: member {raw_name!r} is a {what}; archives may hold only"
+                raise ArchiveError(f"{self.label}: member {raw_name!r} is a {what}; archives may hold only"
                                    " regular files and folders")
             if "size" in pax:
                 try:
@@ -198,11 +196,11 @@ class TarReader:
             kind = kinds[typeflag]
             if kind == "dir":
                 if size:
-                    raise ArchiveError(f"{self.shown}: member {name!r} is a folder with {size} bytes of data")
+                    raise ArchiveError(f"{self.label}: member {name!r} is a folder with {size} bytes of data")
                 name = name[:-1] if name.endswith("/") else name
             self._pending, self._size, self._left = size + _pad(size), size, size
             mode = _parse_number(h[100:108], "mode", where) & 0o777
-            return Member(name, kind, size, pax, mode)
+            return TarEntry(name, kind, size, pax, mode)
 
     def read_data(self, n: int) -> bytes:
         """Up to ``n`` bytes of the current member's data; b"" once all of it was read."""
@@ -247,107 +245,3 @@ def _parse_pax(data: bytes, where: str) -> dict[str, str]:
         out[k] = v
         pos += length
     return out
-
-
-class FrameGuard:
-    """A raw-stream wrapper that passes one zstd frame, byte-exact, and nothing after it.
-
-    zstd is given only the frame's bytes; ``finish()`` then checks that the file ends there, so
-    trailing bytes, skippable frames and second frames are refused instead of silently read.
-    The frame's bytes pass through unchanged: the guard walks the block headers inside each
-    large block it reads from the source and hands out whole validated stretches as views, so
-    it copies nothing and costs little next to the decompression.
-    """
-
-    def __init__(self, raw: BinaryIO, shown: str, chunk: int = 1 << 20):
-        self.raw, self.shown, self.chunk = raw, shown, chunk
-        self._buf = b""  # bytes read from the source
-        self._pos = 0  # next byte of _buf to hand out
-        self._ok = 0  # bytes of _buf before this are checked frame bytes
-        self._payload = 0  # block payload bytes still to check
-        self._state = "magic"  # magic -> block -> (checksum) -> done
-        self._last = False
-        self._checksum = False
-        self.consumed = 0
-
-    def _bad(self, what: str) -> ArchiveError:
-        return ArchiveError(f"{self.shown}: {what}")
-
-    def _walk(self) -> None:
-        """Advance ``_ok`` over every structure that lies wholly in the buffer."""
-        buf = self._buf
-        while True:
-            if self._payload:
-                take = min(self._payload, len(buf) - self._ok)
-                self._ok += take
-                self._payload -= take
-                if self._payload:
-                    return
-            avail = len(buf) - self._ok
-            if self._state == "magic":
-                if avail < 5:
-                    return
-                if buf[self._ok:self._ok + 4] != b"\x28\xb5\x2f\xfd":
-                    raise self._bad(f"not a zstd stream (starts with {buf[self._ok:self._ok + 4].hex()});"
-                                    " expected NAME.aptrun.tar.zst")
-                fhd = buf[self._ok + 4]
-                if fhd & 0x08:
-                    raise self._bad("zstd frame header has a reserved bit set; corrupt")
-                single = (fhd >> 5) & 1
-                size = 5 + (0 if single else 1) + (0, 1, 2, 4)[fhd & 3] + (single, 2, 4, 8)[fhd >> 6]
-                if avail < size:
-                    return
-                self._checksum = bool(fhd & 0x04)
-                self._ok += size
-                self._state = "block"
-            elif self._state == "block":
-                if self._last:
-                    self._state = "checksum" if self._checksum else "done"
-                    continue
-                if avail < 3:
-                    return
-                v = int.from_bytes(buf[self._ok:self._ok + 3], "little")
-                self._last, btype, bsize = bool(v & 1), (v >> 1) & 3, v >> 3
-                if btype == 3:
-                    raise self._bad("zstd block of reserved type; the archive is corrupt")
-                self._ok += 3
-                self._payload = 1 if btype == 1 else bsize
-            elif self._state == "checksum":
-                if avail < 4:
-                    return
-                self._ok += 4
-                self._state = "done"
-            else:
-                return
-
-    def read(self, n: int = -1) -> bytes | memoryview:
-        n = self.chunk if n is None or n < 0 else n
-        while True:
-            self._walk()
-            if self._ok > self._pos:
-                end = min(self._ok, self._pos + n)
-                out = memoryview(self._buf)[self._pos:end]
-                self._pos = end
-                self.consumed += len(out)
-                return out
-            if self._state == "done":
-                return b""
-            more = self.raw.read(self.chunk)
-            if not more:
-                raise self._bad("the zstd stream is truncated; the archive is incomplete")
-            rest = self._buf[self._pos:]  # a header cut by the block boundary: a few bytes
-            self._buf = bytes(rest) + more if rest else more
-            self._pos = self._ok = 0
-
-    def finish(self) -> None:
-        """Refuse anything after the frame: trailing bytes or extra (or skippable) frames."""
-        while self._state != "done":
-            if not len(self.read(1 << 20)):
-                break
-        extra = bytes(self._buf[self._pos:self._pos + 4])
-        if len(extra) < 4:
-            extra += self.raw.read(4 - len(extra))
-        if extra:
-            kind = "another zstd frame" if extra in (b"\x28\xb5\x2f\xfd",) or (
-                len(extra) == 4 and struct.unpack("<I", extra)[0] & 0xFFFFFFF0 == 0x184D2A50) else "trailing bytes"
-            raise self._bad(f"{kind} after the archive's zstd frame; expected the file to end there")

@@ -12,14 +12,14 @@ import sys
 import click
 
 from aptbundle.commands import cli_store
-from aptbundle.commands.exits import CONTEXT, SHOWN, Group, plain, status_for
-from aptbundle.commands.options import (digest_opt, emit, json_opt, print_notes, quiet_opt, sign_opt, size_opt,
-                                        strict_opt, trust_opt)
+from aptbundle.commands.exits import CONTEXT, SHOWN, CommandGroup, plain, status_for
+from aptbundle.commands.options import (digest_opt, emit, force_opt, json_opt, print_notes, quiet_opt, sign_opt,
+                                        size_opt, strict_opt, trust_opt)
 from aptbundle.commands.progress import progress
-from aptbundle.commands.render import human, render, render_diff, shown
+from aptbundle.commands.render import escaped, human, render, render_diff
 
 
-@click.group(cls=Group, context_settings=CONTEXT)
+@click.group(cls=CommandGroup, context_settings=CONTEXT)
 @click.version_option(package_name="aptbundle")
 def main() -> None:
     """Make training runs portable: pack, unpack, verify, inspect and resume them; push them to and
@@ -48,11 +48,11 @@ def init(directory: str, update: bool, trainer: str | None, strict: bool, as_jso
     if update:
         with progress("hashing", quiet) as cb:
             ch = do_update(directory, progress=cb, strict=strict, notes=notes)
-        lines = [f"+ {shown(p)}" for p in ch.added] + [f"- {shown(p)}" for p in ch.removed] + \
-                [f"~ {shown(p)}" for p in ch.changed]
-        summary = (f"updated {shown(directory)}: {len(ch.added)} new, {len(ch.removed)} gone, {len(ch.changed)} changed"
+        lines = [f"+ {escaped(p)}" for p in ch.added] + [f"- {escaped(p)}" for p in ch.removed] + \
+                [f"~ {escaped(p)}" for p in ch.changed]
+        summary = (f"updated {escaped(directory)}: {len(ch.added)} new, {len(ch.removed)} gone, {len(ch.changed)} changed"
                    f" file(s); checkpoints +[{', '.join(ch.checkpoints_added)}] -[{', '.join(ch.checkpoints_removed)}];"
-                   f" digest {ch.digest}") if ch.any else f"{shown(directory)}: nothing changed; digest {ch.digest}"
+                   f" digest {ch.digest}") if ch.any else f"{escaped(directory)}: nothing changed; digest {ch.digest}"
         print_notes(notes)
         emit(as_json, {**ch.to_dict(), "path": directory, "notes": [n.to_dict() for n in notes]},
              "\n".join(lines[:SHOWN] + [summary]))
@@ -62,8 +62,8 @@ def init(directory: str, update: bool, trainer: str | None, strict: bool, as_jso
     m = run.manifest
     print_notes(notes)
     what = title(m.layout)
-    rows = [f"  {shown(c.name):<24} step {c.step:>8}  epoch {shown(c.epoch):>6}"
-            + "".join(f"  {shown(k)} {v:.4g}" for k, v in c.metrics.items() if isinstance(v, (int, float)))
+    rows = [f"  {escaped(c.name):<24} step {c.step:>8}  epoch {escaped(c.epoch):>6}"
+            + "".join(f"  {escaped(k)} {v:.4g}" for k, v in c.metrics.items() if isinstance(v, (int, float)))
             + ("  latest" if c.name == m.latest else "") + ("  best" if m.best and c.name == m.best.name else "")
             for c in m.checkpoints]
     emit(as_json, {"path": str(run.path), "name": m.name, "files": len(m.files), "size": m.total_size(),
@@ -73,7 +73,7 @@ def init(directory: str, update: bool, trainer: str | None, strict: bool, as_jso
                    "latest": m.latest, "best": m.best.name if m.best else None, "untrusted": m.untrusted,
                    "links": [x.path for x in m.links], "digest": m.digest(), "notes": [n.to_dict() for n in notes]},
          f"adopted {run.path}" + (f" ({what})" if what else "") + f": {len(m.files)} files, {human(m.total_size())},"
-         f" {len(m.checkpoints)} checkpoint(s)" + (f", best {shown(m.best.name)}" if m.best else "")
+         f" {len(m.checkpoints)} checkpoint(s)" + (f", best {escaped(m.best.name)}" if m.best else "")
          + f"; digest {m.digest()}" + "".join("\n" + row for row in rows[:SHOWN]))
 
 
@@ -96,7 +96,7 @@ def verify(path: str, trust: tuple[str, ...], strict: bool, as_json: bool, quiet
         emit(True, report.to_dict(), "")
     else:
         for p in report.problems[:SHOWN]:
-            click.echo(f"error: {plain(shown(p))}", err=True)
+            click.echo(f"error: {plain(escaped(p))}", err=True)
         if len(report.problems) > SHOWN:
             click.echo(f"error: ... and {len(report.problems) - SHOWN} more (--json lists every one)", err=True)
         if report.ok:
@@ -131,9 +131,9 @@ def pack(run_dir: str, output: str | None, level: int | None, threads: int, whic
 
     if dry_run:
         info = plan(run_dir, output, checkpoints=which)
-        lines = [f"{human(f['size']):>10}  {shown(f['path'])}" for f in info["files"]]
+        lines = [f"{human(f['size']):>10}  {escaped(f['path'])}" for f in info["files"]]
         emit(as_json, info, "\n".join(lines + [f"would pack {len(info['files'])} files, {human(info['data_size'])}"
-                                                f" of data, into {shown(info['archive'])} (nothing written)"]))
+                                                f" of data, into {escaped(info['archive'])} (nothing written)"]))
         return
 
     with progress("packing", quiet) as cb:
@@ -143,7 +143,7 @@ def pack(run_dir: str, output: str | None, level: int | None, threads: int, whic
     emit(as_json, {"archive": str(res.path), "size": res.size, "digest": res.digest, "files": res.files,
                    "data_size": res.data_size, "signed": sign is not None},
          f"{res.path}\n  {human(res.size)} ({res.files} files, {human(res.data_size)} of data, ratio {ratio:.2f})"
-         f"\n  digest {res.digest}" + (f"\n  signed with {shown(sign)}" if sign else ""))
+         f"\n  digest {res.digest}" + (f"\n  signed with {escaped(sign)}" if sign else ""))
 
 
 @main.command(short_help="Unpack an archive into DEST/NAME, verified.")
@@ -186,7 +186,7 @@ def inspect(path: str, plot_file: str | None, as_json: bool) -> None:
         from aptbundle.commands.plot import plot_curves
 
         info["plot"] = str(plot_curves(info["curves"], info["name"], plot_file))
-    emit(as_json, info, render(info) + (f"\n  plot      {shown(info['plot'])}" if plot_file else ""))
+    emit(as_json, info, render(info) + (f"\n  plot      {escaped(info['plot'])}" if plot_file else ""))
 
 
 @main.command(name="ls", short_help="List the runs and archives under a folder, or in a store.")
@@ -206,12 +206,12 @@ def ls_(directory: str, as_json: bool) -> None:
     rows = [f"{'name':<20}{'kind':<9}{'steps':>7}{'best loss':>11}{'size':>11}  {'digest':<14}path"]
     for r in runs:
         if r["kind"] == "unreadable":
-            rows.append(f"{'?':<20}{'error':<9}{'':>7}{'':>11}{'':>11}  {'':<14}{shown(r['path'])}: {shown(r['error'])}")
+            rows.append(f"{'?':<20}{'error':<9}{'':>7}{'':>11}{'':>11}  {'':<14}{escaped(r['path'])}: {escaped(r['error'])}")
             continue
         loss = f"{r['best_loss']:.4f}" if r["best_loss"] is not None else "-"
-        rows.append(f"{shown(r['name']):<20}{r['kind']:<9}{r['steps']:>7}{loss:>11}{human(r['size']):>11}"
-                    f"  {r['digest'][:12]:<14}{shown(r['path'])}")
-    emit(as_json, {"runs": runs}, "\n".join(rows) if runs else f"no runs or archives under {shown(directory)}")
+        rows.append(f"{escaped(r['name']):<20}{r['kind']:<9}{r['steps']:>7}{loss:>11}{human(r['size']):>11}"
+                    f"  {r['digest'][:12]:<14}{escaped(r['path'])}")
+    emit(as_json, {"runs": runs}, "\n".join(rows) if runs else f"no runs or archives under {escaped(directory)}")
 
 
 @main.command(short_help="Compare two runs or archives.")
@@ -250,6 +250,7 @@ def prune(run_dir: str, keep_last: int, dry_run: bool, as_json: bool) -> None:
 @click.option("-C", "--dest", default=".", show_default=True, type=click.Path(file_okay=False),
               help="With --from STORE/NAME: the folder to pull NAME/ into.")
 @trust_opt
+@force_opt
 @click.option("--backup-to", default=None, help="Push the run to this store after each checkpoint (in the"
               " background) and at the end.")
 @click.option("--epochs", type=click.IntRange(1), default=None,
@@ -261,14 +262,14 @@ def prune(run_dir: str, keep_last: int, dry_run: bool, as_json: bool) -> None:
 @click.option("--allow-data-change", is_flag=True, help="Continue even if the data differs from the run's.")
 @json_opt
 @quiet_opt
-def resume(run_dir: str | None, which: str, checkpoint: str | None, dest: str, trust: tuple[str, ...],
+def resume(run_dir: str | None, which: str, checkpoint: str | None, dest: str, trust: tuple[str, ...], force: bool,
            backup_to: str | None, epochs: int | None, stop_at_step: int | None, device: str, data: str | None,
            allow_data_change: bool, as_json: bool, quiet: bool) -> None:
     """Continue a run where it stopped (default: the run here or in ./outputs).
 
     `--from STORE/NAME` first pulls run NAME out of the store (into -C DEST, updating an older
     copy there), verified, then continues it: the way back after losing the training machine."""
-    from aptbundle.commands.resume import resume as do_resume
+    from aptbundle.commands.resume import ResumeRequest, resume as do_resume
 
     if "/" in which:
         if run_dir is not None:
@@ -278,26 +279,24 @@ def resume(run_dir: str | None, which: str, checkpoint: str | None, dest: str, t
 
         store, name = split_ref(which)
         with progress("pulling", quiet, rate=True) as cb:
-            pulled = do_pull(store, name, dest, trust=list(trust), progress=cb)
+            pulled = do_pull(store, name, dest, trust=list(trust), progress=cb, force=force)
         if not quiet:
-            click.echo(f"pulled {shown(name)} from {shown(store)} into {shown(pulled.path)}"
-                       f" ({pulled.fetched_files} file(s) fetched, {pulled.reused_files} reused)", err=True)
+            click.echo(f"pulled {escaped(name)} from {escaped(store)} into {escaped(pulled.path)}"
+                       f" ({pulled.fetched_files} file(s) fetched, {pulled.reused_files} reused)"
+                       + (f"; the copy that was in the way is now {escaped(pulled.moved_aside)}"
+                          if pulled.moved_aside else ""), err=True)
         run_dir, which = pulled.path, checkpoint or "latest"
-    elif trust or checkpoint:
-        raise click.UsageError("--trust and --checkpoint go with --from STORE/NAME; for a local run use --from"
-                               " CHECKPOINT and `aptbundle verify --trust`")
-    extra = {"backup_to": backup_to} if backup_to else {}
-    res = do_resume(run_dir, which=which, epochs=epochs, stop_at_step=stop_at_step, device=device, data=data,
-                    allow_data_change=allow_data_change, quiet=quiet, **extra)
-    step = getattr(res, "global_step", None)
-    done = getattr(res, "finished", None)
-    where = getattr(res, "run_dir", run_dir)
-    emit(as_json, {"run": str(where), "global_step": step, "finished": done,
-                   "checkpoint": getattr(res, "last_checkpoint", None)},
-         f"{'finished' if done else 'stopped'} at step {step}: {where}")
-    stopped_by = getattr(res, "stopped_by", None)
-    if stopped_by:
-        sys.exit(status_for(stopped_by))
+    elif trust or checkpoint or force:
+        raise click.UsageError("--trust, --checkpoint and --force go with --from STORE/NAME; for a local run use"
+                               " --from CHECKPOINT and `aptbundle verify --trust`")
+    res = do_resume(run_dir, ResumeRequest(which=which, epochs=epochs, stop_at_step=stop_at_step, device=device,
+                                           data=data, allow_data_change=allow_data_change, quiet=quiet,
+                                           backup_to=backup_to))
+    emit(as_json, {"run": str(res.run_dir), "global_step": res.global_step, "finished": res.finished,
+                   "checkpoint": res.last_checkpoint},
+         f"{'finished' if res.finished else 'stopped'} at step {res.global_step}: {res.run_dir}")
+    if res.stopped_by:
+        sys.exit(status_for(res.stopped_by))
 
 
 for _command in (cli_store.keygen, cli_store.push, cli_store.pull, cli_store.gc):

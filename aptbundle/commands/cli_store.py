@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import click
 
-from aptbundle.commands.options import (digest_opt, emit, json_opt, quiet_opt, sign_opt, size_opt, strict_opt,
-                                        trust_opt)
+from aptbundle.commands.options import (digest_opt, emit, force_opt, json_opt, quiet_opt, sign_opt, size_opt,
+                                        strict_opt, trust_opt)
 from aptbundle.commands.progress import progress
-from aptbundle.commands.render import human, shown
+from aptbundle.commands.render import human, escaped
 
 
 def ls_store(store: str, as_json: bool) -> None:
@@ -17,12 +17,12 @@ def ls_store(store: str, as_json: bool) -> None:
     rows = [f"{'name':<20}{'steps':>7}{'ckpts':>6}{'size':>11}{'stored':>11}  {'digest':<14}{'signed':<7}pushed"]
     for r in runs:
         if "error" in r:
-            rows.append(f"{shown(r['name']):<20}error: {shown(r['error'])}")
+            rows.append(f"{escaped(r['name']):<20}error: {escaped(r['error'])}")
             continue
-        rows.append(f"{shown(r['name']):<20}{r['step']:>7}{len(r['checkpoints']):>6}{human(r['size']):>11}"
+        rows.append(f"{escaped(r['name']):<20}{r['step']:>7}{len(r['checkpoints']):>6}{human(r['size']):>11}"
                     f"{human(r['stored_size']):>11}  {r['digest'][:12]:<14}{'yes' if r['signed'] else 'no':<7}"
                     f"{r['pushed_at']}" + (f"  ({r['missing_blobs']} blob(s) missing)" if r["missing_blobs"] else ""))
-    emit(as_json, {"store": store, "runs": runs}, "\n".join(rows) if runs else f"no runs in the store {shown(store)}")
+    emit(as_json, {"store": store, "runs": runs}, "\n".join(rows) if runs else f"no runs in the store {escaped(store)}")
 
 
 @click.command(short_help="Make an Ed25519 key pair for signing runs.")
@@ -36,7 +36,7 @@ def keygen(key: str, force: bool, as_json: bool) -> None:
 
     priv, pub, keyid = do_keygen(key, force=force)
     emit(as_json, {"private_key": str(priv), "public_key": str(pub), "keyid": keyid},
-         f"private key {shown(str(priv))} (keep it secret)\npublic key  {shown(str(pub))}\nkey id      {keyid}")
+         f"private key {escaped(str(priv))} (keep it secret)\npublic key  {escaped(str(pub))}\nkey id      {keyid}")
 
 
 @click.command(short_help="Push a run into a store; only new files travel.")
@@ -60,10 +60,10 @@ def push(run_dir: str, store: str, which: str, dense: bool, level: int | None, s
     with progress("pushing", quiet, rate=True) as cb:
         r = do_push(run_dir, store, sign=sign, dense=dense, level=level, checkpoints=which, progress=cb)
     emit(as_json, r.to_dict(),
-         f"pushed {shown(r.name)} to {shown(r.store)}: {r.sent_files} file(s) sent ({human(r.data_bytes)} as"
+         f"pushed {escaped(r.name)} to {escaped(r.store)}: {r.sent_files} file(s) sent ({human(r.data_bytes)} as"
          f" {human(r.sent_bytes)}), {r.present_files} already there ({human(r.present_bytes)}) in {r.seconds:.1f} s"
          f"\n  digest {r.digest}" + ("  (signed)" if r.signed else "")
-         + f"\n  pull it with: aptbundle pull {shown(r.store)} {shown(r.name)}")
+         + f"\n  pull it with: aptbundle pull {escaped(r.store)} {escaped(r.name)}")
 
 
 @click.command(short_help="Pull a run out of a store into DEST/NAME, verified.")
@@ -77,22 +77,30 @@ def push(run_dir: str, store: str, which: str, dense: bool, level: int | None, s
               help="Refuse a run that declares more new data than this (e.g. 20G, 500M).")
 @trust_opt
 @strict_opt
+@force_opt
 @json_opt
 @quiet_opt
 def pull(store: str, name: str, dest: str, digest: str | None, max_size: int | None, trust: tuple[str, ...],
-         strict: bool, as_json: bool, quiet: bool) -> None:
+         strict: bool, force: bool, as_json: bool, quiet: bool) -> None:
     """Pull run NAME out of STORE into DEST/NAME, checking every byte before it appears.
 
-    If DEST/NAME holds an older version of the run, only the files it lacks are fetched."""
+    If DEST/NAME holds an older version of the run, only the files it lacks are fetched. Anything
+    else there (another run, a newer state, files its manifest does not list) is never replaced:
+    the pull is refused, or with --force that copy is moved aside."""
     from aptbundle.store.pull import pull as do_pull
 
     with progress("pulling", quiet, rate=True) as cb:
         r = do_pull(store, name, dest, digest=digest, trust=list(trust), progress=cb, max_size=max_size,
-                    strict=strict)
-    emit(as_json, r.to_dict(),
-         f"{r.path}\n  {r.fetched_files} file(s) fetched ({human(r.fetched_bytes)}), {r.reused_files} reused from the"
-         f" older version ({human(r.reused_bytes)}) in {r.seconds:.1f} s\n  digest {r.digest}"
-         + (f"  (signed by {r.signed_by[:16]})" if r.signed_by else ""))
+                    strict=strict, force=force)
+    emit(as_json, r.to_dict(), pulled_text(r))
+
+
+def pulled_text(r) -> str:
+    """What a pull did, for people."""
+    return (f"{escaped(r.path)}\n  {r.fetched_files} file(s) fetched ({human(r.fetched_bytes)}), {r.reused_files}"
+            f" reused from the older version ({human(r.reused_bytes)}) in {r.seconds:.1f} s\n  digest {r.digest}"
+            + (f"  (signed by {r.signed_by[:16]})" if r.signed_by else "")
+            + (f"\n  the copy that was in the way is now {escaped(r.moved_aside)}" if r.moved_aside else ""))
 
 
 @click.command(short_help="Delete what no run in a store references.")

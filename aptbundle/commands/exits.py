@@ -18,19 +18,18 @@ name the user's paths: aptbundle's temporary names are shown as what they stand 
 from __future__ import annotations
 
 import contextlib
-import re
 import signal
 import threading
 from typing import Any, Iterator
 
 import click
 
-from aptbundle.commands.render import shown
+from aptbundle.commands.render import escaped
 from aptbundle.ground.errors import AptBundleError, VerifyError
+from aptbundle.ground.temporaries import plain_names
 
 FAILED = 1
 SHOWN = 100  # problems printed one per line; the rest are counted
-_TEMP = re.compile(r"\.aptrun-tmp-\d+-[0-9a-f]+-")
 
 
 class Stopped(BaseException):
@@ -48,11 +47,11 @@ def status_for(signum: int) -> int:
 
 def plain(text: str) -> str:
     """``text`` with aptbundle's temporary names replaced by the names they stand for."""
-    return _TEMP.sub("", text)
+    return plain_names(text)
 
 
 def _say(text: str) -> None:
-    click.echo(plain(shown(text)), err=True)  # names in errors may come from a bundle: escaped
+    click.echo(plain(escaped(text)), err=True)  # names in errors may come from a bundle: escaped
 
 
 def report(error: BaseException) -> int:
@@ -109,7 +108,7 @@ class _Mapped:
             ctx.exit(report(e))
 
 
-class Group(_Mapped, click.Group):
+class CommandGroup(_Mapped, click.Group):
     """A click group whose commands follow the exit rule."""
 
 

@@ -8,6 +8,7 @@ import click
 
 from aptbundle.commands.exits import plain
 from aptbundle.commands.render import note_lines
+from aptbundle.ground.problems import Kind
 
 
 def emit(as_json: bool, data: dict, text: str) -> None:
@@ -52,6 +53,9 @@ sign_opt = click.option("--sign", type=click.Path(dir_okay=False),
 quiet_opt = click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 strict_opt = click.option("--strict", is_flag=True,
                           help="Refuse files carried as untrusted (ones no framework loads, like training_args.bin).")
+force_opt = click.option("--force", is_flag=True,
+                         help="If DEST/NAME may not be replaced (another run, a newer state, files of yours),"
+                              " move it aside to NAME.old-TIME instead of refusing; it is never deleted.")
 
 
 def print_notes(notes: list) -> None:
@@ -59,8 +63,8 @@ def print_notes(notes: list) -> None:
     the untrusted files, one per file with machine paths."""
     if not notes:
         return
-    untrusted = sorted({n.path for n in notes if n.kind == "untrusted"})
-    paths = {n.path: n.found for n in notes if n.kind == "machine-path"}
+    untrusted = sorted({n.path for n in notes if n.kind == Kind.UNTRUSTED})
+    paths = {n.path: n.found for n in notes if n.kind == Kind.MACHINE_PATH}
     for line in note_lines(untrusted, paths):
         click.echo(plain(line), err=True)
 

@@ -23,7 +23,7 @@ from aptbundle.format.run import Run
 from aptbundle.format.verify import verify_run
 from aptbundle.ground.errors import AptBundleError, RunError, SignatureError
 from aptbundle.ground.fsutil import Progress
-from aptbundle.ground.problems import Problem, Report
+from aptbundle.ground.problems import Kind, Problem, Report
 from aptbundle.layouts import title
 
 
@@ -46,7 +46,9 @@ def verify_path(path: str | Path, progress: Progress | None = None,
 
     With ``trust`` (public key files) the run must also be signed, as it is now, by one of them.
 
-    >>> # verify_path("outputs/run1").ok
+    For example::
+
+        verify_path("outputs/run1").ok
     """
     if not is_run_folder(path):
         return verify_archive(path, progress, trust=trust, strict=strict)
@@ -57,7 +59,7 @@ def verify_path(path: str | Path, progress: Progress | None = None,
         try:
             signature.check(run.signature(), run.name, run.manifest.digest(), keys, run.name)
         except SignatureError as e:
-            report.problems.append(Problem(SIGNATURE_NAME, "signature", "signed by a trusted key",
+            report.problems.append(Problem(SIGNATURE_NAME, Kind.SIGNATURE, "signed by a trusted key",
                                            str(e).removeprefix(f"{run.name}: ")))
     return report
 
@@ -65,7 +67,9 @@ def verify_path(path: str | Path, progress: Progress | None = None,
 def describe(path: str | Path) -> dict:
     """Everything ``inspect`` shows, as plain data.
 
-    >>> # describe("run1.aptrun.tar.zst")["checkpoints"][-1]["step"]
+    For example::
+
+        describe("run1.aptrun.tar.zst")["checkpoints"][-1]["step"]
     """
     archive_size = requires = sig = None
     curves: dict = {}

@@ -47,7 +47,7 @@ class Bar:
             self._bar = None
 
 
-def shown(quiet: bool) -> bool:
+def visible(quiet: bool) -> bool:
     """Whether a progress bar would be drawn."""
     return not quiet and sys.stderr.isatty()
 
@@ -56,7 +56,7 @@ def shown(quiet: bool) -> bool:
 def progress(label: str, quiet: bool, total: int = 0, rate: bool = False) -> Iterator[Bar | None]:
     """A progress bar, or None when ``--quiet`` is given or stderr is not a terminal. ``rate``
     shows the bytes done and the rate beside it."""
-    if not shown(quiet):
+    if not visible(quiet):
         yield None
         return
     bar = Bar(label, total, rate)

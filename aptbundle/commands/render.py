@@ -14,10 +14,10 @@ _SPARK = "▁▂▃▄▅▆▇█"
 _MARKS = {"loss": "•", "val_loss": "×"}
 
 
-def shown(value) -> str:
+def escaped(value) -> str:
     """``value`` as text safe to print: control, format (bidi, zero-width) characters escaped.
 
-    >>> shown("run\\x1b]0;owned\\x07")
+    >>> escaped("run\\x1b]0;owned\\x07")
     'run\\\\x1b]0;owned\\\\x07'
     """
     text = str(value)
@@ -90,19 +90,19 @@ def _history(info: dict) -> list[str]:
     out = ["  history"]
     for i, h in enumerate(hist):
         if "framework" in h:  # an adopted folder: what its framework recorded
-            facts = ", ".join(f"{shown(k).replace('_', ' ')} {shown(v)}" for k, v in h.items() if k != "framework")
-            out.append(f"    written by {shown(h['framework'])}" + (f": {facts}" if facts else ""))
+            facts = ", ".join(f"{escaped(k).replace('_', ' ')} {escaped(v)}" for k, v in h.items() if k != "framework")
+            out.append(f"    written by {escaped(h['framework'])}" + (f": {facts}" if facts else ""))
             continue
         if "updated_at" in h and "added" in h:  # init --update
-            out.append(f"    {shown(h['updated_at'])}  updated: +{shown(h.get('added'))} -{shown(h.get('removed'))}"
-                       f" ~{shown(h.get('changed'))} files")
+            out.append(f"    {escaped(h['updated_at'])}  updated: +{escaped(h.get('added'))} -{escaped(h.get('removed'))}"
+                       f" ~{escaped(h.get('changed'))} files")
             continue
         start = h.get("from_digest")
         end = next((n.get("from_digest") for n in hist[i + 1:] if n.get("from_digest")), info["digest"])
-        change = f"  digest {shown(start)[:12]} -> {shown(end)[:12]}" if isinstance(start, str) else ""
-        out.append(f"    {shown(h.get('started_at', '?'))}  steps {shown(h.get('start_step', '?'))} ->"
-                   f" {shown(h.get('stop_step', '?'))}  on {shown(h.get('device', '?'))},"
-                   f" torch {shown(h.get('torch', '?'))}{change}")
+        change = f"  digest {escaped(start)[:12]} -> {escaped(end)[:12]}" if isinstance(start, str) else ""
+        out.append(f"    {escaped(h.get('started_at', '?'))}  steps {escaped(h.get('start_step', '?'))} ->"
+                   f" {escaped(h.get('stop_step', '?'))}  on {escaped(h.get('device', '?'))},"
+                   f" torch {escaped(h.get('torch', '?'))}{change}")
     return out
 
 
@@ -113,9 +113,9 @@ def note_lines(untrusted: list[str], machine_paths: dict[str, str], most: int = 
     out = []
     if untrusted:
         more = f" and {len(untrusted) - most} more" if len(untrusted) > most else ""
-        out.append(f"note: {', '.join(shown(u) for u in untrusted[:most])}{more}: carried untrusted, {UNTRUSTED_NOTE}")
+        out.append(f"note: {', '.join(escaped(u) for u in untrusted[:most])}{more}: carried untrusted, {UNTRUSTED_NOTE}")
     for path, found in list(machine_paths.items())[:most]:
-        out.append(f"warning: {shown(path)} records absolute paths of the machine that wrote it: {shown(found)}")
+        out.append(f"warning: {escaped(path)} records absolute paths of the machine that wrote it: {escaped(found)}")
     if len(machine_paths) > most:
         out.append(f"warning: ... and {len(machine_paths) - most} more files with machine paths")
     return out
@@ -126,23 +126,23 @@ def render(info: dict) -> str:
     env = info["environment"] if isinstance(info["environment"], dict) else {}
     best = info.get("best")
     lines = [
-        f"{info['kind']} {shown(info['path'])}",
-        f"  name      {shown(info['name'])}",
+        f"{info['kind']} {escaped(info['path'])}",
+        f"  name      {escaped(info['name'])}",
         f"  digest    {info['digest']}",
-        *([f"  signed    {shown(info['signed_by'])} (not checked: verify --trust KEY.pub checks it)"]
+        *([f"  signed    {escaped(info['signed_by'])} (not checked: verify --trust KEY.pub checks it)"]
           if info.get("signed_by") else []),
-        f"  trainer   {shown(info['trainer']) if info['trainer'] else '(none: not resumable by aptbundle)'}",
-        *([f"  framework {shown(info['framework'])} (resume it with the framework; `aptbundle resume` prints the"
+        f"  trainer   {escaped(info['trainer']) if info['trainer'] else '(none: not resumable by aptbundle)'}",
+        *([f"  framework {escaped(info['framework'])} (resume it with the framework; `aptbundle resume` prints the"
            " call)"] if info.get("framework") else []),
         f"  files     {info['files']} ({human(info['size'])} of data"
         + (f", archive {human(info['archive_size'])})" if info["archive_size"] is not None else ")"),
         *([f"  codec     {info['codec']}: unpack it with aptbundle (plain tar would give byte-grouped"
             " tensor files)"] if info.get("needs_aptbundle") else []),
-        f"  written   {shown(info['updated_at'])} on " + ", ".join(f"{shown(k)} {shown(v)}" for k, v in sorted(env.items())),
-        *([f"  best      {shown(best['name'])} by {shown(best['metric'])} ({shown(best['mode'])})"] if best else []),
+        f"  written   {escaped(info['updated_at'])} on " + ", ".join(f"{escaped(k)} {escaped(v)}" for k, v in sorted(env.items())),
+        *([f"  best      {escaped(best['name'])} by {escaped(best['metric'])} ({escaped(best['mode'])})"] if best else []),
     ]
     lines += _history(info)
-    lines += [f"  link      {shown(x['path'])} -> {shown(x['target'])}" for x in info.get("links", [])]
+    lines += [f"  link      {escaped(x['path'])} -> {escaped(x['target'])}" for x in info.get("links", [])]
     if info["checkpoints"]:
         lines.append("  checkpoints")
         lines.append(f"    {'name':<16}{'step':>8}{'epoch':>8}{'loss':>10}{'val_loss':>10}{'size':>11}")
@@ -151,7 +151,7 @@ def render(info: dict) -> str:
             val = c["metrics"].get("val_loss", c["metrics"].get("eval_loss")) if isinstance(c["metrics"], dict) else None
             val = f"{val:.4f}" if isinstance(val, (int, float)) else "-"
             tags = " ".join(t for t, on in (("latest", c["latest"]), ("best", c["best"])) if on)
-            lines.append(f"    {shown(c['name']):<16}{c['step']:>8}{shown(c['epoch']):>8}{loss:>10}{val:>10}"
+            lines.append(f"    {escaped(c['name']):<16}{c['step']:>8}{escaped(c['epoch']):>8}{loss:>10}{val:>10}"
                          f"{human(c['size']):>11}  {tags}")
     else:
         lines.append("  checkpoints  (none)")
@@ -166,25 +166,25 @@ def render(info: dict) -> str:
 def render_diff(d: dict) -> str:
     """The human-readable report of ``overview.diff``."""
     a, b = d["a"], d["b"]
-    lines = [f"a  {shown(a['path'])}  ({shown(a['name'])}, digest {a['digest'][:12]})",
-             f"b  {shown(b['path'])}  ({shown(b['name'])}, digest {b['digest'][:12]})"]
+    lines = [f"a  {escaped(a['path'])}  ({escaped(a['name'])}, digest {a['digest'][:12]})",
+             f"b  {escaped(b['path'])}  ({escaped(b['name'])}, digest {b['digest'][:12]})"]
     if d["same"]:
         return "\n".join(lines + ["the same run: identical manifests"])
     if d["config"]:
         lines.append("config")
-        lines += [f"  {shown(k)}: {shown(va)} -> {shown(vb)}" for k, (va, vb) in d["config"].items()]
+        lines += [f"  {escaped(k)}: {escaped(va)} -> {escaped(vb)}" for k, (va, vb) in d["config"].items()]
     files = d["files"]
     lines.append(f"files     {len(files['only_a'])} only in a, {len(files['only_b'])} only in b,"
                  f" {len(files['changed'])} changed")
-    lines += [f"  - {shown(p)}" for p in files["only_a"][:20]] + [f"  + {shown(p)}" for p in files["only_b"][:20]]
-    lines += [f"  ~ {shown(p)}" for p in files["changed"][:20]]
+    lines += [f"  - {escaped(p)}" for p in files["only_a"][:20]] + [f"  + {escaped(p)}" for p in files["only_b"][:20]]
+    lines += [f"  ~ {escaped(p)}" for p in files["changed"][:20]]
     ck = d["checkpoints"]
-    lines.append(f"checkpoints  both: {len(ck['both'])}; only a: {', '.join(map(shown, ck['only_a'])) or '-'};"
-                 f" only b: {', '.join(map(shown, ck['only_b'])) or '-'}")
+    lines.append(f"checkpoints  both: {len(ck['both'])}; only a: {', '.join(map(escaped, ck['only_a'])) or '-'};"
+                 f" only b: {', '.join(map(escaped, ck['only_b'])) or '-'}")
     for side in ("a", "b"):
         f = d["final"][side]
         if f:
-            metrics = ", ".join(f"{shown(k)} {v:.4f}" if isinstance(v, float) else f"{shown(k)} {shown(v)}"
+            metrics = ", ".join(f"{escaped(k)} {v:.4f}" if isinstance(v, float) else f"{escaped(k)} {escaped(v)}"
                                 for k, v in f.items() if k not in ("checkpoint",))
-            lines.append(f"final {side}  {shown(f['checkpoint'])}: {metrics}")
+            lines.append(f"final {side}  {escaped(f['checkpoint'])}: {metrics}")
     return "\n".join(lines)

@@ -10,23 +10,59 @@ trainer, which loads it without reading it again.
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Protocol
 
 from aptbundle.format.run import Run
-from aptbundle.format.verify import verify_checkpoint
+from aptbundle.format.verify import VerifiedCheckpoint, verify_checkpoint
 from aptbundle.ground.errors import ResumeError
 from aptbundle.layouts import resume_call, title
 
 GROUP = "aptbundle.trainers"
 
 
+@dataclass(frozen=True)
+class ResumeRequest:
+    """What ``aptbundle resume`` asks of a trainer."""
+
+    which: str = "latest"  # the checkpoint asked for: latest, best or a name
+    checkpoint: VerifiedCheckpoint | None = None  # that checkpoint, verified (None: a run killed before its first)
+    epochs: int | None = None  # train to this many epochs in total, and keep it as the plan
+    stop_at_step: int | None = None  # save and stop after this global step
+    device: str = "auto"  # auto, cpu or cuda
+    data: str | Path | None = None  # the corpus, when it did not travel with the run
+    allow_data_change: bool = False  # continue even if the data differs from the run's
+    quiet: bool = False  # no progress bar or messages
+    backup_to: str | None = None  # push the run to this store after each checkpoint
+
+
+@dataclass(frozen=True)
+class ResumeResult:
+    """What a trainer reports back when its session ends."""
+
+    run_dir: Path
+    global_step: int
+    finished: bool  # the planned length was reached
+    last_checkpoint: str | None = None
+    stopped_by: int | None = None  # the signal that stopped the session, if one did
+
+
+class ResumeTrainer(Protocol):
+    """What a trainer registers under the entry-point group ``aptbundle.trainers``: a callable
+    that continues the run at ``run_dir`` as ``request`` asks, under the run's writer lock (held
+    by the caller)."""
+
+    def __call__(self, run_dir: Path, request: ResumeRequest) -> ResumeResult: ...
+
+
 def find_run(path: str | Path | None = None, cwd: str | Path | None = None) -> Path:
     """The run to resume: ``path``, else the current folder if it is a run, else the only run
     directly below it or below ``./outputs/``.
 
-    >>> # find_run()  ->  PosixPath('run1') after `aptbundle unpack run1.aptrun.tar.zst`
+    After ``aptbundle unpack run1.aptrun.tar.zst`` in an empty folder, ``find_run()`` is ``run1``.
     """
     if path is not None:
         p = Path(path)
@@ -54,7 +90,7 @@ def registered_trainers() -> dict[str, Any]:
     return {ep.name: ep for ep in entry_points(group=GROUP)}
 
 
-def find_trainer(name: str | None, run_name: str) -> Callable[..., Any]:
+def find_trainer(name: str | None, run_name: str) -> ResumeTrainer:
     """The resume function registered under ``name``."""
     if not name:
         raise ResumeError(f"{run_name}: its manifest names no trainer (an adopted folder?); aptbundle can"
@@ -81,18 +117,18 @@ def framework_hint(run: Run, which: str, shown: str) -> str:
             f" continues it with your training script: {call}")
 
 
-def resume(run_dir: str | Path | None = None, *, which: str = "latest", **options: Any) -> Any:
-    """Continue a run with its registered trainer; returns what the trainer returns.
+def resume(run_dir: str | Path | None = None, request: ResumeRequest | None = None) -> ResumeResult:
+    """Continue a run with its registered trainer; returns what the trainer reports.
 
-    ``options`` go to the trainer (``epochs``, ``stop_at_step``, ``device``, ``data``,
-    ``allow_data_change``, ``quiet``); it also receives ``checkpoint``, the verified checkpoint
-    (None for a run killed before its first one, which the trainer starts again).
+    The checkpoint ``request.which`` is verified here, once, and handed to the trainer in the
+    request (a run killed before its first checkpoint gets None and is started again).
     """
+    request = request or ResumeRequest()
     run = Run.open(find_run(run_dir))
     if not run.manifest.trainer and run.manifest.layout:
-        raise ResumeError(framework_hint(run, which, str(run_dir) if run_dir is not None else str(run.path)))
+        raise ResumeError(framework_hint(run, request.which, str(run_dir) if run_dir is not None else str(run.path)))
     fn = find_trainer(run.manifest.trainer, run.name)
     with run.writer():
-        fresh = which == "latest" and run.latest is None
-        checkpoint = None if fresh else verify_checkpoint(run, which)
-        return fn(run.path, which=which, checkpoint=checkpoint, **options)
+        fresh = request.which == "latest" and run.latest is None
+        checkpoint = None if fresh else verify_checkpoint(run, request.which)
+        return fn(run.path, dataclasses.replace(request, checkpoint=checkpoint))

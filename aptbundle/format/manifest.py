@@ -124,6 +124,25 @@ class Manifest:
         """Bytes of all listed files."""
         return sum(f.size for f in self.files)
 
+    def select(self, which: str = "all") -> "Manifest":
+        """A copy that keeps all checkpoints, or only the ``latest`` or the ``best`` one (and what
+        belongs to it: its files, links, untrusted marks, machine-path notes)."""
+        if which == "all":
+            return dataclasses.replace(self, files=list(self.files), checkpoints=list(self.checkpoints))
+        name = self.latest if which == "latest" else (self.best.name if self.best else None)
+        if name is None:
+            raise ManifestError(f"run {self.name}: has no {which} checkpoint; choose --checkpoints all")
+        drop = {f.path for c in self.checkpoints if c.name != name for f in self.files_of(c)}
+        extra = dict(self.extra)
+        if isinstance(extra.get("machine_paths"), dict):
+            extra["machine_paths"] = {k: v for k, v in extra["machine_paths"].items() if k not in drop}
+        return dataclasses.replace(
+            self, files=[f for f in self.files if f.path not in drop],
+            checkpoints=[c for c in self.checkpoints if c.name == name], latest=name,
+            best=self.best if self.best and self.best.name == name else None,
+            links=[x for x in self.links if x.resolved() not in drop],
+            untrusted=[u for u in self.untrusted if u not in drop], extra=extra)
+
     # -- serialisation -----------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready dict in the documented key layout."""
@@ -381,7 +400,9 @@ def _links(raw: object, listed: set[str], source: str) -> list[LinkEntry]:
 def load_manifest(run_dir: str | Path) -> Manifest:
     """Read and validate ``RUN/aptrun.json``.
 
-    >>> # load_manifest("outputs/run1").latest
+    For example::
+
+        load_manifest("outputs/run1").latest
     """
     path = Path(run_dir) / MANIFEST_NAME
     shown = f"{Path(run_dir).name}/{MANIFEST_NAME}"

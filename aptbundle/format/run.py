@@ -7,6 +7,7 @@ against its manifest is ``verify``'s job; keeping writers apart is ``lock``'s.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import os
 import platform
@@ -15,6 +16,7 @@ import stat
 import sys
 import uuid
 from pathlib import Path
+from typing import Iterator
 
 from aptbundle.format.ignore import Ignore
 from aptbundle.format.manifest import (MANIFEST_NAME, SIGNATURE_NAME, CheckpointEntry, FileEntry, LinkEntry, Manifest,
@@ -23,7 +25,7 @@ from aptbundle.ground import lock, temporaries
 from aptbundle.ground.errors import RunError, UnsafePathError
 from aptbundle.ground.fsutil import Progress, atomic_write_bytes, hash_file
 from aptbundle.ground.paths import check_collisions, check_name, normalize_relpath
-from aptbundle.ground.problems import Problem
+from aptbundle.ground.problems import Kind, Problem
 
 CHECKPOINTS = "checkpoints"
 
@@ -84,7 +86,7 @@ def walk_files(root: Path, links: list[LinkEntry] | None = None) -> tuple[list[s
                 dirnames.remove(d)
             elif (base / d).is_symlink():
                 dirnames.remove(d)
-                problems.append(Problem(rel, "type", "a regular file or folder", "a symbolic link"))
+                problems.append(Problem(rel, Kind.TYPE, "a regular file or folder", "a symbolic link"))
         for name in filenames:
             rel = name if rel_base == "." else f"{rel_base}/{name}"
             if is_ignored(rel) or ignore.file_ignored(rel):
@@ -93,28 +95,45 @@ def walk_files(root: Path, links: list[LinkEntry] | None = None) -> tuple[list[s
             if stat.S_ISLNK(st.st_mode) and rel in known:
                 target = os.readlink(base / name)
                 if target != known[rel]:
-                    problems.append(Problem(rel, "link", f"a link to {known[rel]}", f"a link to {target}"))
+                    problems.append(Problem(rel, Kind.LINK, f"a link to {known[rel]}", f"a link to {target}"))
                 continue
             if not stat.S_ISREG(st.st_mode):
                 kind = "a symbolic link" if stat.S_ISLNK(st.st_mode) else "a special file"
-                problems.append(Problem(rel, "type", "a regular file", kind))
+                problems.append(Problem(rel, Kind.TYPE, "a regular file", kind))
                 continue
             try:
                 files.append(normalize_relpath(rel, what="file"))
             except UnsafePathError as e:
-                problems.append(Problem(rel, "unsafe", "a portable name", str(e)))
+                problems.append(Problem(rel, Kind.UNSAFE, "a portable name", str(e)))
     found = set(files) | {p.path for p in problems}
     for rel, target in known.items():
         if rel not in found and not os.path.islink(root / rel):
-            problems.append(Problem(rel, "link", f"a link to {target}", "no such link"))
+            problems.append(Problem(rel, Kind.LINK, f"a link to {target}", "no such link"))
     files.sort()
     return files, problems
+
+
+@contextlib.contextmanager
+def building_run(run_dir: Path, name: str) -> Iterator[Path]:
+    """A fresh temporary folder beside ``run_dir`` to build a new run in; when the block ends it
+    takes ``run_dir``'s place (which must be absent or an empty folder), and when the block fails
+    it is removed, so a kill while creating a run never leaves half a run at its name."""
+    run_dir = Path(run_dir)
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    temporaries.clean_stale(run_dir.parent, name)
+    with temporaries.temp_dir(run_dir.parent, name) as tmp:
+        yield tmp
+        if run_dir.exists():
+            run_dir.rmdir()
+        os.rename(tmp, run_dir)
 
 
 class Run:
     """An aptbundle run directory.
 
-    >>> # run = Run.open("outputs/run1"); run.latest.name
+    For example::
+
+        run = Run.open("outputs/run1"); run.latest.name
     """
 
     def __init__(self, path: Path, manifest: Manifest):
@@ -169,6 +188,26 @@ class Run:
         return lock.committing(self.path)
 
     # -- views -------------------------------------------------------------------------------
+    def unlisted(self) -> list[str]:
+        """Every file, link or special file in the folder that the manifest does not list,
+        including those the ignore rules leave out (they are the user's): what replacing the
+        folder would lose. aptbundle's own names (the manifest, its signature, locks and
+        temporaries) are not counted."""
+        listed = {f.path for f in self.manifest.files} | {x.path for x in self.manifest.links}
+        out = []
+        for dirpath, dirnames, filenames in os.walk(self.path, followlinks=False):
+            rel_base = Path(dirpath).relative_to(self.path).as_posix()
+            for d in list(dirnames):
+                if temporaries.is_temp_name(d) or os.path.islink(os.path.join(dirpath, d)):
+                    dirnames.remove(d)
+                    if not temporaries.is_temp_name(d):
+                        out.append(d if rel_base == "." else f"{rel_base}/{d}")
+            for name in filenames:
+                rel = name if rel_base == "." else f"{rel_base}/{name}"
+                if rel not in listed and not is_ignored(rel):
+                    out.append(rel)
+        return sorted(out)
+
     @property
     def name(self) -> str:
         return self.manifest.name
@@ -343,7 +382,9 @@ def prune(path: str | Path, keep_last: int, *, dry_run: bool = False) -> tuple[l
     the manifest stops listing them in one commit, then their folders go. Returns the names
     pruned and the bytes they held.
 
-    >>> # prune("outputs/run1", keep_last=1)
+    For example::
+
+        prune("outputs/run1", keep_last=1)
     """
     if keep_last < 1:
         raise RunError(f"--keep-last {keep_last}: expected at least 1")

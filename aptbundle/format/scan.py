@@ -25,7 +25,7 @@ from aptbundle.format.pickles import MAX_PICKLE_BYTES, MalformedPickle, scan_pic
 from aptbundle.format.stream import Stream, file_source
 from aptbundle.format.trust import extra_globals
 from aptbundle.ground.errors import UnsafeContentError
-from aptbundle.ground.problems import Problem
+from aptbundle.ground.problems import Kind, Problem
 
 MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
 MAX_ZIP_ENTRIES = 1_000_000
@@ -98,7 +98,7 @@ def scan_file(path: Path, rel: str) -> list[str]:
 
 def unsafe(rel: str, error: Exception) -> Problem:
     """The problem that reports a refused file."""
-    return Problem(rel, "unsafe", "only tensors and plain data", str(error))
+    return Problem(rel, Kind.UNSAFE, "only tensors and plain data", str(error))
 
 
 # -- zip (torch.save) ----------------------------------------------------------------------

@@ -28,7 +28,7 @@ from aptbundle.format.stream import RawRead, Stream, file_source
 from aptbundle.format.trust import UNTRUSTED, UNTRUSTED_NOTE, policy_for
 from aptbundle.ground.errors import ArchiveError, CheckpointError, UnsafeContentError, VerifyError
 from aptbundle.ground.fsutil import Progress, announce_total
-from aptbundle.ground.problems import Problem, Report, split
+from aptbundle.ground.problems import Kind, Problem, Report, split
 
 
 MAX_JSON_LOOKED_AT = 4 << 20  # JSON files up to this size are read for machine paths
@@ -52,10 +52,10 @@ def scan_verdict(stream: Stream, rel: str) -> list[Problem]:
             found.append(unsafe(rel, UnsafeContentError(f"{rel}: cannot be parsed ({type(e).__name__}); the file"
                                                         " is damaged or crafted. Do not load it")))
         if found and policy_for(rel) == UNTRUSTED:
-            found = [Problem(rel, "untrusted", "a file aptbundle may load", f"an arbitrary pickle, carried: {UNTRUSTED_NOTE}")]
+            found = [Problem(rel, Kind.UNTRUSTED, "a file aptbundle may load", f"an arbitrary pickle, carried: {UNTRUSTED_NOTE}")]
     if paths:
         shown = ", ".join(repr(p[:80]) for p in paths[:3])
-        found.append(Problem(rel, "machine-path", "no absolute paths of the machine that wrote it",
+        found.append(Problem(rel, Kind.MACHINE_PATH, "no absolute paths of the machine that wrote it",
                              f"{shown}; found statically, never loaded. Paths that differ here may need editing"))
     return found
 
@@ -90,12 +90,12 @@ def check_stream(raw: RawRead, entry: FileEntry, *, scan: bool = True,
     found = scan_verdict(stream, entry.path) if scan else []
     stream.drain()
     if stream.short:
-        return [Problem(entry.path, "size", f"{entry.size} bytes", f"{stream.pulled} bytes")]
+        return [Problem(entry.path, Kind.SIZE, f"{entry.size} bytes", f"{stream.pulled} bytes")]
     if stream.grew:
-        return [Problem(entry.path, "size", f"{entry.size} bytes", "more (the file grew)")]
+        return [Problem(entry.path, Kind.SIZE, f"{entry.size} bytes", "more (the file grew)")]
     sha = h.hexdigest()
     if sha != entry.sha256:
-        return [Problem(entry.path, "hash", f"sha256 {entry.sha256[:16]}…", f"sha256 {sha[:16]}…")]
+        return [Problem(entry.path, Kind.HASH, f"sha256 {entry.sha256[:16]}…", f"sha256 {sha[:16]}…")]
     return found
 
 
@@ -107,13 +107,13 @@ def check_file(root: Path, entry: FileEntry, *, scan: bool = True, quick: bool =
     try:
         st = os.lstat(full)
     except (FileNotFoundError, NotADirectoryError):
-        return [Problem(entry.path, "missing", f"{entry.size} bytes", "no such file")]
+        return [Problem(entry.path, Kind.MISSING, f"{entry.size} bytes", "no such file")]
     if not stat.S_ISREG(st.st_mode):
-        return [Problem(entry.path, "type", "a regular file", "a link or special file")]
+        return [Problem(entry.path, Kind.TYPE, "a regular file", "a link or special file")]
     if st.st_size != entry.size:
         if progress:
             progress(entry.size)
-        return [Problem(entry.path, "size", f"{entry.size} bytes", f"{st.st_size} bytes")]
+        return [Problem(entry.path, Kind.SIZE, f"{entry.size} bytes", f"{st.st_size} bytes")]
     if quick:
         return []
     with open(full, "rb", buffering=0) as f:
@@ -133,50 +133,58 @@ def hash_and_scan(root: Path, rel: str) -> tuple[FileEntry, list[Problem]]:
     return FileEntry(rel, stream.pulled, h.hexdigest()), found
 
 
-def verify_run(run: Run, *, checkpoint: CheckpointEntry | None = None, only: list[str] | None = None,
-               scan: bool = True, quick: bool = False, progress: Progress | None = None,
+def verify_run(run: Run, *, scan: bool = True, quick: bool = False, progress: Progress | None = None,
                strict: bool = False) -> Report:
-    """Verify the run; every problem at once (and, apart, the notes: untrusted files carried,
-    machine paths recorded; ``strict`` makes an untrusted file a problem).
-
-    By default every listed file, and no file that is not listed. ``checkpoint``: only its
-    files and the run's own (config, tokenizer, data, logs). ``only``: only those listed paths
-    (a path the manifest does not list is a problem). ``quick``: presence, kind and size only,
-    no byte read (the cheap gate before a long job).
-
-    >>> # verify_run(Run.open("outputs/run1")).ok
-    """
+    """Verify the whole run: every listed file, and no file that is not listed. Every problem at
+    once (and, apart, the notes: untrusted files carried, machine paths recorded; ``strict``
+    makes an untrusted file a problem). ``quick``: presence, kind and size only, no byte read
+    (the cheap gate before a long job)."""
     with run.reading():
         run.reload()
-        if only is not None:
-            listed = run.manifest.file_map()
-            entries = [listed[p] for p in only if p in listed]
-            problems = [Problem(p, "missing", "a file listed in the manifest", "not listed") for p in only
-                        if p not in listed]
-        elif checkpoint is not None:
-            checkpoint = run.resolve_checkpoint(checkpoint.name)
-            entries = run.files_under(checkpoint.folder)
-            if not entries:
-                raise CheckpointError(f"{run.name}: checkpoint {checkpoint.name} lists no files in the manifest")
-            entries += run.run_files()
-            problems: list[Problem] = []
-        else:
-            entries = list(run.manifest.files)
-            on_disk, problems = walk_files(run.path, run.manifest.links)
-            listed = run.manifest.file_map()
-            problems += [Problem(p, "extra", "no such file (not in the manifest)", "a file on disk")
-                         for p in on_disk if p not in listed]
-        rep = Report(str(run.path), "run" if checkpoint is None else "checkpoint", len(entries),
-                     sum(f.size for f in entries), run.manifest.digest())
-        announce_total(progress, rep.size)
-        linked = _linked_folders(run.path, entries)
-        for entry in entries:
-            behind = next((d for d in linked if entry.path.startswith(d + "/")), None)
-            if behind is not None:  # the file lives outside the run, wherever the link points
-                problems.append(Problem(entry.path, "type", "a file inside the run",
-                                        f"a file behind the symbolic link {behind}"))
-                continue
-            problems += check_file(run.path, entry, scan=scan, quick=quick, progress=progress)
+        on_disk, problems = walk_files(run.path, run.manifest.links)
+        listed = run.manifest.file_map()
+        problems += [Problem(p, Kind.EXTRA, "no such file (not in the manifest)", "a file on disk")
+                     for p in on_disk if p not in listed]
+        return _verify(run, "run", list(run.manifest.files), problems, scan, quick, progress, strict)
+
+
+def verify_files(run: Run, paths: list[str], *, scan: bool = True, quick: bool = False,
+                 progress: Progress | None = None, strict: bool = False) -> Report:
+    """Verify only the listed files at ``paths`` (a path the manifest does not list is a problem)."""
+    with run.reading():
+        run.reload()
+        listed = run.manifest.file_map()
+        problems = [Problem(p, Kind.MISSING, "a file listed in the manifest", "not listed") for p in paths
+                    if p not in listed]
+        return _verify(run, "run", [listed[p] for p in paths if p in listed], problems, scan, quick, progress,
+                       strict)
+
+
+def verify_checkpoint_files(run: Run, entry: CheckpointEntry, *, progress: Progress | None = None,
+                            strict: bool = False) -> Report:
+    """Verify one checkpoint: its files and the run's own (config, tokenizer, data, logs)."""
+    with run.reading():
+        run.reload()
+        entry = run.resolve_checkpoint(entry.name)
+        entries = run.files_under(entry.folder)
+        if not entries:
+            raise CheckpointError(f"{run.name}: checkpoint {entry.name} lists no files in the manifest")
+        return _verify(run, "checkpoint", entries + run.run_files(), [], True, False, progress, strict)
+
+
+def _verify(run: Run, kind: str, entries: list[FileEntry], problems: list[Problem], scan: bool, quick: bool,
+            progress: Progress | None, strict: bool) -> Report:
+    """Check ``entries`` (the caller holds the run's read lock) into one ``Report``."""
+    rep = Report(str(run.path), kind, len(entries), sum(f.size for f in entries), run.manifest.digest())
+    announce_total(progress, rep.size)
+    linked = _linked_folders(run.path, entries)
+    for entry in entries:
+        behind = next((d for d in linked if entry.path.startswith(d + "/")), None)
+        if behind is not None:  # the file lives outside the run, wherever the link points
+            problems.append(Problem(entry.path, Kind.TYPE, "a file inside the run",
+                                    f"a file behind the symbolic link {behind}"))
+            continue
+        problems += check_file(run.path, entry, scan=scan, quick=quick, progress=progress)
     errors, notes = split(problems, strict)
     rep.problems = sorted(errors, key=lambda p: p.path)
     rep.notes = sorted(notes, key=lambda p: p.path)
@@ -217,10 +225,12 @@ class VerifiedCheckpoint:
 def verify_checkpoint(run: Run, which: str = "latest", *, progress: Progress | None = None) -> VerifiedCheckpoint:
     """Resolve ``which`` and verify it; ``VerifyError`` naming every problem, else the proof.
 
-    >>> # ckpt = verify_checkpoint(Run.open("outputs/run1"), "latest"); ckpt.name
+    For example::
+
+        ckpt = verify_checkpoint(Run.open("outputs/run1"), "latest"); ckpt.name
     """
     entry = run.resolve_checkpoint(which)
-    rep = verify_run(run, checkpoint=entry, progress=progress)
+    rep = verify_checkpoint_files(run, entry, progress=progress)
     if not rep.ok:
         raise VerifyError(rep.problems, what=f"checkpoint {entry.name} of {run.name}")
     entry = run.resolve_checkpoint(entry.name)

@@ -13,7 +13,7 @@ class AptBundleError(Exception):
 
 
 class UnsafePathError(AptBundleError):
-    """A path breaks the portable-path rules (see ``aptbundle.paths``)."""
+    """A path breaks the portable-path rules (see ``aptbundle.ground.paths``)."""
 
 
 class ManifestError(AptBundleError):
@@ -63,5 +63,14 @@ class SignatureError(AptBundleError):
     """A signature is missing, unreadable, by a key not trusted, or for another run."""
 
 
+class MaterializeError(AptBundleError):
+    """A run cannot be made to appear at its destination: no room, or something of the user's there."""
+
+
 class StoreError(AptBundleError):
     """A run store cannot be read or written as asked, or holds what it should not."""
+
+
+class StoreLayoutError(StoreError):
+    """A store holds a link, a folder or a special file where its layout has an object: it is
+    damaged or crafted, and every command refuses it as a whole."""

@@ -44,7 +44,9 @@ def fsync_dir(path: Path) -> None:
 def atomic_open(path: str | Path, mode: int = 0o644) -> Iterator:
     """Open a temporary file beside ``path`` for binary writing; rename it into place on success.
 
-    >>> # with atomic_open("run/config.json") as f: f.write(b"{}")
+    For example::
+
+        with atomic_open("run/config.json") as f: f.write(b"{}")
     """
     path = Path(path)
     tmp = temp_path(path.parent, path.name)

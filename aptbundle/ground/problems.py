@@ -7,6 +7,27 @@ command line's business; ``to_dict`` gives what ``--json`` prints.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
+
+
+class Kind(str, Enum):
+    """What kind of difference a ``Problem`` is (its value is what ``--json`` prints)."""
+
+    MISSING = "missing"  # a listed file (or blob) is not there
+    EXTRA = "extra"  # a file on disk the manifest does not list
+    SIZE = "size"  # the bytes are more or fewer than listed
+    HASH = "hash"  # the bytes differ from the listed SHA-256
+    UNSAFE = "unsafe"  # the content would run code or read out of bounds if loaded, or a name is unportable
+    TYPE = "type"  # a link or special file where a regular file belongs
+    LINK = "link"  # a recorded link is gone or points elsewhere
+    ARCHIVE = "archive"  # the archive itself is malformed
+    BLOB = "blob"  # a store's blob is malformed
+    SIGNATURE = "signature"  # no signature by a trusted key
+    UNTRUSTED = "untrusted"  # note: an arbitrary pickle carried, never loaded
+    MACHINE_PATH = "machine-path"  # note: an absolute path of the machine that wrote the file
+
+    def __str__(self) -> str:
+        return self.value
 
 
 @dataclass
@@ -14,24 +35,27 @@ class Problem:
     """One way a run or archive differs from its manifest."""
 
     path: str
-    kind: str  # missing | extra | size | hash | unsafe | type | archive | busy; notes: untrusted | machine-path
+    kind: Kind
     expected: str
     found: str
 
+    def __post_init__(self) -> None:
+        self.kind = Kind(self.kind)  # a plain string is taken if it names a kind; anything else is a bug
+
     def __str__(self) -> str:
-        return f"{self.path}: {self.kind}: expected {self.expected}, found {self.found}"
+        return f"{self.path}: {self.kind.value}: expected {self.expected}, found {self.found}"
 
     def to_dict(self) -> dict:
-        return {"path": self.path, "kind": self.kind, "expected": self.expected, "found": self.found}
+        return {"path": self.path, "kind": self.kind.value, "expected": self.expected, "found": self.found}
 
 
-NOTE_KINDS = frozenset({"untrusted", "machine-path"})
+NOTE_KINDS = frozenset({Kind.UNTRUSTED, Kind.MACHINE_PATH})
 
 
 def is_note(p: Problem, strict: bool = False) -> bool:
     """True for what is reported but does not fail a check: a file carried as untrusted (unless
     ``strict``), an absolute path of another machine recorded inside a file."""
-    return p.kind in NOTE_KINDS and not (strict and p.kind == "untrusted")
+    return p.kind in NOTE_KINDS and not (strict and p.kind == Kind.UNTRUSTED)
 
 
 def split(found: list[Problem], strict: bool = False) -> tuple[list[Problem], list[Problem]]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import secrets
 import shutil
 from pathlib import Path
@@ -50,6 +51,14 @@ def short_label(label: str) -> str:
 def temp_name(label: str) -> str:
     """A fresh temporary name owned by this process."""
     return f"{PREFIX}{os.getpid()}-{secrets.token_hex(4)}-{short_label(label)}"
+
+
+_IN_TEXT = re.compile(re.escape(PREFIX) + r"\d+-[0-9a-f]+-")
+
+
+def plain_names(text: str) -> str:
+    """``text`` with every temporary name replaced by the name it stands for (its label)."""
+    return _IN_TEXT.sub("", text)
 
 
 def temp_path(parent: Path, label: str) -> Path:

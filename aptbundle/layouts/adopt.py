@@ -24,7 +24,7 @@ from aptbundle.format.verify import hash_and_scan
 from aptbundle.ground.errors import RunError, UnsafePathError, VerifyError
 from aptbundle.ground.fsutil import Progress, announce_total
 from aptbundle.ground.paths import check_collisions, check_name
-from aptbundle.ground.problems import Problem, split
+from aptbundle.ground.problems import Kind, Problem, split
 from aptbundle.layouts import detect
 
 
@@ -34,13 +34,13 @@ def _walk(root: Path) -> tuple[list[str], list[LinkEntry], list[Problem]]:
     listed = set(files)
     links, rest = [], []
     for p in problems:
-        link = _as_link(root, p, listed) if p.kind == "type" and p.found == "a symbolic link" else None
+        link = _as_link(root, p, listed) if p.kind == Kind.TYPE and p.found == "a symbolic link" else None
         (links.append(link) if link else rest.append(p))
     if not rest:
         try:
             check_collisions(files + [x.path for x in links], what="file")
         except UnsafePathError as e:
-            rest.append(Problem(str(root), "unsafe", "portable file names", str(e)))
+            rest.append(Problem(str(root), Kind.UNSAFE, "portable file names", str(e)))
     return files, links, rest
 
 
@@ -79,7 +79,7 @@ def _record_paths(m: Manifest, notes: list[Problem], replaced: set[str] | None =
     old = m.extra.get("machine_paths") if isinstance(m.extra.get("machine_paths"), dict) else {}
     listed = m.file_map()
     kept = {k: v for k, v in old.items() if k in listed and k not in (replaced or set())}
-    kept.update({n.path: n.found[:400] for n in notes if n.kind == "machine-path"})
+    kept.update({n.path: n.found[:400] for n in notes if n.kind == Kind.MACHINE_PATH})
     if kept:
         m.extra["machine_paths"] = dict(sorted(kept.items()))
     else:
@@ -113,8 +113,10 @@ def adopt(path: str | Path, *, trainer: str | None = None, progress: Progress | 
     framework never loads (``training_args.bin``) are carried and marked untrusted, or refused
     with ``strict``; they and machine paths found in files are appended to ``notes``.
 
-    >>> # adopt("hf_output/").manifest.latest
-    'checkpoint-40'
+    For example::
+
+        adopt("hf_output/").manifest.latest
+        # -> 'checkpoint-40'
     """
     p = Path(path)
     if not p.is_dir():
@@ -136,7 +138,7 @@ def adopt(path: str | Path, *, trainer: str | None = None, progress: Progress | 
             raise VerifyError(problems, what=f"{path} cannot be adopted")
         run.manifest.files = entries
         run.manifest.links = links
-        run.manifest.untrusted = sorted(n.path for n in found_notes if n.kind == "untrusted")
+        run.manifest.untrusted = sorted(n.path for n in found_notes if n.kind == Kind.UNTRUSTED)
         _record_paths(run.manifest, found_notes)
         _describe(run, files)
         with run.committing():
@@ -198,7 +200,7 @@ def update(path: str | Path, *, progress: Progress | None = None, strict: bool =
         links_changed = links != run.manifest.links
         run.manifest.files = [by_path[f] for f in files]
         run.manifest.links = links
-        run.manifest.untrusted = sorted(untrusted | {n.path for n in found_notes if n.kind == "untrusted"})
+        run.manifest.untrusted = sorted(untrusted | {n.path for n in found_notes if n.kind == Kind.UNTRUSTED})
         _record_paths(run.manifest, found_notes, {e.path for e in fresh})
         if run.manifest.trainer is None:  # an adopted folder: its framework's records say what is what
             _describe(run, files)

@@ -43,7 +43,7 @@ from aptbundle.format.verify import VerifiedCheckpoint, verify_checkpoint
 from aptbundle.ground import temporaries
 from aptbundle.ground.errors import AptBundleError, CheckpointError
 from aptbundle.ground.fsutil import fsync_dir, fsync_file
-from aptbundle.state.collective import Group
+from aptbundle.state.collective import ProcessGroup
 from aptbundle.state.rng import RNG_FILE, rng_file, rng_state, set_rng_state
 from aptbundle.state.sharded import DCP_DIR, load_sharded, save_sharded
 
@@ -94,7 +94,7 @@ def _keep(path: Path) -> Path:
 
 def verify_on_main(run: Run, which: str) -> VerifiedCheckpoint:
     """``verify_checkpoint`` done once by rank 0 for every training process (each gets the proof)."""
-    group = Group.current()
+    group = ProcessGroup.current()
     if not group.several:
         return verify_checkpoint(run, which)
     name = group.on_main(lambda: verify_checkpoint(run, which).name)
@@ -106,10 +106,12 @@ def verify_on_main(run: Run, which: str) -> VerifiedCheckpoint:
 class Checkpointer:
     """Save and load full training state in a run.
 
-    >>> # ckpt = Checkpointer(Run.create("outputs/run1", trainer="t"), model=model, optimizer=opt,
-    >>> #                     scheduler=sched, keep_last=3)
-    >>> # ckpt.save(step=100, epoch=0, trainer_state={"position": 100}, metrics={"loss": 2.1})
-    >>> # state = ckpt.load("latest")     # verifies, then restores model, optimizer, scheduler, RNG
+    For example::
+
+        ckpt = Checkpointer(Run.create("outputs/run1", trainer="t"), model=model, optimizer=opt,
+                            scheduler=sched, keep_last=3)
+        ckpt.save(step=100, epoch=0, trainer_state={"position": 100}, metrics={"loss": 2.1})
+        state = ckpt.load("latest")     # verifies, then restores model, optimizer, scheduler, RNG
     """
 
     def __init__(self, run: Run | str | Path, *, model: torch.nn.Module | None = None,
@@ -124,7 +126,7 @@ class Checkpointer:
             raise CheckpointError(f"best_mode is {best_mode!r}; expected 'min' or 'max'")
         if mode not in MODES:
             raise CheckpointError(f"mode is {mode!r}; expected one of {', '.join(MODES)}")
-        self.group = Group.current()
+        self.group = ProcessGroup.current()
         if mode == "async" and self.group.several:
             raise CheckpointError("asynchronous saving works in one process; use mode 'sync' or 'sharded'")
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler

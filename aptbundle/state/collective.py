@@ -1,6 +1,6 @@
 """The few collective steps a checkpoint needs when several processes train (``torchrun``).
 
-``Group`` reads its place from ``torch.distributed`` when a process group is initialised and is
+``ProcessGroup`` reads its place from ``torch.distributed`` when a process group is initialised and is
 a group of one otherwise, so the checkpointer runs the same code in both cases.
 """
 
@@ -16,14 +16,14 @@ from aptbundle.ground.errors import AptBundleError, CheckpointError
 
 
 @dataclass(frozen=True)
-class Group:
+class ProcessGroup:
     """This process's rank among ``world`` training processes."""
 
     rank: int = 0
     world: int = 1
 
     @classmethod
-    def current(cls) -> "Group":
+    def current(cls) -> "ProcessGroup":
         if dist.is_available() and dist.is_initialized():
             return cls(dist.get_rank(), dist.get_world_size())
         return cls()

@@ -1,28 +1,225 @@
-"""Where a store keeps its objects: a local folder or any fsspec URL (``s3://bucket/store``).
+"""Where a store keeps its objects: one small interface, for a local folder and for fsspec URLs.
 
-A store is a flat space of keys (``blobs/sha256/ab/abcd…``, ``manifests/…``, ``refs/NAME``,
-``locks/…``). Every write is all or nothing: locally a temporary file in the key's folder,
-flushed to disk and renamed into place; on an object store one put, or a multipart upload that
-becomes visible only when it completes (and is aborted on failure). ``sent`` counts the bytes
-written, which is what push reports and what the tests measure.
+A store is a flat space of keys (``layout``). ``Backend`` is what push, pull, ls and gc need of
+it: ``stat``, ``open``, ``list``, ``writer`` and ``delete``; ``Store`` adds what every caller
+shares (all-or-nothing small writes, size-capped reads, the count of bytes sent, names for
+messages). Every write is all or nothing: locally a temporary file in the key's folder, flushed
+to disk and renamed into place; on an object store one put, or a multipart upload that becomes
+visible only when it completes (and is aborted on failure).
+
+Containment is by construction. A key is split by ``layout.parts``, which refuses anything but
+plain components under one of the store's four folders. The local backend then walks to it one
+folder at a time through directory descriptors opened with ``O_NOFOLLOW``: a symbolic link
+anywhere inside the store (a linked ``blobs/``, a linked ``sha256/ab``, a linked object) is an
+error, never followed, so nothing outside the store root is read, written or deleted. Only
+regular files are opened, and without blocking: a FIFO, a device or a folder where an object
+should be is an error at once, never a wait.
 """
 
 from __future__ import annotations
 
 import contextlib
-import datetime as _dt
+import errno
 import os
-import queue
-import threading
+import stat
 import time
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Iterator, Protocol
 
-from aptbundle.archive.storage import is_remote, remote_fs
 from aptbundle.ground import temporaries
-from aptbundle.ground.ahead import ReadAhead
-from aptbundle.ground.errors import StoreError
-from aptbundle.ground.fsutil import atomic_open
+from aptbundle.ground.errors import StoreError, StoreLayoutError
+from aptbundle.store.layout import LOCKS, REFS, TOPS, Entry, parts
+from aptbundle.transfer.remote import is_remote
+
+_DIR = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0)
+_READ = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+_WRITE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
+
+
+class Backend(Protocol):
+    """What a store needs of the place it lives in."""
+
+    url: str
+
+    def stat(self, key: str) -> Entry | None:
+        """The object at ``key`` (None if there is none); an error if something else is there."""
+
+    def open(self, key: str, ahead: bool = False) -> BinaryIO:
+        """The object for streaming reads; ``FileNotFoundError`` if there is none."""
+
+    def list(self, prefix: str) -> list[Entry]:
+        """Every object below the folder ``prefix``, sorted by key."""
+
+    def writer(self, key: str) -> contextlib.AbstractContextManager:
+        """A file that becomes the object at ``key`` whole when the block ends, never partly."""
+
+    def delete(self, key: str) -> None:
+        """Remove the object at ``key`` if it is there."""
+
+    def clean_temporaries(self, prefix: str, older_than: float) -> int:
+        """Remove what killed writers left below ``prefix``; how many went."""
+
+
+def _kind(mode: int) -> str:
+    return ("a symbolic link" if stat.S_ISLNK(mode) else "a folder" if stat.S_ISDIR(mode)
+            else "a file" if stat.S_ISREG(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "a device or socket")
+
+
+class LocalBackend:
+    """A store in a local folder. The root itself may be reached through links (the user chose
+    it); below it, nothing is followed."""
+
+    def __init__(self, root: str):
+        self.url = self.root = root
+
+    def _crafted(self, key: str, what: str) -> StoreError:
+        return StoreLayoutError(f"{self.url}/{key}: is {what}, where the store keeps its objects; aptbundle follows no"
+                          " link and opens only regular files inside a store. The store is damaged or crafted:"
+                          " remove it, or use another store")
+
+    def check(self) -> None:
+        """Refuse a store whose top folders are links or files, or whose refs or locks are not all
+        regular files: every command sees them (a small listing), so none of them goes on."""
+        for top in TOPS:
+            try:
+                st = os.lstat(os.path.join(self.root, top))
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            if not stat.S_ISDIR(st.st_mode):
+                raise self._crafted(top, _kind(st.st_mode))
+        self.list(REFS)
+        self.list(LOCKS)
+
+    @contextlib.contextmanager
+    def _folder(self, comps: list[str], create: bool = False) -> Iterator[int]:
+        """A descriptor of the folder ``root/comps...``, reached without following any link
+        (``create``: the folders are made where missing, the store's root too)."""
+        if create:
+            os.makedirs(self.root, exist_ok=True)
+        fd = os.open(self.root, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        try:
+            for i, c in enumerate(comps):
+                try:
+                    nfd = os.open(c, _DIR, dir_fd=fd)
+                except FileNotFoundError:
+                    if not create:
+                        raise
+                    with contextlib.suppress(FileExistsError):
+                        os.mkdir(c, 0o755, dir_fd=fd)
+                    nfd = os.open(c, _DIR, dir_fd=fd)
+                except OSError as e:
+                    if e.errno in (errno.ELOOP, errno.ENOTDIR, errno.EMLINK):
+                        raise self._crafted("/".join(comps[:i + 1]),
+                                            _kind(os.stat(c, dir_fd=fd, follow_symlinks=False).st_mode)) from None
+                    raise
+                os.close(fd)
+                fd = nfd
+            yield fd
+        finally:
+            os.close(fd)
+
+    def stat(self, key: str) -> Entry | None:
+        comps = parts(key)
+        try:
+            with self._folder(comps[:-1]) as fd:
+                st = os.stat(comps[-1], dir_fd=fd, follow_symlinks=False)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        if not stat.S_ISREG(st.st_mode):
+            raise self._crafted(key, _kind(st.st_mode))
+        return Entry(key, st.st_mtime, st.st_size)
+
+    def open(self, key: str, ahead: bool = False) -> BinaryIO:
+        comps = parts(key)
+        with self._folder(comps[:-1]) as fd:
+            st = os.stat(comps[-1], dir_fd=fd, follow_symlinks=False)  # FileNotFoundError: no such object
+            if not stat.S_ISREG(st.st_mode):  # looked at before opening: a device is never opened
+                raise self._crafted(key, _kind(st.st_mode))
+            try:
+                f = os.open(comps[-1], _READ, dir_fd=fd)
+            except OSError as e:
+                if e.errno == errno.ELOOP:
+                    raise self._crafted(key, "a symbolic link") from None
+                raise
+        if not stat.S_ISREG(os.fstat(f).st_mode):  # swapped in meanwhile
+            os.close(f)
+            raise self._crafted(key, "not a regular file")
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(f, True)
+        return open(f, "rb")
+
+    def list(self, prefix: str) -> list[Entry]:
+        comps = parts(prefix)
+        out: list[Entry] = []
+        try:
+            with self._folder(comps) as fd:
+                self._walk(fd, prefix, out)
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        return sorted(out, key=lambda e: e.key)
+
+    def _walk(self, fd: int, at: str, out: list[Entry]) -> None:
+        with os.scandir(fd) as it:
+            entries = list(it)
+        for e in entries:
+            key = f"{at}/{e.name}"
+            st = e.stat(follow_symlinks=False)
+            if stat.S_ISREG(st.st_mode):
+                out.append(Entry(key, st.st_mtime, st.st_size))
+            elif stat.S_ISDIR(st.st_mode):
+                try:
+                    sub = os.open(e.name, _DIR, dir_fd=fd)
+                except FileNotFoundError:
+                    continue
+                except OSError:
+                    raise self._crafted(key, "a symbolic link") from None
+                try:
+                    self._walk(sub, key, out)
+                finally:
+                    os.close(sub)
+            else:
+                raise self._crafted(key, _kind(st.st_mode))
+
+    @contextlib.contextmanager
+    def writer(self, key: str) -> Iterator[BinaryIO]:
+        comps = parts(key)
+        with self._folder(comps[:-1], create=True) as fd:
+            tmp = temporaries.temp_name(comps[-1])
+            f = open(os.open(tmp, _WRITE, 0o644, dir_fd=fd), "wb")
+            try:
+                with f:
+                    yield f
+                    f.flush()
+                    os.fsync(f.fileno())
+                try:
+                    os.replace(tmp, comps[-1], src_dir_fd=fd, dst_dir_fd=fd)  # replaces a link, never follows it
+                except IsADirectoryError:
+                    raise self._crafted(key, "a folder") from None
+                os.fsync(fd)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp, dir_fd=fd)
+                raise
+
+    def delete(self, key: str) -> None:
+        comps = parts(key)
+        try:
+            with self._folder(comps[:-1]) as fd:
+                st = os.stat(comps[-1], dir_fd=fd, follow_symlinks=False)
+                if stat.S_ISDIR(st.st_mode):
+                    raise self._crafted(key, "a folder")
+                os.unlink(comps[-1], dir_fd=fd)  # a link itself goes, never what it points to
+        except (FileNotFoundError, NotADirectoryError):
+            pass
+
+    def clean_temporaries(self, prefix: str, older_than: float) -> int:
+        gone = 0
+        for e in self.list(prefix):
+            name = e.key.rsplit("/", 1)[-1]
+            if temporaries.is_temp_name(name) and (temporaries.is_stale(name) or time.time() - e.mtime > older_than):
+                self.delete(e.key)
+                gone += 1
+        return gone
 
 
 class _Counting:
@@ -40,156 +237,71 @@ class _Counting:
         self.f.flush()
 
 
-class Prefetch(ReadAhead):
-    """A reader that fetches ``raw`` ahead in a thread of its own, so the network works while
-    the caller decompresses, hashes and writes (remote objects only: local reads are fast)."""
-
-    def __init__(self, raw: BinaryIO, chunk: int = 32 << 20, depth: int = 2):
-        # large ranges: an object store answers each read with one ranged GET, and a request
-        # costs (on a loopback moto server, 8 MiB ranges are 3x slower than 32 MiB ones)
-        self.raw = raw
-        super().__init__(lambda: raw.read(chunk), depth, "prefetch")
-
-    def close(self) -> None:
-        super().close()
-        self.raw.close()
-
-
-class _WriteBehind:
-    """A writer that uploads in a thread of its own while the caller compresses the next part."""
-
-    def __init__(self, f, depth: int = 2):
-        self.f = f
-        self._q: queue.Queue = queue.Queue(depth)
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="upload", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while (b := self._q.get()) is not None:
-            if self._error is None:
-                try:
-                    self.f.write(b)
-                except BaseException as e:
-                    self._error = e
-
-    def write(self, b) -> int:
-        if self._error is not None:
-            raise self._error
-        self._q.put(bytes(b))
-        return len(b)
-
-    def flush(self) -> None:
-        pass
-
-    def finish(self) -> None:
-        """Wait for every write; re-raise an upload error."""
-        self._q.put(None)
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-
-
 class Store:
-    """One store, local or remote; keys are POSIX-style relative paths."""
+    """One store, local or remote: its backend, and what every caller of it shares."""
 
     def __init__(self, url: str | Path):
         self.url = str(url).rstrip("/") or "/"
-        self.sent = 0
+        self.sent = 0  # bytes written through ``writer`` and ``put``: what push reports
         if is_remote(self.url):
-            self.fs, self.root = remote_fs(self.url)
-            self.local = False
+            from aptbundle.store.remote import RemoteBackend  # only remote stores pay for fsspec
+
+            self.backend: Backend = RemoteBackend(self.url)
         else:
-            self.fs, self.root = None, self.url
-            self.local = True
-            if not Path(self.url).is_dir():
-                if Path(self.url).exists():
-                    raise StoreError(f"{self.url}: is not a folder; a store is a folder or a URL")
+            if Path(self.url).exists() and not Path(self.url).is_dir():
+                raise StoreError(f"{self.url}: is not a folder; a store is a folder or a URL")
+            self.backend = LocalBackend(self.url)
+            if Path(self.url).is_dir():
+                self.backend.check()
 
-    # -- paths --------------------------------------------------------------------------------
-    def _path(self, key: str) -> str:
-        return f"{self.root}/{key}" if self.root != "/" else f"/{key}"
+    @classmethod
+    def existing(cls, url: str | Path) -> "Store":
+        """A store that must already be there (what pull, ls and gc read)."""
+        store = cls(url)
+        if isinstance(store.backend, LocalBackend) and not Path(store.url).is_dir():
+            raise StoreError(f"{store.url}: no such store (folder); check the path, or push a run there first")
+        return store
 
-    def shown(self, key: str) -> str:
+    def where(self, key: str) -> str:
+        """The key as a person reads it in a message: the store's URL and the key."""
         return f"{self.url}/{key}"
 
-    # -- reading --------------------------------------------------------------------------------
     def exists(self, key: str) -> bool:
-        if self.local:
-            return os.path.isfile(self._path(key))
-        return self.fs.exists(self._path(key))
+        return self.backend.stat(key) is not None
+
+    def open(self, key: str, ahead: bool = False) -> BinaryIO:
+        return self.backend.open(key, ahead)
 
     def read(self, key: str, limit: int) -> bytes | None:
-        """The whole object (None if there is none); refuses one larger than ``limit``."""
-        try:
-            with self.open(key) as f:
-                data = f.read(limit + 1)
-        except FileNotFoundError:
+        """The whole object (None if there is none); refuses one larger than ``limit`` before
+        reading it."""
+        found = self.backend.stat(key)
+        if found is not None and found.size <= limit:
+            try:
+                with self.open(key) as f:
+                    data = f.read(limit + 1)
+            except FileNotFoundError:
+                found = None
+        if found is None:
             return None
-        if len(data) > limit:
-            raise StoreError(f"{self.shown(key)}: over {limit} bytes, more than such an object may be;"
+        if found.size > limit or len(data) > limit:
+            raise StoreError(f"{self.where(key)}: over {limit} bytes, more than such an object may be;"
                              " the store is damaged or crafted")
         return data
 
-    def open(self, key: str, ahead: bool = False):
-        """The object for streaming reads; ``FileNotFoundError`` if there is none. ``ahead``:
-        a remote object is fetched ahead in a thread (``Prefetch``), for large sequential reads."""
-        if self.local:
-            fd = os.open(self._path(key), os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0))
-            return open(fd, "rb")
-        f = self.fs.open(self._path(key), "rb", block_size=8 << 20, cache_type="none")
-        return Prefetch(f) if ahead else f
+    def list(self, prefix: str) -> list[Entry]:
+        return self.backend.list(prefix)
 
     def keys_below(self, prefix: str) -> set[str] | None:
         """Every key below ``prefix`` in one listing (remote stores: one LIST instead of a HEAD per
         object); None for a local store, where asking is cheap."""
-        return None if self.local else {key for key, _, _ in self.list(prefix)}
+        return None if isinstance(self.backend, LocalBackend) else {e.key for e in self.list(prefix)}
 
-    def list(self, prefix: str) -> list[tuple[str, float, int]]:
-        """``(key, modified time, size)`` of every object below the folder ``prefix``."""
-        out = []
-        if self.local:
-            base = Path(self._path(prefix))
-            for dirpath, _dirs, files in os.walk(base):
-                for name in files:
-                    p = Path(dirpath) / name
-                    with contextlib.suppress(FileNotFoundError):
-                        st = p.lstat()
-                        out.append((p.relative_to(self.root).as_posix(), st.st_mtime, st.st_size))
-            return sorted(out)
-        try:
-            found = self.fs.find(self._path(prefix), detail=True)
-        except FileNotFoundError:
-            return []
-        root = self._path("")
-        for path, info in found.items():
-            path = path if path.startswith("/") or not root.startswith("/") else "/" + path
-            key = path[len(root):] if path.startswith(root) else path.split(self.root.strip("/") + "/", 1)[-1]
-            out.append((key, _mtime(info), int(info.get("size") or 0)))
-        return sorted(out)
-
-    # -- writing --------------------------------------------------------------------------------
     @contextlib.contextmanager
     def writer(self, key: str) -> Iterator[_Counting]:
         """A file to write the object into; it appears whole when the block ends, never partly."""
-        path = self._path(key)
-        if self.local:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            with atomic_open(path) as f:
-                yield _Counting(f, self)
-            return
-        f = self.fs.open(path, "wb", block_size=16 << 20)
-        behind = _WriteBehind(f)
-        try:
-            yield _Counting(behind, self)
-            behind.finish()
-        except BaseException:
-            with contextlib.suppress(BaseException):
-                behind.finish()
-            with contextlib.suppress(Exception):
-                f.discard() if hasattr(f, "discard") else None
-            raise
-        f.close()
+        with self.backend.writer(key) as f:
+            yield _Counting(f, self)
 
     def put(self, key: str, data: bytes, *, count: bool = True) -> None:
         """Write a small object whole (``count=False``: bookkeeping, not counted in ``sent``)."""
@@ -200,35 +312,8 @@ class Store:
             self.sent = before
 
     def delete(self, key: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            if self.local:
-                os.unlink(self._path(key))
-            else:
-                self.fs.rm_file(self._path(key))
+        self.backend.delete(key)
 
     def clean_stale_temporaries(self, prefix: str, older_than: float) -> int:
         """Remove temporaries a killed local writer left below ``prefix``; how many went."""
-        if not self.local:
-            return 0  # object stores have no temporaries: an upload appears whole or not at all
-        gone = 0
-        for key, mtime, _ in self.list(prefix):
-            name = key.rsplit("/", 1)[-1]
-            if temporaries.is_temp_name(name) and (temporaries.is_stale(name) or time.time() - mtime > older_than):
-                self.delete(key)
-                gone += 1
-        return gone
-
-
-def _mtime(info: dict) -> float:
-    """An fsspec listing's modification time as a POSIX timestamp; now when it gives none (so a
-    caller that keeps young objects keeps it)."""
-    for k in ("mtime", "LastModified", "last_modified", "updated", "created"):
-        v = info.get(k)
-        if isinstance(v, (int, float)):
-            return float(v)
-        if isinstance(v, _dt.datetime):
-            return v.timestamp()
-        if isinstance(v, str):
-            with contextlib.suppress(ValueError):
-                return _dt.datetime.fromisoformat(v.replace("Z", "+00:00")).timestamp()
-    return time.time()
+        return self.backend.clean_temporaries(prefix, older_than)

@@ -1,7 +1,7 @@
 """A store's blobs: one file's bytes, zstd-compressed, kept under the SHA-256 of the original.
 
 A blob is one zstd frame. A blob written with ``--dense`` (byte-grouped floats, see
-``archive.codec``) starts with a zstd *skippable* frame that says so (``aptbundle:dense=4``),
+``transfer.codec``) starts with a zstd *skippable* frame that says so (``aptbundle:dense=4``),
 which ``zstd -d`` passes over: every blob stays a valid ``.zst`` file. Reading a blob is as
 strict as reading an archive: exactly one frame after the optional marker, no more output than
 the manifest declares (a decompression bomb is cut off), and the bytes hashed and scanned
@@ -16,40 +16,38 @@ from typing import Callable
 
 import zstandard
 
-from aptbundle.archive.codec import Grouping, dense_width, ungrouping
-from aptbundle.archive.storage import CHUNK
-from aptbundle.archive.tarstream import FrameGuard
+from aptbundle.transfer.codec import Grouping, dense_width, ungrouping
+from aptbundle.ground.fsutil import BLOCK
+from aptbundle.transfer.frames import FrameGuard
 from aptbundle.format.manifest import FileEntry
 from aptbundle.format.stream import file_source
 from aptbundle.format.verify import check_stream
 from aptbundle.ground.ahead import ReadAhead
 from aptbundle.ground.errors import AptBundleError, StoreError
-from aptbundle.ground.problems import Problem, split
+from aptbundle.ground.problems import Kind, Problem, split
+from aptbundle.store import layout
 from aptbundle.store.backend import Store
+from aptbundle.transfer.codec import Encoding
 
 SKIPPABLE = 0x184D2A5A  # one of zstd's sixteen skippable-frame magics
 MARK = b"aptbundle:dense="
 
 
-def blob_key(sha256: str) -> str:
-    return f"blobs/sha256/{sha256[:2]}/{sha256}"
-
-
-def write_blob(store: Store, root: Path, entry: FileEntry, *, level: int, threads: int, dense: bool,
+def write_blob(store: Store, root: Path, entry: FileEntry, enc: Encoding,
                tap: Callable[[memoryview], None] | None = None) -> list[Problem]:
     """Compress ``root/entry.path`` into its blob while hashing and scanning it; its problems.
 
     The blob appears only if the file matched its entry and passed the scan.
     """
-    width = dense_width(root / entry.path, entry.path, entry.size) if dense else None
-    cctx = zstandard.ZstdCompressor(level=level, threads=threads, write_checksum=True)
+    width = dense_width(root / entry.path, entry.path, entry.size) if enc.dense else None
+    cctx = zstandard.ZstdCompressor(level=enc.level, threads=enc.threads, write_checksum=True)
     problems: list[Problem] = []
     try:
-        with store.writer(blob_key(entry.sha256)) as sink:
+        with store.writer(layout.blob(entry.sha256)) as sink:
             if width:
                 mark = MARK + str(width).encode()
                 sink.write(struct.pack("<II", SKIPPABLE, len(mark)) + mark)
-            with cctx.stream_writer(sink, closefd=False, write_size=CHUNK) as z:
+            with cctx.stream_writer(sink, closefd=False, write_size=BLOCK) as z:
                 grouping = Grouping(width, z.write) if width else None
                 taps = [grouping or z.write] + ([tap] if tap else [])
                 with open(root / entry.path, "rb", buffering=0) as src:
@@ -65,19 +63,19 @@ def write_blob(store: Store, root: Path, entry: FileEntry, *, level: int, thread
 
 def read_blob(store: Store, entry: FileEntry, taps: list[Callable[[memoryview], None]]) -> list[Problem]:
     """Stream the blob of ``entry`` through the checks into ``taps``; the problems found."""
-    key = blob_key(entry.sha256)
-    shown = store.shown(key)
+    key = layout.blob(entry.sha256)
+    shown = store.where(key)
     try:
         raw = store.open(key, ahead=True)
     except FileNotFoundError:
-        return [Problem(entry.path, "missing", f"blob {key}", "not in the store (the manifest names a missing blob)")]
+        return [Problem(entry.path, Kind.MISSING, f"blob {key}", "not in the store (the manifest names a missing blob)")]
     dec = None
     try:
         width = _marker(raw, shown)
         guard = FrameGuard(raw, shown)
-        reader = zstandard.ZstdDecompressor().stream_reader(guard, read_size=CHUNK, read_across_frames=False,
+        reader = zstandard.ZstdDecompressor().stream_reader(guard, read_size=BLOCK, read_across_frames=False,
                                                              closefd=False)
-        dec = ReadAhead(lambda: reader.read(CHUNK), 4, "unzstd")  # decompress beside the hashing
+        dec = ReadAhead(lambda: reader.read(BLOCK), 4, "unzstd")  # decompress beside the hashing
         seen = 0
 
         def read(n: int) -> bytes:
@@ -94,15 +92,15 @@ def read_blob(store: Store, entry: FileEntry, taps: list[Callable[[memoryview], 
             if not problems and dec.read(1):
                 raise _TooLong
         except _TooLong:
-            return [Problem(entry.path, "size", f"{entry.size} bytes", f"a blob that decompresses to more ({key})")]
+            return [Problem(entry.path, Kind.SIZE, f"{entry.size} bytes", f"a blob that decompresses to more ({key})")]
         except zstandard.ZstdError as e:
-            return [Problem(entry.path, "blob", "a valid zstd blob", f"corrupt zstd data in {key} ({e})")]
+            return [Problem(entry.path, Kind.BLOB, "a valid zstd blob", f"corrupt zstd data in {key} ({e})")]
         if not problems:
             dec.close()
             guard.finish()
         return problems
     except AptBundleError as e:
-        return [Problem(entry.path, "blob", f"a valid blob {key}", str(e).removeprefix(f"{shown}: "))]
+        return [Problem(entry.path, Kind.BLOB, f"a valid blob {key}", str(e).removeprefix(f"{shown}: "))]
     finally:
         if dec is not None:
             dec.close()
@@ -132,5 +130,8 @@ def _marker(raw, shown: str) -> int | None:
             raise StoreError(f"{shown}: starts with an aptbundle marker this version does not know; upgrade"
                              " aptbundle, or the blob is damaged")
         return int(mark[len(MARK):])
-    raw.unread(head) if hasattr(raw, "unread") else raw.seek(0)
+    if hasattr(raw, "unread"):  # a prefetching reader cannot seek back
+        raw.unread(head)
+    else:
+        raw.seek(0)
     return None

@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 
 from aptbundle.ground.errors import StoreError
 from aptbundle.ground.temporaries import pid_alive
+from aptbundle.store import layout
 from aptbundle.store.backend import Store
 
-LOCKS = "locks"
 STALE_S = 15 * 60.0  # a lock not refreshed for this long belongs to a lost process
 REFRESH_S = 60.0
 GC_WAIT_S = 600.0  # how long a push waits for a gc to finish
@@ -42,7 +42,7 @@ class Lock:
 
     def write(self) -> None:
         if not self.key:
-            self.key = f"{LOCKS}/{self.kind}-{socket.gethostname()[:64]}-{os.getpid()}-{secrets.token_hex(6)}.json"
+            self.key = layout.lock(self.kind, socket.gethostname(), os.getpid(), secrets.token_hex(6))
         body = {"kind": self.kind, "host": socket.gethostname(), "pid": os.getpid(), "time": time.time(), **self.keep}
         self.store.put(self.key, json.dumps(body, sort_keys=True).encode(), count=False)
         self.written = time.monotonic()
@@ -61,10 +61,10 @@ class Lock:
 def others(store: Store, mine: Lock | None = None) -> list[dict]:
     """The live locks of other processes; stale ones are removed on the way."""
     live = []
-    for key, _mtime, size in store.list(LOCKS):
+    for key, _mtime, size in store.list(layout.LOCKS):
         if mine is not None and key == mine.key:
             continue
-        if not key.endswith(".json") or size > MAX_LOCK_BYTES:
+        if not layout.is_lock(key) or size > MAX_LOCK_BYTES:
             continue
         try:
             data = store.read(key, MAX_LOCK_BYTES)

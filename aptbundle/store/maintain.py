@@ -14,27 +14,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from aptbundle.format.manifest import MAX_MANIFEST_BYTES, parse_manifest
-from aptbundle.ground.errors import AptBundleError, StoreError
+from aptbundle.ground.errors import AptBundleError, StoreError, StoreLayoutError
 from aptbundle.ground.temporaries import is_temp_name
-from aptbundle.store import locks
+from aptbundle.store import layout, locks
 from aptbundle.store.backend import Store
-from aptbundle.store.pull import HEX64, resolve
-from aptbundle.store.push import manifest_key
+from aptbundle.store.pull import resolve
 
 GRACE_S = 3600.0
 
 
-def _open(store_url: str | Path) -> Store:
-    store = Store(store_url)
-    if store.local and not Path(store.url).is_dir():
-        raise StoreError(f"{store.url}: no such store (folder); check the path, or push a run there first")
-    return store
-
-
 def run_refs(store: Store) -> list[tuple[str, float]]:
     """``(name, pushed time)`` of every ref in the store."""
-    return [(key[len("refs/"):], mtime) for key, mtime, _ in store.list("refs")
-            if "/" not in key[len("refs/"):] and not is_temp_name(key.rsplit("/", 1)[-1])]
+    return [(name, e.mtime) for e in store.list(layout.REFS) if (name := layout.ref_name(e.key)) is not None]
 
 
 def list_store(store_url: str | Path) -> list[dict]:
@@ -42,12 +33,14 @@ def list_store(store_url: str | Path) -> list[dict]:
 
     A run whose ref or manifest is unreadable is listed with an ``error`` instead.
     """
-    store = _open(store_url)
-    blob_sizes = {key.rsplit("/", 1)[-1]: size for key, _, size in store.list("blobs")}
+    store = Store.existing(store_url)
+    blob_sizes = {layout.base(e.key): e.size for e in store.list(layout.BLOBS)}
     out = []
     for name, mtime in run_refs(store):
         try:
             digest, _data, man, sig = resolve(store, name)
+        except StoreLayoutError:
+            raise  # a crafted store is refused whole, not listed
         except AptBundleError as e:
             out.append({"name": name, "error": str(e)})
             continue
@@ -80,7 +73,7 @@ class GcResult:
 
 def gc(store_url: str | Path, *, grace_s: float = GRACE_S, dry_run: bool = False) -> GcResult:
     """Delete blobs and manifests that no ref reaches (and older than ``grace_s`` seconds)."""
-    store = _open(store_url)
+    store = Store.existing(store_url)
     with locks.collecting(store) as (lock, pushing_blobs, pushing_manifests):
         keep_manifests = set(pushing_manifests)
         keep_blobs = set(pushing_blobs)
@@ -89,11 +82,11 @@ def gc(store_url: str | Path, *, grace_s: float = GRACE_S, dry_run: bool = False
                 digest, _data, man, _sig = resolve(store, name)
             except AptBundleError as e:
                 raise StoreError(f"{e}. gc deletes nothing while a ref cannot be followed; fix or delete"
-                                 f" {store.shown('refs/' + name)} first") from None
+                                 f" {store.where(layout.ref(name))} first") from None
             keep_manifests.add(digest)
             keep_blobs.update(f.sha256 for f in man.files)
         for digest in list(pushing_manifests):  # a push in flight keeps what its manifest lists
-            data = store.read(manifest_key(digest), MAX_MANIFEST_BYTES) if HEX64.fullmatch(digest) else None
+            data = store.read(layout.manifest(digest), MAX_MANIFEST_BYTES) if layout.is_digest(digest) else None
             if data is not None:
                 try:
                     keep_blobs.update(f.sha256 for f in parse_manifest(data).files)
@@ -101,15 +94,14 @@ def gc(store_url: str | Path, *, grace_s: float = GRACE_S, dry_run: bool = False
                     pass
         now = time.time()
         res = GcResult(0, 0, 0, 0, 0, dry_run)
-        for prefix, keep in (("blobs", keep_blobs), ("manifests", keep_manifests)):
+        for prefix, keep in ((layout.BLOBS, keep_blobs), (layout.MANIFESTS, keep_manifests)):
             for key, mtime, size in store.list(prefix):
                 lock.refresh()
-                base = key.rsplit("/", 1)[-1]
+                base = layout.base(key)
                 if is_temp_name(base):
                     continue  # a local push's file in progress: clean_stale_temporaries decides
-                digest = base.removesuffix(".sig")
-                if digest in keep:
-                    res.kept_blobs += prefix == "blobs"
+                if layout.digest_of(key) in keep:
+                    res.kept_blobs += prefix == layout.BLOBS
                     continue
                 if now - mtime < grace_s:
                     res.kept_young += 1
@@ -117,11 +109,11 @@ def gc(store_url: str | Path, *, grace_s: float = GRACE_S, dry_run: bool = False
                 if not dry_run:
                     store.delete(key)
                 res.deleted_bytes += size
-                if prefix == "blobs":
+                if prefix == layout.BLOBS:
                     res.deleted_blobs += 1
                 else:
-                    res.deleted_manifests += not base.endswith(".sig")
+                    res.deleted_manifests += not base.endswith(layout.SIG_SUFFIX)
         if not dry_run:
-            for prefix in ("blobs", "manifests", "refs", locks.LOCKS):
+            for prefix in layout.TOPS:
                 store.clean_stale_temporaries(prefix, max(grace_s, locks.STALE_S))
     return res

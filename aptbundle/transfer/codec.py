@@ -2,7 +2,7 @@
 
 A float's bytes differ in kind: the sign and exponent byte repeats a few values, the low mantissa
 bytes are noise. Written as they come, zstd sees the two interleaved and compresses neither
-well. Byte grouping (the technique behind ZipNN) rewrites each block of ``BLOCK`` bytes as all
+well. Byte grouping (the technique behind ZipNN) rewrites each block of ``UNIT`` bytes as all
 first bytes of its W-byte words, then all second bytes, and so on, so the exponent bytes form
 long, very compressible runs. It is a permutation: sizes are unchanged and ``ungroup`` restores
 the exact bytes, which is what the manifest's hashes cover. W is 4 for fp32, 2 for fp16/bf16.
@@ -17,8 +17,10 @@ know.
 from __future__ import annotations
 
 import json
+import os
 import struct
 from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -26,12 +28,30 @@ from aptbundle.format.scan import scan_file
 from aptbundle.format.stream import RawRead
 from aptbundle.ground.errors import ArchiveError
 
-BLOCK = 4 << 20  # a multiple of every width; the unit the codec works on
+UNIT = 4 << 20  # a multiple of every width; the unit the codec works on
 MIN_SIZE = 64 << 10  # smaller files are not worth it
 PAX_WIDTH = "APTBUNDLE.dense"
 PAX_REQUIRES = "APTBUNDLE.requires"
 
 _ST_WIDTH = {"F32": 4, "F16": 2, "BF16": 2}
+
+
+@dataclass(frozen=True)
+class Encoding:
+    """How a run's bytes are compressed on their way into an archive or a store."""
+
+    level: int  # zstd level, 1 to 22
+    threads: int  # zstd worker threads
+    dense: bool  # byte-group float tensors first (``Grouping``)
+
+    @classmethod
+    def choose(cls, level: int | None = None, threads: int = 0, dense: bool = False) -> "Encoding":
+        """The defaults filled in: level 3, or 1 with ``dense`` (grouped floats compress as well
+        at level 1 and twice as fast); ``threads=0`` uses every core."""
+        level = level if level is not None else (1 if dense else 3)
+        if not 1 <= level <= 22:
+            raise ArchiveError(f"--level {level}: expected a zstd level from 1 to 22")
+        return cls(level, threads if threads > 0 else (os.cpu_count() or 1), dense)
 
 
 def _np():
@@ -104,7 +124,7 @@ class Ungrouper:
 
     def __init__(self, width: int, size: int):
         self.width, self.left = width, size
-        self.buf = bytearray(min(BLOCK, size))
+        self.buf = bytearray(min(UNIT, size))
         self.view = memoryview(self.buf)
         self.fill = 0
 
@@ -131,9 +151,9 @@ class Grouping:
 
     def __call__(self, block: memoryview) -> None:
         self.buf += block
-        while len(self.buf) >= BLOCK:
-            self.write(group(memoryview(self.buf)[:BLOCK], self.width))
-            del self.buf[:BLOCK]
+        while len(self.buf) >= UNIT:
+            self.write(group(memoryview(self.buf)[:UNIT], self.width))
+            del self.buf[:UNIT]
 
     def flush(self) -> None:
         if self.buf:
@@ -184,7 +204,7 @@ def ungrouping(raw: RawRead, width: int, size: int) -> RawRead:
 
     def read(n: int) -> bytes:
         while not pending:
-            b = raw(BLOCK)
+            b = raw(UNIT)
             if not b:
                 return b""
             pending.extend(ug.feed(b))
