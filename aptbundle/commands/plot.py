@@ -46,5 +46,5 @@ def plot_curves(curves: dict[str, list[list[float]]], title: str, out: str | Pat
         os.replace(tmp, out)
     finally:
         plt.close(fig)
-        temporaries.remove(tmp)
+        temporaries.remove_path(tmp)
     return out

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import posixpath
 import re
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from aptbundle.ground.errors import ManifestError, UnsafePathError
 from aptbundle.ground.lock import is_lock_name
 from aptbundle.ground.paths import check_collisions, check_name, normalize_relpath
 from aptbundle.ground.temporaries import is_temp_name
+from aptbundle.ground.values import DuplicateKey, finite_number, unique_keys
 
 MANIFEST_NAME = "aptrun.json"
 SIGNATURE_NAME = "aptrun.sig"  # a run's signature (``signature``): beside the manifest, never listed
@@ -115,10 +115,14 @@ class Manifest:
                 return c
         return None
 
+    def files_under(self, prefix: str) -> list[FileEntry]:
+        """The files inside the folder ``prefix``, or the one file ``prefix`` is."""
+        pre = prefix.rstrip("/") + "/"
+        return [f for f in self.files if f.path == prefix or f.path.startswith(pre)]
+
     def files_of(self, c: CheckpointEntry) -> list[FileEntry]:
         """The files of checkpoint ``c``: its folder's, or the one file it is (a Lightning ``.ckpt``)."""
-        pre = c.folder + "/"
-        return [f for f in self.files if f.path == c.folder or f.path.startswith(pre)]
+        return self.files_under(c.folder)
 
     def total_size(self) -> int:
         """Bytes of all listed files."""
@@ -206,22 +210,13 @@ def _req(d: dict, key: str, types: type | tuple, source: str, nullable: bool = F
     return v
 
 
-def _no_dup_keys(pairs: list) -> dict:
-    d: dict = {}
-    for k, v in pairs:
-        if k in d:
-            raise ManifestError(f"duplicate key {k!r} in JSON object")
-        d[k] = v
-    return d
-
-
 def _reject_constant(name: str) -> Any:
     raise ManifestError(f"{name} is not valid JSON")
 
 
 def _finite(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):  # 1e400 parses as inf: a number no run can have written
+    value = finite_number(float(text))
+    if value is None:  # 1e400 parses as inf: a number no run can have written
         raise ManifestError(f"number {text[:40]} is out of range; expected a finite number")
     return value
 
@@ -238,10 +233,10 @@ def parse_manifest(data: bytes, source: str = MANIFEST_NAME) -> Manifest:
     except UnicodeDecodeError as e:
         raise ManifestError(f"{source}: not UTF-8 ({e.reason} at byte {e.start}); expected UTF-8 JSON") from None
     try:
-        raw = json.loads(text, object_pairs_hook=_no_dup_keys, parse_constant=_reject_constant,
+        raw = json.loads(text, object_pairs_hook=unique_keys, parse_constant=_reject_constant,
                          parse_float=_finite)
-    except ManifestError as e:
-        raise ManifestError(f"{source}: {e}") from None
+    except (ManifestError, DuplicateKey) as e:
+        raise ManifestError(f"{source}: {e} in JSON object") from None
     except (ValueError, RecursionError) as e:
         raise ManifestError(f"{source}: not valid JSON ({e}); the manifest is damaged") from None
     if not isinstance(raw, dict):

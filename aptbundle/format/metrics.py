@@ -10,8 +10,8 @@ validation loss up to the cap): the checkpointer stores that summary in the mani
 from __future__ import annotations
 
 import json
-import math
 from typing import Any
+from aptbundle.ground.values import finite_number
 
 METRICS_FILE = "logs/metrics.jsonl"
 CURVES = ("loss", "val_loss")
@@ -19,13 +19,6 @@ MAX_POINTS = 300
 MAX_LINES = 10_000_000
 
 Curves = dict[str, list[list[float]]]
-
-
-def _number(v: Any) -> float | None:
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        return None
-    v = float(v)
-    return v if math.isfinite(v) else None
 
 
 def read_curves(data: bytes) -> Curves:
@@ -44,7 +37,7 @@ def read_curves(data: bytes) -> Curves:
         if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < 1 << 53:
             continue
         for key in CURVES:
-            v = _number(row.get(key))
+            v = finite_number(row.get(key))
             if v is not None:
                 out[key].append([step, v])
     return {k: v for k, v in out.items() if v}
@@ -75,7 +68,7 @@ def checked_curves(raw: Any) -> Curves:
         if not isinstance(pts, list) or len(pts) > 10 * MAX_POINTS:
             continue
         good = [[p[0], float(p[1])] for p in pts if isinstance(p, list) and len(p) == 2 and type(p[0]) is int
-                and _number(p[1]) is not None]
+                and finite_number(p[1]) is not None]
         if good:
             out[key] = good
     return out

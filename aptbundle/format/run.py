@@ -26,6 +26,7 @@ from aptbundle.ground.errors import RunError, UnsafePathError
 from aptbundle.ground.fsutil import Progress, atomic_write_bytes, hash_file
 from aptbundle.ground.paths import check_collisions, check_name, normalize_relpath
 from aptbundle.ground.problems import Kind, Problem
+from aptbundle.ground.temporaries import remove_path
 
 CHECKPOINTS = "checkpoints"
 
@@ -56,14 +57,6 @@ def is_ignored(rel: str) -> bool:
     listing."""
     return rel in (MANIFEST_NAME, SIGNATURE_NAME) or lock.is_lock_name(rel) or any(
         temporaries.is_temp_name(c) for c in rel.split("/"))
-
-
-def remove_path(p: Path) -> None:
-    """Delete a retired checkpoint: a folder, or a single file (or link) such as a ``.ckpt``."""
-    if p.is_dir() and not p.is_symlink():
-        shutil.rmtree(p, ignore_errors=True)
-    else:
-        p.unlink(missing_ok=True)
 
 
 def walk_files(root: Path, links: list[LinkEntry] | None = None) -> tuple[list[str], list[Problem]]:
@@ -249,8 +242,7 @@ class Run:
     def files_under(self, prefix: str) -> list[FileEntry]:
         """Manifest entries inside the folder ``prefix`` (or the one file ``prefix`` is: a
         checkpoint that is a single file, like Lightning's ``.ckpt``)."""
-        pre = prefix.rstrip("/") + "/"
-        return [f for f in self.manifest.files if f.path.startswith(pre) or f.path == prefix]
+        return self.manifest.files_under(prefix)
 
     def run_files(self) -> list[FileEntry]:
         """Manifest entries outside every checkpoint (config, tokenizer, data, logs)."""
@@ -280,8 +272,8 @@ class Run:
     def forget_prefix(self, prefix: str) -> None:
         """Drop every manifest entry under the folder ``prefix`` (or the file ``prefix``; files are
         not touched)."""
-        pre = prefix.rstrip("/") + "/"
-        self.manifest.files = [f for f in self.manifest.files if not f.path.startswith(pre) and f.path != prefix]
+        gone = set(self.manifest.files_under(prefix))
+        self.manifest.files = [f for f in self.manifest.files if f not in gone]
 
     def save_manifest(self) -> None:
         """Atomically write the manifest: the commit point of every change."""
@@ -360,7 +352,7 @@ class Run:
                 if temporaries.is_temp_name(n) and (temporaries.owner(n) is None or temporaries.is_stale(n)):
                     full = Path(dirpath) / n
                     if not self._put_back(full):
-                        temporaries.remove(full)
+                        remove_path(full)
                     removed.append(full.relative_to(self.path).as_posix())
                 if n in dirnames and temporaries.is_temp_name(n):
                     dirnames.remove(n)

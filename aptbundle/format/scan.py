@@ -26,6 +26,7 @@ from aptbundle.format.stream import Stream, file_source
 from aptbundle.format.trust import extra_globals
 from aptbundle.ground.errors import UnsafeContentError
 from aptbundle.ground.problems import Kind, Problem
+from aptbundle.ground.values import DuplicateKey, unique_keys
 
 MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
 MAX_ZIP_ENTRIES = 1_000_000
@@ -252,15 +253,6 @@ _ST_SIZES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0":
              "F64": 8, "C64": 8, "F4": 0.5, "F6_E2M3": 0.75, "F6_E3M2": 0.75}
 
 
-def _pairs_no_dup(pairs):
-    d = {}
-    for k, v in pairs:
-        if k in d:
-            raise UnsafeContentError(f"duplicate key {k!r}")
-        d[k] = v
-    return d
-
-
 def check_safetensors(stream: Stream, shown: str) -> dict:
     """Validate a safetensors header against the file's size; return the parsed header."""
     size = stream.size
@@ -273,8 +265,8 @@ def check_safetensors(stream: Stream, shown: str) -> dict:
             f"{shown}: header claims {n} bytes; expected at most {min(MAX_SAFETENSORS_HEADER, size - 8)}")
     text = stream.read(n)
     try:
-        header = json.loads(text.decode("utf-8"), object_pairs_hook=_pairs_no_dup)
-    except UnsafeContentError as e:
+        header = json.loads(text.decode("utf-8"), object_pairs_hook=unique_keys)
+    except DuplicateKey as e:
         raise UnsafeContentError(f"{shown}: safetensors header has a {e}") from None
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise UnsafeContentError(f"{shown}: safetensors header is not valid JSON ({e})") from None

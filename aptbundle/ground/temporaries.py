@@ -95,8 +95,10 @@ def is_stale(name: str) -> bool:
     return who is not None and who[0] != os.getpid() and not pid_alive(who[0])
 
 
-def remove(path: Path) -> None:
-    """Delete a temporary file or folder; a link is removed, never followed."""
+def remove_path(path: Path) -> None:
+    """Delete a file or a folder (with everything in it); a link is removed, never followed, and
+    a path that is already gone is no error."""
+    path = Path(path)
     with contextlib.suppress(FileNotFoundError):
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path, ignore_errors=True)
@@ -116,7 +118,7 @@ def clean_stale(parent: Path, label: str | None = None) -> list[Path]:
             who = owner(p.name)
             if who is None or (want is not None and who[1] != want) or not is_stale(p.name):
                 continue
-            remove(p)
+            remove_path(p)
             removed.append(p)
     return removed
 
@@ -129,5 +131,5 @@ def temp_dir(parent: Path, label: str, mode: int = 0o755) -> Iterator[Path]:
     try:
         yield path
     except BaseException:
-        remove(path)
+        remove_path(path)
         raise

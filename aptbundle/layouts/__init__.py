@@ -145,6 +145,3 @@ def value_after(tokens: list[tuple[str, object]], key: str, kinds: tuple[str, ..
             return tokens[i + 1][1]
     return None
 
-
-def finite(v) -> bool:
-    return type(v) in (int, float) and v == v and abs(v) != float("inf")

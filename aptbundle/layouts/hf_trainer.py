@@ -14,7 +14,8 @@ import re
 from pathlib import Path
 
 from aptbundle.format.manifest import BestInfo, CheckpointEntry
-from aptbundle.layouts import Found, finite, pickle_tokens, value_after
+from aptbundle.ground.values import is_finite as finite
+from aptbundle.layouts import Found, pickle_tokens, value_after
 
 LAYOUT, TITLE = "hf-trainer", "Hugging Face Trainer"
 _STATE = re.compile(r"^((?:[^/]+/)*?)(checkpoint-(\d+))/trainer_state\.json$")

@@ -15,7 +15,8 @@ import zipfile
 from pathlib import Path
 
 from aptbundle.format.manifest import BestInfo, CheckpointEntry
-from aptbundle.layouts import Found, finite, pickle_tokens, value_after
+from aptbundle.ground.values import finite_number, is_finite as finite
+from aptbundle.layouts import Found, pickle_tokens, value_after
 
 LAYOUT, TITLE = "lightning", "PyTorch Lightning"
 _PAIR = re.compile(r"([A-Za-z_][\w.]*)=(-?\d+(?:\.\d+)?(?:e-?\d+)?)")
@@ -23,7 +24,7 @@ _PAIR = re.compile(r"([A-Za-z_][\w.]*)=(-?\d+(?:\.\d+)?(?:e-?\d+)?)")
 
 def _entry(root: Path, rel: str) -> CheckpointEntry:
     stem = rel.rsplit("/", 1)[-1][:-len(".ckpt")]
-    pairs = {k: float(v) for k, v in _PAIR.findall(stem)}
+    pairs = {k: v for k, raw in _PAIR.findall(stem) if (v := finite_number(float(raw))) is not None and abs(v) < 2 ** 53}
     if "step" not in pairs:  # last.ckpt saved as a copy, or a custom name: the counters inside
         inside = checkpoint_state(root / rel)
         pairs.setdefault("step", inside.get("global_step", 0))

@@ -11,7 +11,8 @@ import re
 from pathlib import Path
 
 from aptbundle.format.manifest import CheckpointEntry
-from aptbundle.layouts import Found, finite
+from aptbundle.ground.values import is_finite as finite
+from aptbundle.layouts import Found
 
 LAYOUT, TITLE = "checkpoints", "a folder of checkpoints"
 _CHECKPOINT = re.compile(r"^(checkpoints/)?((?:step|checkpoint)-(\d+))/")

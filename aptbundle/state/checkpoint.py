@@ -38,11 +38,12 @@ from safetensors.torch import save_file as _st_save_file
 
 from aptbundle.format.manifest import BestInfo, CheckpointEntry
 from aptbundle.format.metrics import METRICS_FILE, read_curves, summarize
-from aptbundle.format.run import CHECKPOINTS, Run, environment_info, now_iso, remove_path
+from aptbundle.format.run import CHECKPOINTS, Run, environment_info, now_iso
 from aptbundle.format.verify import VerifiedCheckpoint, verify_checkpoint
 from aptbundle.ground import temporaries
 from aptbundle.ground.errors import AptBundleError, CheckpointError
 from aptbundle.ground.fsutil import fsync_dir, fsync_file
+from aptbundle.ground.temporaries import remove_path
 from aptbundle.state.collective import ProcessGroup
 from aptbundle.state.rng import RNG_FILE, rng_file, rng_state, set_rng_state
 from aptbundle.state.sharded import DCP_DIR, load_sharded, save_sharded
@@ -237,12 +238,12 @@ class Checkpointer:
                     fsync_file(f)
             fsync_dir(stage)
         except Exception as e:  # disk full, quota, I/O error: safetensors and torch raise their own types
-            temporaries.remove(stage)
+            remove_path(stage)
             raise CheckpointError(
                 f"{self.run.name}/{CHECKPOINTS}/{job['name']}: could not be written ({e}); the last complete"
                 " checkpoint is intact. Free disk space (or fix permissions) and resume") from None
         except BaseException:
-            temporaries.remove(stage)
+            remove_path(stage)
             raise
         return self._commit(job, stage)
 
@@ -275,7 +276,7 @@ class Checkpointer:
                 for target, saved in backups.items():
                     os.replace(saved, target)
                 for src, dst in reversed(moved):
-                    temporaries.remove(dst) if src == stage else os.replace(dst, src)
+                    remove_path(dst) if src == stage else os.replace(dst, src)
                 raise
             for saved in backups.values():
                 saved.unlink(missing_ok=True)

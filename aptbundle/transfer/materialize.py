@@ -30,6 +30,7 @@ from aptbundle.format.run import Run
 from aptbundle.ground import temporaries
 from aptbundle.ground.errors import AptBundleError, MaterializeError
 from aptbundle.ground.fsutil import fsync_dir
+from aptbundle.ground.temporaries import remove_path
 
 CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
 
@@ -164,7 +165,7 @@ class Materializer:
         os.rename(self.final, aside)
         os.rename(self.tmp, self.final)
         if self.existing.aside is None:
-            temporaries.remove(aside)  # a replaced ancestor: everything it held is in the new copy
+            remove_path(aside)  # a replaced ancestor: everything it held is in the new copy
         return self.final
 
 

@@ -24,6 +24,7 @@ from aptbundle.format.manifest import SIGNATURE_NAME, Manifest
 from aptbundle.format.run import Run
 from aptbundle.format.verify import verify_files, verify_run
 from aptbundle.ground import temporaries
+from aptbundle.ground.temporaries import remove_path
 from aptbundle.ground.errors import AptBundleError, ArchiveError, VerifyError
 from aptbundle.ground.problems import Kind, Problem
 
@@ -69,7 +70,7 @@ def read_view(run_dir: str | Path, *, checkpoints: str = "all", sign: str | Path
         yield ReadView(run, man, snap, sig)
     finally:
         if snap is not None:
-            temporaries.remove(snap)
+            remove_path(snap)
 
 
 def refuse(run: Run, problems: list[Problem], verb: str) -> None:
@@ -111,7 +112,7 @@ def snapshot(root: Path, man: Manifest) -> Path | None:
             dst.parent.mkdir(parents=True, exist_ok=True)
             os.link(root / f.path, dst, follow_symlinks=False)
     except OSError:
-        temporaries.remove(snap)
+        remove_path(snap)
         return None
     return snap
 
