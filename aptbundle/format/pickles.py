@@ -1,20 +1,37 @@
-"""Pickles read without being run: the allow-list of globals and the opcode walk.
+"""The scan engine: CPython's own unpickler, with globals that cannot do anything.
 
-A pickle is walked opcode by opcode with ``pickletools`` and never executed: every global it
-names must be on the allow-list of what ``torch.load(weights_only=True)`` needs to rebuild
-tensors and plain containers (plus, for a DCP ``.metadata`` file, the plain metadata classes of
-``torch.distributed.checkpoint``). Opcodes that build arbitrary objects are refused. Nothing
-here imports torch.
+A pickle is checked by loading it with ``pickle.Unpickler`` (the C implementation that
+``pickle.load`` and ``torch.load(weights_only=False)`` use), subclassed so that it cannot do
+harm: ``find_class`` refuses every global outside the allow-list and returns, for the allowed
+ones, an inert stand-in class; ``persistent_load`` returns a stand-in that records the storage
+it names. Calling, instantiating (``REDUCE``, ``NEWOBJ``, ``NEWOBJ_EX``, ``INST``, ``OBJ``),
+building (``BUILD``) or filling (``SETITEMS``, ``APPENDS``, ``ADDITEMS``) a stand-in only records
+what it was given, and the checks look at that record. So what is checked is, by construction,
+what a real load does: the same interpreter walks the same bytes opcode by opcode, marks, memo,
+frames, extension codes and all, and every global a real load would import goes through
+``find_class`` first. There is no model of the pickle machine here that could disagree with it.
+
+The bytes are fed as a loader feeds them (``Source``): a file-like object with ``read``,
+``readinto`` and ``readline`` and no ``peek``, as ``io.BytesIO`` (what ``torch.load`` hands the
+unpickler for a zip's ``data.pkl``) and a file are read. Every read is checked against the bytes
+left before it is made, so no declared length allocates more than the pickle holds, and memory
+stays bounded by the pickle's own size. Whatever the engine cannot read exactly as a loader would
+is refused, never guessed. The same engine reads framework pickles for the layouts
+(``read_pickle``), with every global inert and nothing refused, since they only look at values.
+Nothing here imports torch.
 """
 
 from __future__ import annotations
 
-import pickletools
+import pickle
 import re
+from typing import Any, Callable
 
 from aptbundle.ground.errors import UnsafeContentError
 
 MAX_PICKLE_BYTES = 1 << 30
+MAX_BYTEARRAY = 1 << 20  # bytearray(N) allocates N bytes: a pickle of 32 bytes could ask for GBs
+MAX_VISITS = 1_000_000  # objects looked at for machine paths
 
 _DTYPES = ("bfloat16 bits16 bits1x8 bits2x4 bits4x2 bits8 bool complex128 complex32 complex64 "
            "float16 float32 float4_e2m1fn_x2 float64 float8_e4m3fn float8_e4m3fnuz float8_e5m2 "
@@ -50,11 +67,17 @@ _DCP_ALLOWED = {
 # plain paths, as DCP's .metadata and Lightning's hyper-parameters record them: built from strings
 _PATHS = {f"pathlib{m}.{c}" for m in ("", "._local") for c in ("Path", "PosixPath", "WindowsPath", "PurePath",
                                                               "PurePosixPath", "PureWindowsPath")}
-_CODE_OPS = {"INST", "OBJ", "EXT1", "EXT2", "EXT4"}
-_STR_OPS = {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "STRING", "BINSTRING",
-            "SHORT_BINSTRING"}
-_GET_OPS = {"GET", "BINGET", "LONG_BINGET"}
-_PUT_OPS = {"PUT", "BINPUT", "LONG_BINPUT"}
+_REBUILD_TENSOR = {"torch._utils._rebuild_tensor", "torch._utils._rebuild_tensor_v2",
+                   "torch._utils._rebuild_tensor_v3"}
+_NUMPY_DTYPE = {"numpy.dtype"}
+_PLAIN_DTYPE = re.compile(r"[<>|=]?([biufc]\d{1,2}|bool|u?int(8|16|32|64)|float(16|32|64)|complex(64|128))")
+# bytes per element of torch's storage classes, for the storages a torch.save pickle declares
+_STORAGE_BYTES = {"Float": 4, "Double": 8, "Half": 2, "BFloat16": 2, "Long": 8, "Int": 4, "Short": 2,
+                  "Char": 1, "Byte": 1, "Bool": 1, "ComplexFloat": 8, "ComplexDouble": 16, "QInt8": 1,
+                  "QUInt8": 1, "QInt32": 4, "QUInt4x2": 1, "QUInt2x4": 1, "Untyped": 1}
+
+MACHINE_PATH = re.compile(r"^(/(home|Users|root|tmp|mnt|data|scratch|work|workspace|srv|opt|var|media|nfs|lustre|"
+                          r"gpfs|fsx|content|kaggle|private)/|[A-Za-z]:[\\/][^\\/]+[\\/])")
 
 
 def global_allowed(name: str, dcp: bool = False, extra: frozenset[str] = frozenset()) -> bool:
@@ -65,172 +88,303 @@ def global_allowed(name: str, dcp: bool = False, extra: frozenset[str] = frozens
 
 
 class MalformedPickle(UnsafeContentError):
-    """Bytes that do not parse as a pickle (every opcode before the fault was checked)."""
+    """Bytes that CPython's unpickler cannot load (every global before the fault was checked)."""
 
 
-class _Global(str):
-    """A global named by the pickle (told apart from a plain string on the modelled stack)."""
+class Source:
+    """A pickle's bytes as a loader reads them: ``read``, ``readinto`` and ``readline`` of a
+    ``Stream`` (no ``peek``, like ``io.BytesIO``), at most ``limit`` bytes, every read checked
+    against what is left before it is made."""
+
+    def __init__(self, stream, limit: int, shown: str):
+        self.stream, self.limit, self.shown, self.taken = stream, limit, shown, 0
+
+    def _left(self, n: int) -> None:
+        left = min(self.limit, self.stream.size - self.stream.tell() + self.taken) - self.taken
+        if n > left:
+            raise MalformedPickle(f"{self.shown}: the pickle declares {n} bytes where {max(left, 0)} are left;"
+                                  " the file is damaged or crafted. Do not load it")
+
+    def read(self, n: int = -1) -> bytes:
+        n = self.limit - self.taken if n is None or n < 0 else n
+        self._left(n)
+        b = self.stream.read(n)
+        self.taken += len(b)
+        return b
+
+    def readinto(self, buf) -> int:
+        view = memoryview(buf).cast("B")
+        b = self.read(len(view))
+        view[:len(b)] = b
+        return len(b)
+
+    def readline(self) -> bytes:
+        b = self.stream.readline()
+        self._left(len(b))
+        self.taken += len(b)
+        return b
 
 
-_INT_OPS = {"BININT", "BININT1", "BININT2", "LONG1", "LONG4", "INT", "LONG"}
-# bytes per element of torch's storage classes, for the storages a torch.save pickle declares
-_STORAGE_BYTES = {"Float": 4, "Double": 8, "Half": 2, "BFloat16": 2, "Long": 8, "Int": 4, "Short": 2,
-                  "Char": 1, "Byte": 1, "Bool": 1, "ComplexFloat": 8, "ComplexDouble": 16, "QInt8": 1,
-                  "QUInt8": 1, "QInt32": 4, "QUInt4x2": 1, "QUInt2x4": 1, "Untyped": 1}
+class Storage:
+    """A storage a torch.save pickle names by persistent id: its key, class and element count.
+    Fixed once made (a ``BUILD`` on it fails, as it cannot change what the checks rely on)."""
+
+    __slots__ = ("key", "cls", "numel")
+
+    def __init__(self, key: str, cls: str, numel: int):
+        for k, v in (("key", key), ("cls", cls), ("numel", numel)):
+            object.__setattr__(self, k, v)
+
+    def __setattr__(self, name, value):
+        raise AttributeError("a storage record is fixed")
+
+    @property
+    def nbytes(self) -> int | None:
+        name = self.cls.rsplit(".", 1)[-1]
+        per = _STORAGE_BYTES.get(name[:-len("Storage")]) if name.endswith("Storage") else None
+        return None if per is None or self.numel < 0 else per * self.numel
 
 
-def _storage_bytes(cls: str, numel: int) -> int | None:
-    """Bytes of a declared storage, or None for a class whose element size is not known here."""
-    name = cls.rsplit(".", 1)[-1]
-    if not name.endswith("Storage"):
-        return None
-    per = _STORAGE_BYTES.get(name[:-len("Storage")])
-    return None if per is None or numel < 0 else per * numel
+class _SetState:
+    """``__setstate__`` of a stand-in: on an instance, records the state (``BUILD``); on the class
+    itself, refuses, since a real load would set attributes on a class for the whole process."""
+
+    def __get__(self, obj, owner):
+        if obj is None:
+            def on_class(_state):
+                raise UnsafeContentError(f"{owner._shown}: pickle sets attributes on the class {owner._global!r},"
+                                         " which would change it for the whole process; expected only data."
+                                         " Do not load this file")
+            return on_class
+        return obj._build
 
 
-class _Storage:
-    """A storage a torch.save pickle refers to by persistent id: its key and its element count."""
+class Inert:
+    """What a global becomes: a class that records what it is built with and does nothing else."""
 
-    def __init__(self, key: str, numel: int):
-        self.key, self.numel = key, numel
+    _global = ""
+    _shown = ""
+    _check: Callable[["Inert"], None] = staticmethod(lambda obj: None)
+    __setstate__ = _SetState()
+
+    def __new__(cls, *args, **kwargs):
+        obj = object.__new__(cls)
+        obj.args, obj.kwargs, obj.state, obj.items, obj.values = args, kwargs, None, {}, []
+        cls._check(obj)
+        return obj
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def _build(self, state) -> None:
+        self.state = state
+        type(self)._check(self)
+
+    def __setitem__(self, key, value) -> None:
+        self.items[key] = value
+
+    def append(self, value) -> None:
+        self.values.append(value)
+
+    def extend(self, values) -> None:
+        self.values.extend(values)
+
+    def add(self, value) -> None:
+        self.values.append(value)
+
+    def fields(self) -> dict:
+        """What the object holds, as a plain dict: its state (or the dict part of a
+        ``(state, slots)`` pair), then its items."""
+        state = self.state[0] if isinstance(self.state, tuple) and len(self.state) == 2 else self.state
+        out = dict(state) if isinstance(state, dict) else {}
+        if isinstance(self.state, tuple) and len(self.state) == 2 and isinstance(self.state[1], dict):
+            out.update(self.state[1])
+        out.update(self.items)
+        return out
+
+    def __reduce__(self):
+        raise TypeError("an inert stand-in is never pickled")
 
 
-_REBUILD_TENSOR = {"torch._utils._rebuild_tensor", "torch._utils._rebuild_tensor_v2",
-                   "torch._utils._rebuild_tensor_v3"}
-MAX_BYTEARRAY = 1 << 20  # bytearray(N) allocates N bytes: a pickle of 32 bytes could ask for GBs
+class _Unpickler(pickle.Unpickler):
+    def __init__(self, source: Source, resolve: Callable[[str, str], type], persistent: Callable[[Any], Any]):
+        super().__init__(source)
+        self._resolve, self._persistent = resolve, persistent
+
+    def find_class(self, module, name):
+        return self._resolve(module, name)
+
+    def persistent_load(self, pid):
+        return self._persistent(pid)
 
 
-def _check_reduce(fn: object, args: object, shown: str, pos: int) -> None:
-    """What a permitted callable is asked to build must be backed by bytes that exist."""
-    if not isinstance(fn, _Global) or not isinstance(args, tuple):
+def load(source: Source, shown: str, resolve: Callable[[str, str], type],
+         persistent: Callable[[Any], Any] | None = None) -> Any:
+    """Load one pickle from ``source`` with CPython's unpickler; ``UnsafeContentError`` as the
+    hooks raise it, ``MalformedPickle`` for anything else the unpickler refuses."""
+    up = _Unpickler(source, resolve, persistent or (lambda pid: pid))
+    try:
+        return up.load()
+    except UnsafeContentError:
+        raise
+    except RecursionError:
+        raise MalformedPickle(f"{shown}: nests deeper than a pickle can be checked; the file is damaged or"
+                              " crafted. Do not load it") from None
+    except Exception as e:  # UnpicklingError, EOFError, ValueError, TypeError, MemoryError...
+        raise MalformedPickle(f"{shown}: not a readable pickle ({type(e).__name__}: {str(e)[:120]}); the file is"
+                              " damaged or not a checkpoint") from None
+
+
+class Scan:
+    """One file's scan: the policy (which globals, DCP's classes, the trust policy's extras), the
+    storages its pickles declare, the globals they name and the machine paths they record."""
+
+    def __init__(self, shown: str, *, dcp: bool = False, extra: frozenset[str] = frozenset(),
+                 paths: list[str] | None = None):
+        self.shown, self.dcp, self.extra = shown, dcp, extra
+        self.paths = paths
+        self.names: list[str] = []
+        self.storages: dict[str, int] = {}  # storage key -> bytes, as the pickles declare them
+        self._classes: dict[str, type] = {}
+
+    def resolve(self, module, name) -> type:
+        if not (isinstance(module, str) and isinstance(name, str)):
+            raise UnsafeContentError(f"{self.shown}: pickle names a global that is not a pair of strings;"
+                                     " expected a plain torch.save file. Do not load it")
+        full = f"{module}.{name}"
+        if not global_allowed(full, self.dcp, self.extra):
+            raise UnsafeContentError(f"{self.shown}: pickle references global {full[:200]!r}, which could run code"
+                                     " when loaded; expected only tensors and plain data. Do not load this file")
+        self.names.append(full)
+        return self._stand_in(full)
+
+    def inert(self, module, name) -> type:
+        """``find_class`` for reading values only: every global a stand-in, none refused."""
+        return self._stand_in(f"{module}.{name}")
+
+    def _stand_in(self, full: str) -> type:
+        cls = self._classes.get(full)
+        if cls is None:
+            cls = type(full.rsplit(".", 1)[-1], (Inert,), {"_global": full, "_shown": self.shown,
+                                                           "_check": staticmethod(self._checker(full))})
+            self._classes[full] = cls
+        return cls
+
+    def persistent(self, pid):
+        if isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[2], str) \
+                and isinstance(pid[1], type) and issubclass(pid[1], Inert) and type(pid[4]) is int:
+            st = Storage(pid[2], pid[1]._global, pid[4])
+            if st.nbytes is not None:
+                self.storages[st.key] = st.nbytes
+            return st
+        return pid  # what torch would reject on load: nothing to build
+
+    def _checker(self, full: str) -> Callable[[Inert], None]:
+        shown = self.shown
+        if full in _PATHS:
+            def check(obj: Inert) -> None:
+                if obj.kwargs or obj.state is not None or not all(type(a) is str for a in obj.args):
+                    raise UnsafeContentError(f"{shown}: pickle builds a path from something other than strings;"
+                                             " expected a plain path. Do not load this file")
+                joined = "/".join(obj.args).replace("//", "/")  # PosixPath('/', 'home', ...)
+                self._path(joined)
+            return check
+        if full == "builtins.bytearray":
+            def check(obj: Inert) -> None:
+                if any(type(a) is int and a > MAX_BYTEARRAY for a in obj.args):
+                    raise UnsafeContentError(f"{shown}: pickle asks for a bytearray of {obj.args[0]} bytes;"
+                                             " expected data, not an allocation. Do not load this file")
+            return check
+        if full in _REBUILD_TENSOR:
+            return lambda obj: _check_view(obj.args, shown)
+        if full in _NUMPY_DTYPE:
+            def check(obj: Inert) -> None:
+                if obj.args and not (isinstance(obj.args[0], str) and _PLAIN_DTYPE.fullmatch(obj.args[0])):
+                    raise UnsafeContentError(f"{shown}: pickle builds a numpy dtype {str(obj.args[0])[:40]!r};"
+                                             " expected a plain numeric one (an object array runs code when"
+                                             " loaded). Do not load this file")
+            return check
+        return lambda obj: None
+
+    def _path(self, s: str) -> None:
+        if self.paths is not None and len(self.paths) < 8 and MACHINE_PATH.match(s) and s not in self.paths:
+            self.paths.append(s)
+
+    def collect_paths(self, root: Any) -> None:
+        """Append the strings in what a pickle built that look like absolute machine paths."""
+        if self.paths is None:
+            return
+        todo, seen, visits = [root], set(), 0
+        while todo and visits < MAX_VISITS and len(self.paths) < 8:
+            v = todo.pop()
+            visits += 1
+            if isinstance(v, str):
+                self._path(v)
+            elif id(v) in seen:
+                continue
+            elif isinstance(v, dict):
+                seen.add(id(v))
+                todo.extend(v.keys())
+                todo.extend(v.values())
+            elif isinstance(v, (list, tuple, set, frozenset)):
+                seen.add(id(v))
+                todo.extend(v)
+            elif isinstance(v, Inert):
+                seen.add(id(v))
+                todo.extend((v.args, v.kwargs, v.state, v.items, v.values))
+
+    def load(self, source: Source) -> Any:
+        """Load one pickle of this file from ``source``; what it built (stand-ins and plain data)."""
+        built = load(source, self.shown, self.resolve, self.persistent)
+        self.collect_paths(built)
+        return built
+
+
+def _check_view(args: tuple, shown: str) -> None:
+    """A tensor view must lie inside the storage it names, and not repeat it through stride 0."""
+    if len(args) < 4 or not isinstance(args[0], Storage):
         return
-    if fn in _PATHS and not all(type(a) is str for a in args):
-        raise UnsafeContentError(f"{shown}: pickle builds a path from something other than strings at byte {pos};"
-                                 " expected a plain path. Do not load this file")
-    if fn == "builtins.bytearray" and any(type(a) is int and a > MAX_BYTEARRAY for a in args):
-        raise UnsafeContentError(f"{shown}: pickle asks for a bytearray of {args[0]} bytes at byte {pos};"
-                                 " expected data, not an allocation. Do not load this file")
-    if fn in _REBUILD_TENSOR and len(args) >= 4 and isinstance(args[0], _Storage):
-        offset, size, stride = args[1], args[2], args[3]
-        if not (type(offset) is int and isinstance(size, tuple) and isinstance(stride, tuple)
-                and all(type(d) is int and d >= 0 for d in size + stride) and len(size) == len(stride)):
-            return
-        if any(d == 0 for d in size):
-            return
-        last = offset + sum((d - 1) * st for d, st in zip(size, stride))  # the furthest element it reads
-        numel = 1
-        for d in size:
-            numel *= d
-        backed = args[0].numel
-        if last >= backed or (0 in stride and numel > backed):
-            raise UnsafeContentError(
-                f"{shown}: a tensor of shape {list(size)} (strides {list(stride)}) at byte {pos} reaches past"
-                f" its storage of {backed} elements, or repeats them {numel} times over; a checkpoint never"
-                " holds one. Do not load this file")
-
-
-MACHINE_PATH = re.compile(r"^(/(home|Users|root|tmp|mnt|data|scratch|work|workspace|srv|opt|var|media|nfs|lustre|"
-                          r"gpfs|fsx|content|kaggle|private)/|[A-Za-z]:[\\/][^\\/]+[\\/])")
+    offset, size, stride = args[1], args[2], args[3]
+    if not (type(offset) is int and isinstance(size, tuple) and isinstance(stride, tuple)
+            and all(type(d) is int and d >= 0 for d in size + stride) and len(size) == len(stride)):
+        return
+    if any(d == 0 for d in size):
+        return
+    last = offset + sum((d - 1) * st for d, st in zip(size, stride))  # the furthest element it reads
+    numel = 1
+    for d in size:
+        numel *= d
+    backed = args[0].numel
+    if last >= backed or (0 in stride and numel > backed):
+        raise UnsafeContentError(
+            f"{shown}: a tensor of shape {list(size)[:8]} (strides {list(stride)[:8]}) reaches past its storage"
+            f" of {backed} elements, or repeats them {numel} times over; a checkpoint never holds one. Do not"
+            " load this file")
 
 
 def scan_pickle(stream, shown: str, dcp: bool = False, storages: dict[str, int] | None = None,
-                extra: frozenset[str] = frozenset(), paths: list[str] | None = None) -> list[str]:
-    """Walk one pickle of ``stream`` up to its STOP opcode without executing it.
+                extra: frozenset[str] = frozenset(), paths: list[str] | None = None,
+                limit: int = MAX_PICKLE_BYTES) -> list[str]:
+    """Check one pickle read from ``stream`` (at most ``limit`` bytes) as CPython loads it.
 
     Returns the globals it names. Raises ``UnsafeContentError`` for a global outside the
-    allow-list, an opcode that builds arbitrary objects, BUILD on a class (it would change the
-    class for the whole process), an allocation the data does not back (a huge bytearray, a
-    tensor view past its storage), or a pickle that cannot be parsed. The pickle's stack is
-    modelled, so every value a check looks at is the one the opcode would really get.
-    ``stream`` needs ``read`` and ``readline``; it is left just after the STOP opcode. With
-    ``storages``, the storages a ``torch.save`` pickle declares (``('storage', class, key,
-    location, numel)``) are recorded there as key -> bytes. ``extra`` are globals the file's
-    trust policy adds (``trust``); strings that look like absolute paths of a machine (a home
-    folder, a drive letter) are appended to ``paths``.
+    allow-list, a class changed by ``BUILD``, an allocation the data does not back (a huge
+    bytearray, a tensor view past its storage), a path built from something other than strings,
+    or a pickle the unpickler refuses. The stream is left where the unpickler stopped reading.
+    With ``storages``, the storages a ``torch.save`` pickle declares are recorded there as key ->
+    bytes; ``extra`` are globals the file's trust policy adds; strings that look like absolute
+    machine paths are appended to ``paths``.
     """
-    names: list[str] = []
-    memo: dict[int, object] = {}
-    stack: list[object] = []
-    marks: list[int] = []
-    declared: dict[str, int] = {} if storages is None else storages
-    try:
-        for op, arg, pos in pickletools.genops(stream):
-            n = op.name
-            if n in _CODE_OPS:
-                raise UnsafeContentError(
-                    f"{shown}: pickle opcode {n} at byte {pos} builds arbitrary objects;"
-                    " expected only tensors and plain data. Do not load this file; get it from a trusted source"
-                )
-            if n == "MARK":
-                marks.append(len(stack))
-                continue
-            if n in _PUT_OPS or n == "MEMOIZE":
-                memo[arg if n != "MEMOIZE" else len(memo)] = stack[-1] if stack else None
-                continue
-            before = op.stack_before
-            sliced: list = []
-            if pickletools.markobject in before:
-                if not marks:
-                    raise ValueError("a mark is missing")
-                at = marks.pop()
-                sliced, stack[at:] = stack[at:], []
-                k = before.index(pickletools.markobject)
-            else:
-                k = len(before)
-            if len(stack) < k:
-                raise ValueError(f"stack underflow at {n}")
-            consumed, stack[len(stack) - k:] = stack[len(stack) - k:], []
-            value: object = None
-            if n in ("GLOBAL", "STACK_GLOBAL"):
-                if n == "GLOBAL":
-                    name = str(arg).replace(" ", ".")
-                else:
-                    mod, qual = consumed
-                    if not (isinstance(mod, str) and isinstance(qual, str)):
-                        raise UnsafeContentError(
-                            f"{shown}: pickle names a global at byte {pos} that cannot be read statically;"
-                            " expected a plain torch.save file. Do not load it")
-                    name = f"{mod}.{qual}"
-                if not global_allowed(name, dcp, extra):
-                    raise UnsafeContentError(
-                        f"{shown}: pickle references global {name!r}, which could run code when"
-                        " loaded; expected only tensors and plain data. Do not load this file")
-                names.append(name)
-                value = _Global(name)
-            elif n in _STR_OPS or n in _INT_OPS or n in ("BINFLOAT", "FLOAT"):
-                value = arg
-                if paths is not None and n in _STR_OPS and isinstance(arg, str) and MACHINE_PATH.match(arg) \
-                        and len(paths) < 8:
-                    paths.append(arg)
-            elif n in _GET_OPS:
-                value = memo.get(arg)
-            elif n == "TUPLE":
-                value = tuple(sliced)
-            elif n in ("TUPLE1", "TUPLE2", "TUPLE3", "EMPTY_TUPLE"):
-                value = tuple(consumed)
-            elif n in ("BINPERSID", "PERSID"):
-                pid = consumed[0] if consumed else None
-                if isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[2], str) \
-                        and isinstance(pid[1], _Global) and type(pid[4]) is int:
-                    size = _storage_bytes(pid[1], pid[4])
-                    if size is not None:
-                        declared[pid[2]] = size
-                    value = _Storage(pid[2], pid[4])
-            elif n == "REDUCE":
-                _check_reduce(consumed[0], consumed[1], shown, pos)
-                if paths is not None and consumed[0] in _PATHS and isinstance(consumed[1], tuple) and consumed[1]:
-                    joined = "/".join(consumed[1]).replace("//", "/")  # PosixPath(('/', 'home', ...))
-                    if MACHINE_PATH.match(joined) and joined not in paths and len(paths) < 8:
-                        paths.append(joined)
-            elif n == "BUILD" and isinstance(consumed[0], _Global):
-                raise UnsafeContentError(
-                    f"{shown}: pickle sets attributes on the class {consumed[0]!r} at byte {pos}, which would"
-                    " change it for the whole process; expected only data. Do not load this file")
-            elif n in ("BUILD", "APPEND", "APPENDS", "SETITEM", "SETITEMS", "ADDITEMS", "DUP"):
-                value = consumed[0]  # the object built upon stays what it was
-            stack.extend([value] * len(op.stack_after))
-    except UnsafeContentError:
-        raise
-    except Exception as e:  # a malformed pickle: pickletools raises ValueError and friends
-        raise MalformedPickle(f"{shown}: not a readable pickle ({e}); the file is damaged or not a checkpoint") from None
-    return names
+    scan = Scan(shown, dcp=dcp, extra=extra, paths=paths)
+    scan.load(Source(stream, limit, shown))
+    if storages is not None:
+        storages.update(scan.storages)
+    return scan.names
+
+
+def read_pickle(stream, shown: str, limit: int = MAX_PICKLE_BYTES,
+                persistent: Callable[[Any], Any] | None = None) -> Any:
+    """What a framework's pickle holds, for reading values out of it (``layouts``): every global
+    is an inert stand-in (nothing refused, nothing run), storages are ``Storage`` records."""
+    scan = Scan(shown)
+    return load(Source(stream, limit, shown), shown, scan.inert, persistent or scan.persistent)

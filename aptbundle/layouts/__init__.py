@@ -19,12 +19,18 @@ frameworks.
 from __future__ import annotations
 
 import importlib
-import pickletools
+import io
+import struct
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from aptbundle.format.manifest import BestInfo, CheckpointEntry
+from aptbundle.format.pickles import Inert, Storage, read_pickle
+from aptbundle.format.stream import Stream, file_source
+from aptbundle.ground.errors import UnsafeContentError
+from aptbundle.ground.values import finite_number
 
 ORDER = ("hf_trainer", "accelerate", "lightning", "dcp", "native", "pretrained")
 
@@ -96,52 +102,54 @@ def step_of(name: str) -> int:
 
 
 MAX_PICKLE = 64 << 20
-_STR = {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "STRING", "BINSTRING", "SHORT_BINSTRING"}
-_INT = {"BININT", "BININT1", "BININT2", "LONG1", "INT", "LONG"}
-_PLAIN = {"NEWTRUE": True, "NEWFALSE": False, "NONE": None}
 
 
-def pickle_tokens(path: Path) -> tuple[list[tuple[str, object]], zipfile.ZipFile | None]:
-    """The plain values of a ``torch.save`` zip's pickle, in order, as ``(kind, value)``: kind is
-    ``str``, ``int``, ``float``, ``const`` (True, False, None) or ``op`` (anything else). Walked
-    with ``pickletools``, nothing is run; strings fetched again from the memo count again. Also
-    the open zip (the caller closes it), for a tensor's bytes; ``([], None)`` when unreadable."""
-    try:
-        z = zipfile.ZipFile(path)
+class FrameworkPickle:
+    """What a framework's ``torch.save`` zip holds, read by the scan engine with every global inert
+    (``format.pickles.read_pickle``: nothing is run), and the open zip for a tensor's bytes."""
+
+    def __init__(self, path: Path):
+        self.zip: zipfile.ZipFile | None = None
+        self.data: Any = None
+        try:
+            z = zipfile.ZipFile(path)
+        except (OSError, zipfile.BadZipFile, ValueError):
+            return
         pkl = next((n for n in z.namelist() if n.endswith("/data.pkl") or n == "data.pkl"), None)
-        if pkl is None or z.getinfo(pkl).file_size > MAX_PICKLE:
+        try:
+            if pkl is None or z.getinfo(pkl).file_size > MAX_PICKLE:
+                raise ValueError("no pickle of a size to read")
+            raw = z.read(pkl)
+            self.data = read_pickle(Stream(file_source(io.BytesIO(raw)), len(raw)), f"{path.name}:{pkl}")
+            self.zip, self._prefix = z, pkl[:-len("data.pkl")]
+        except (OSError, zipfile.BadZipFile, ValueError, KeyError, UnsafeContentError):
             z.close()
-            return [], None
-        tokens: list[tuple[str, object]] = []
-        memo: dict[int, object] = {}
-        last: object = None
-        for op, arg, _pos in pickletools.genops(z.read(pkl)):
-            n = op.name
-            if n in _STR or n in _INT or n in ("BINFLOAT", "FLOAT"):
-                last = arg
-                tokens.append(("str" if n in _STR else "int" if n in _INT else "float", arg))
-            elif n in _PLAIN:
-                tokens.append(("const", _PLAIN[n]))
-            elif n in ("BINPUT", "LONG_BINPUT", "PUT"):
-                memo[arg] = last
-            elif n == "MEMOIZE":
-                memo[len(memo)] = last
-            elif n in ("BINGET", "LONG_BINGET", "GET"):
-                last = memo.get(arg)
-                if isinstance(last, str):
-                    tokens.append(("str", last))
-            else:
-                last = None
-                tokens.append(("op", n))
-        return tokens, z
-    except (OSError, zipfile.BadZipFile, ValueError, KeyError, RecursionError):
-        return [], None
+
+    def __enter__(self) -> "FrameworkPickle":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.zip is not None:
+            self.zip.close()
+
+    def scalar(self, tensor: Any) -> float | None:
+        """The value of a one-element float tensor the pickle holds (read from its storage)."""
+        if not (isinstance(tensor, Inert) and tensor.args and isinstance(tensor.args[0], Storage) and self.zip):
+            return None
+        st, offset = tensor.args[0], tensor.args[1] if len(tensor.args) > 1 and type(tensor.args[1]) is int else 0
+        fmt = {"torch.FloatStorage": "<f", "torch.DoubleStorage": "<d"}.get(st.cls)
+        if fmt is None:
+            return None
+        try:
+            raw = self.zip.read(f"{self._prefix}data/{st.key}")
+            return finite_number(struct.unpack_from(fmt, raw, offset * struct.calcsize(fmt))[0])
+        except (KeyError, struct.error, OSError, zipfile.BadZipFile):
+            return None
 
 
-def value_after(tokens: list[tuple[str, object]], key: str, kinds: tuple[str, ...] = ("str", "int", "float", "const")):
-    """The plain value right after the string ``key`` (a dict entry or attribute), or None."""
-    for i, (kind, v) in enumerate(tokens[:-1]):
-        if kind == "str" and v == key and tokens[i + 1][0] in kinds:
-            return tokens[i + 1][1]
-    return None
-
+def fields(obj: Any) -> dict:
+    """The attributes or entries of what a framework pickle built: a dict as it is, a stand-in's
+    recorded state and items (``Inert.fields``), else nothing."""
+    if isinstance(obj, dict):
+        return obj
+    return obj.fields() if isinstance(obj, Inert) else {}

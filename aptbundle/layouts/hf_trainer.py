@@ -15,7 +15,7 @@ from pathlib import Path
 
 from aptbundle.format.manifest import BestInfo, CheckpointEntry
 from aptbundle.ground.values import is_finite as finite
-from aptbundle.layouts import Found, pickle_tokens, value_after
+from aptbundle.layouts import Found, FrameworkPickle, fields
 
 LAYOUT, TITLE = "hf-trainer", "Hugging Face Trainer"
 _STATE = re.compile(r"^((?:[^/]+/)*?)(checkpoint-(\d+))/trainer_state\.json$")
@@ -69,17 +69,15 @@ def recognise(root: Path, files: list[str]) -> Found | None:
 
 
 def _best_rule(root: Path, args_files: list[str]) -> tuple[str, str]:
-    """``metric_for_best_model`` and its direction, read statically from ``training_args.bin`` (a
-    pickle aptbundle never loads: its strings are walked, nothing is built), as the Trainer reads
-    them: ``loss`` means ``eval_loss``, and a metric is maximised unless its name ends in loss."""
+    """``metric_for_best_model`` and its direction, read from ``training_args.bin`` (a pickle
+    aptbundle never loads: the scan engine reads it with every global inert, nothing is run), as
+    the Trainer reads them: ``loss`` means ``eval_loss``, and a metric is maximised unless its name ends in loss."""
     for rel in sorted(args_files, key=lambda r: (r.count("/") == 0, r)):  # a checkpoint's, else the top one
-        tokens, z = pickle_tokens(root / rel)
-        if z is None:
-            continue
-        z.close()
-        metric = value_after(tokens, "metric_for_best_model")
+        with FrameworkPickle(root / rel) as fp:
+            args = fields(fp.data)
+        metric = args.get("metric_for_best_model")
         if isinstance(metric, str) and metric:
-            greater = value_after(tokens, "greater_is_better", ("const",))
+            greater = args.get("greater_is_better")
             name = metric if metric.startswith("eval_") else f"eval_{metric}"
             up = greater if isinstance(greater, bool) else not name.endswith("loss")
             return name, "max" if up else "min"

@@ -10,15 +10,14 @@ saved with ``save_last="link"`` is a link to a checkpoint: the manifest records 
 from __future__ import annotations
 
 import re
-import struct
-import zipfile
 from pathlib import Path
 
 from aptbundle.format.manifest import BestInfo, CheckpointEntry
 from aptbundle.ground.values import finite_number, is_finite as finite
-from aptbundle.layouts import Found, pickle_tokens, value_after
+from aptbundle.layouts import Found, FrameworkPickle, fields
 
 LAYOUT, TITLE = "lightning", "PyTorch Lightning"
+_MODE = re.compile(r"'mode': '(min|max)'")  # in ModelCheckpoint's state key
 _PAIR = re.compile(r"([A-Za-z_][\w.]*)=(-?\d+(?:\.\d+)?(?:e-?\d+)?)")
 
 
@@ -36,23 +35,22 @@ def _entry(root: Path, rel: str) -> CheckpointEntry:
 
 def checkpoint_state(path: Path) -> dict:
     """``best_model_path``, ``monitor``, ``mode``, ``best_model_score``, ``global_step`` and
-    ``epoch`` recorded in a ``.ckpt``, found by walking its pickle (nothing is run)."""
-    tokens, z = pickle_tokens(path)
-    if z is None:
-        return {}
-    with z:
-        out = {k: v for k in ("best_model_path", "monitor", "mode") if isinstance(v := value_after(tokens, k), str)}
-        out.update({k: v for k in ("global_step", "epoch") if type(v := value_after(tokens, k, ("int",))) is int})
-        try:  # a 0-d tensor: ('storage', <class>, KEY, 'cpu', 1) after the key
-            at = tokens.index(("str", "best_model_score"))
-            keys = [v for kind, v in tokens[at + 1:at + 8] if kind == "str"]
-            if len(keys) >= 2 and keys[0] == "storage":
-                name = next((n for n in z.namelist() if n.endswith(f"/data/{keys[1]}")), None)
-                raw = z.read(name)[:4] if name else b""
-                if len(raw) == 4:
-                    out["best_model_score"] = struct.unpack("<f", raw)[0]
-        except (ValueError, KeyError, OSError, zipfile.BadZipFile):
-            pass
+    ``epoch`` recorded in a ``.ckpt``, read by the scan engine (nothing is run)."""
+    with FrameworkPickle(path) as fp:
+        top = fields(fp.data)
+        out = {k: v for k in ("global_step", "epoch") if type(v := top.get(k)) is int and 0 <= v < 2 ** 53}
+        for key, state in fields(top.get("callbacks")).items():
+            state = fields(state)
+            if not (isinstance(key, str) and key.startswith("ModelCheckpoint") and "best_model_path" in state):
+                continue
+            out.update({k: v for k in ("best_model_path", "monitor") if isinstance(v := state.get(k), str)})
+            mode = _MODE.search(key)
+            if mode:
+                out["mode"] = mode.group(1)
+            score = fp.scalar(state.get("best_model_score"))
+            if score is not None:
+                out["best_model_score"] = score
+            break
         return out
 
 
