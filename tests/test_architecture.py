@@ -80,7 +80,7 @@ def test_verify_and_resume_while_a_trainer_commits_never_see_a_half_commit(tmp_p
 
 def _big_archive(tmp_path, name: str, mb: int) -> str:
     run = Run.create(tmp_path / "src" / name, trainer=None)
-    run.write_file("blob.bin", os.urandom(1 << 20) * mb)
+    run.write_file("blob.dat", os.urandom(1 << 20) * mb)
     run.save_manifest()
     out = tmp_path / f"{name}.aptrun.tar.zst"
     assert cli("pack", run.path, "-o", out, "--level", "1", "-q").exit_code == 0

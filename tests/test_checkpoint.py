@@ -116,7 +116,7 @@ def test_verify_cli_names_every_damaged_file(run_copy, action):
     man = load_manifest(run_copy)
     assert cli("verify", run_copy).exit_code == 0
     targets = [f.path for f in man.files]
-    for rel in targets if action != "add" else ["checkpoints/step-00000010/extra.bin"]:
+    for rel in targets if action != "add" else ["checkpoints/step-00000010/extra.dat"]:
         p = run_copy / rel
         if action == "flip":
             data = bytearray(p.read_bytes())
@@ -131,7 +131,7 @@ def test_verify_cli_names_every_damaged_file(run_copy, action):
     r = cli("verify", run_copy)
     assert r.exit_code == 1
     assert no_traceback(r.output)
-    expected = targets if action != "add" else ["checkpoints/step-00000010/extra.bin"]
+    expected = targets if action != "add" else ["checkpoints/step-00000010/extra.dat"]
     for rel in expected:
         assert rel in r.stderr, f"{rel} not named"
     r = cli("verify", run_copy, "--json")

@@ -78,7 +78,7 @@ def wait_for(cond, timeout=30.0):
 
 def big_run(tmp_path, mb=400):
     run = Run.create(tmp_path / "big", trainer=None)
-    run.write_file("blob.bin", os.urandom(1 << 20) * mb)
+    run.write_file("blob.dat", os.urandom(1 << 20) * mb)
     run.save_manifest()
     return run.path
 
@@ -107,7 +107,7 @@ def test_sigkill_during_pack_and_unpack_leaves_nothing_at_the_name(tmp_path):
     r = sh(*APTBUNDLE, "unpack", out, "-C", dest, "-q")
     assert r.returncode == 0, r.stderr
     assert sorted(os.listdir(dest)) == ["big"]
-    assert (dest / "big" / "blob.bin").read_bytes() == (run_dir / "blob.bin").read_bytes()
+    assert (dest / "big" / "blob.dat").read_bytes() == (run_dir / "blob.dat").read_bytes()
 
 
 def test_full_disk_is_a_clear_error_and_loses_no_checkpoint(tiny_run, tmp_path):

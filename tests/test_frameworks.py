@@ -133,17 +133,17 @@ def test_lightning_checkpoints_are_listed_and_last_ckpt_link_travels(tmp_path):
 def test_a_link_out_of_the_folder_is_refused(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
-    (run / "a.bin").write_bytes(b"x" * 10)
+    (run / "a.dat").write_bytes(b"x" * 10)
     os.symlink("/etc/passwd", run / "out.ckpt")
     r = cli("init", run)
     assert r.exit_code == 1 and "out.ckpt" in r.stderr and "symbolic link" in r.stderr
     (run / "out.ckpt").unlink()
-    os.symlink("a.bin", run / "alias.bin")
+    os.symlink("a.dat", run / "alias.dat")
     assert cli("init", run, "-q").exit_code == 0
-    (run / "alias.bin").unlink()
-    os.symlink("../../etc/passwd", run / "alias.bin")  # the recorded link now points elsewhere
+    (run / "alias.dat").unlink()
+    os.symlink("../../etc/passwd", run / "alias.dat")  # the recorded link now points elsewhere
     r = cli("verify", run)
-    assert r.exit_code == 1 and "alias.bin" in r.stderr
+    assert r.exit_code == 1 and "alias.dat" in r.stderr
 
 
 @pytest.mark.parametrize("nested", [True, False])
@@ -186,13 +186,13 @@ def test_a_save_pretrained_folder_verifies_as_an_archive_and_keeps_its_modes(tmp
 def test_aptignore_keeps_files_from_travelling(tmp_path):
     run = tmp_path / "out"
     (run / "runs").mkdir(parents=True)
-    (run / "weights.bin").write_bytes(b"w" * 100)
+    (run / "weights.dat").write_bytes(b"w" * 100)
     (run / "runs/events.out.tfevents.1").write_bytes(b"e")
     (run / ".DS_Store").write_bytes(b"d")
     (run / "notes.txt~").write_text("backup")
     (run / ".aptignore").write_text("runs/\n")
     info, _ = init(run)
-    assert sorted(f.path for f in load_manifest(run).files) == [".aptignore", "weights.bin"]
+    assert sorted(f.path for f in load_manifest(run).files) == [".aptignore", "weights.dat"]
     (run / "runs/events.out.tfevents.2").write_bytes(b"e")  # TensorBoard keeps writing: no matter
     assert cli("verify", run, "-q").exit_code == 0
     assert cli("pack", run, "-o", tmp_path / "o.aptrun.tar.zst", "-q").exit_code == 0
@@ -234,20 +234,20 @@ def test_a_manifest_cannot_make_a_file_untrusted_to_skip_its_scan(tmp_path):
 @pytest.mark.parametrize("links", [
     [{"path": "x", "target": "../../etc/passwd"}],
     [{"path": "x", "target": "/etc/passwd"}],
-    [{"path": "a.bin", "target": "a.bin"}],  # a link over a listed file
-    [{"path": "x", "target": "y"}, {"path": "y", "target": "a.bin"}],  # a link to a link
-    [{"path": "../x", "target": "a.bin"}],
-    [{"path": "a.bin/x", "target": "../a.bin"}],  # a link inside a listed file
-    [{"path": ".aptrun.lock", "target": "a.bin"}],  # one of aptbundle's own names
+    [{"path": "a.dat", "target": "a.dat"}],  # a link over a listed file
+    [{"path": "x", "target": "y"}, {"path": "y", "target": "a.dat"}],  # a link to a link
+    [{"path": "../x", "target": "a.dat"}],
+    [{"path": "a.dat/x", "target": "../a.dat"}],  # a link inside a listed file
+    [{"path": ".aptrun.lock", "target": "a.dat"}],  # one of aptbundle's own names
     "not a list",
 ])
 def test_a_hostile_link_in_a_manifest_is_refused_before_anything_is_written(tmp_path, links):
     from archive_builder import manifest, member, tar, zst
 
-    files = {"a.bin": b"data"}
+    files = {"a.dat": b"data"}
     raw = manifest("run1", files, links=links)
     arc = tmp_path / "evil.aptrun.tar.zst"
-    arc.write_bytes(zst(tar(member("run1/aptrun.json", raw), member("run1/a.bin", files["a.bin"]))))
+    arc.write_bytes(zst(tar(member("run1/aptrun.json", raw), member("run1/a.dat", files["a.dat"]))))
     r = cli("unpack", arc, "-C", tmp_path / "dest")
     assert r.exit_code == 1 and no_traceback(r.output + r.stderr) and not (tmp_path / "dest").exists()
     assert not (tmp_path / "x").exists() and not (tmp_path.parent / "x").exists()

@@ -36,10 +36,10 @@ def good_members():
 
 def bomb() -> bytes:
     # the manifest says 10 bytes; the member says 10 bytes but the stream carries 200 MB of zeros
-    files = {"big.bin": b"\0" * 10}
+    files = {"big.dat": b"\0" * 10}
     man = member(f"{N}/aptrun.json", manifest(N, files))
     cobj = zstandard.ZstdCompressor(level=1).compressobj()
-    out = cobj.compress(tar(man, member(f"{N}/big.bin", b"\0" * 10), end=False))
+    out = cobj.compress(tar(man, member(f"{N}/big.dat", b"\0" * 10), end=False))
     chunk = b"\0" * (1 << 20)
     for _ in range(200):
         out += cobj.compress(chunk)
@@ -47,7 +47,7 @@ def bomb() -> bytes:
 
 
 def corrupt_middle() -> bytes:
-    data = bytearray(good_archive(files={"x.bin": os.urandom(200_000)}))
+    data = bytearray(good_archive(files={"x.dat": os.urandom(200_000)}))
     for i in range(len(data) // 2, len(data) // 2 + 16):
         data[i] ^= 0xFF
     return bytes(data)
@@ -85,8 +85,8 @@ CASES = {
     "nfc-duplicate": lambda: listed_with({"\u00e9.txt": b"1"}, good_members()[1:] + [
         member(f"{N}/\u00e9.txt", b"1", pax={"path": f"{N}/\u00e9.txt"}),
         member(f"{N}/e\u0301.txt", b"1", pax={"path": f"{N}/e\u0301.txt"})]),
-    "case-collision": lambda: listed_with({"Model.bin": b"1"}, good_members()[1:] + [
-        member(f"{N}/Model.bin", b"1"), member(f"{N}/model.bin", b"1")]),
+    "case-collision": lambda: listed_with({"Model.dat": b"1"}, good_members()[1:] + [
+        member(f"{N}/Model.dat", b"1"), member(f"{N}/model.dat", b"1")]),
     "reserved-name": lambda: with_members(member(f"{N}/CON", b"1")),
     "reserved-name-ext": lambda: with_members(member(f"{N}/data/nul.txt", b"1")),
     "control-char": lambda: with_members(member(f"{N}/a\x07b", b"1")),
@@ -191,7 +191,7 @@ from hypothesis import strategies as st  # noqa: E402
 from aptbundle.archive import unpack  # noqa: E402
 from aptbundle.ground.errors import AptBundleError  # noqa: E402
 
-MUT_FILES = {"config.json": b'{"lr": 0.001}', "checkpoints/step-00000001/model.bin": bytes(range(256)) * 40,
+MUT_FILES = {"config.json": b'{"lr": 0.001}', "checkpoints/step-00000001/model.dat": bytes(range(256)) * 40,
              "logs/metrics.jsonl": b'{"step": 1}\n' * 50}
 GOOD = good_archive(files=MUT_FILES)
 

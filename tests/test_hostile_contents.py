@@ -166,7 +166,7 @@ def _declaring(tmp_path, size: int):
     man = json.dumps({"format": "aptrun", "format_version": 1, "name": "big", "run_id": "x", "trainer": None,
                       "created_at": "t", "updated_at": "t", "checkpoints": [], "latest": None, "best": None,
                       "environment": {}, "history": [],
-                      "files": [{"path": "blob.bin", "size": size, "sha256": hashlib.sha256(b"").hexdigest()}]})
+                      "files": [{"path": "blob.dat", "size": size, "sha256": hashlib.sha256(b"").hexdigest()}]})
     arc = tmp_path / "big.aptrun.tar.zst"
     arc.write_bytes(zst(tar(member("big/aptrun.json", man.encode()))))
     return arc

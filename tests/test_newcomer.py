@@ -77,7 +77,7 @@ def test_ctrl_c_saves_and_exits_130(tmp_path):  # SIGTERM (143): test_trainer
 
 def test_sigterm_during_pack_cleans_up_and_exits_143(tmp_path):
     run = Run.create(tmp_path / "big", trainer=None)
-    run.write_file("blob.bin", os.urandom(1 << 20) * 300)
+    run.write_file("blob.dat", os.urandom(1 << 20) * 300)
     run.save_manifest()
     out = tmp_path / "big.aptrun.tar.zst"
     p = subprocess.Popen([*APTBUNDLE, "pack", str(run.path), "-o", str(out), "-q"], stderr=subprocess.PIPE, text=True)

@@ -93,8 +93,8 @@ def test_second_push_sends_only_the_new_checkpoints_and_pull_fetches_only_them(t
 
 def test_runs_sharing_a_corpus_store_it_once(tmp_path):
     corpus = random.Random(7).randbytes(1 << 20)
-    a = random_run(tmp_path / "a/run_a", {"data/corpus.txt": corpus, "weights.bin": 300_000}, seed=1)
-    b = random_run(tmp_path / "b/run_b", {"data/corpus.txt": corpus, "weights.bin": 300_000}, seed=2)
+    a = random_run(tmp_path / "a/run_a", {"data/corpus.txt": corpus, "weights.dat": 300_000}, seed=1)
+    b = random_run(tmp_path / "b/run_b", {"data/corpus.txt": corpus, "weights.dat": 300_000}, seed=2)
     store = tmp_path / "store"
     pushed(a, store)
     second = pushed(b, store)
@@ -127,7 +127,7 @@ def test_dense_blobs_are_plain_zstd_files_and_pull_back_exactly(tiny_run, tmp_pa
 
 def test_push_pull_ls_gc_on_s3(s3, tmp_path):
     fs, _env = s3
-    run = random_run(tmp_path / "run1", {"a.bin": 200_000, "sub/b.txt": b"hello" * 1000})
+    run = random_run(tmp_path / "run1", {"a.dat": 200_000, "sub/b.txt": b"hello" * 1000})
     url = "s3://runs/store"
     assert pushed(run, url)["sent_files"] == 2
     again = pushed(run, url)
@@ -160,7 +160,7 @@ def _complete_runs_only(store: Path, run: Path, dest: Path) -> list[str]:
 @pytest.mark.slow
 @pytest.mark.parametrize("rounds", [STORE_KILL_ROUNDS])
 def test_sigkill_during_push_leaves_only_complete_runs_and_the_next_push_completes_it(tmp_path, rounds):
-    run = random_run(tmp_path / "run1", {f"ckpt/part-{i:02d}.bin": 1 << 20 for i in range(16)})
+    run = random_run(tmp_path / "run1", {f"ckpt/part-{i:02d}.dat": 1 << 20 for i in range(16)})
     t0 = time.monotonic()
     subprocess.run([*APTBUNDLE, "push", run, tmp_path / "timing", "-q"], check=True)
     full = time.monotonic() - t0
@@ -183,24 +183,24 @@ def test_sigkill_during_push_leaves_only_complete_runs_and_the_next_push_complet
 
 
 def test_gc_keeps_what_a_running_push_needs(tmp_path):
-    run = random_run(tmp_path / "run1", {"a.bin": 100_000, "b.bin": 100_000})
+    run = random_run(tmp_path / "run1", {"a.dat": 100_000, "b.dat": 100_000})
     store = tmp_path / "store"
     man = load_manifest(run)
-    sha_a = man.file_map()["a.bin"].sha256
-    push(random_run(tmp_path / "other/run1", {"a.bin": (run / "a.bin").read_bytes()}), store)
-    (store / "refs/run1").unlink()  # a.bin's blob is now garbage, and old
+    sha_a = man.file_map()["a.dat"].sha256
+    push(random_run(tmp_path / "other/run1", {"a.dat": (run / "a.dat").read_bytes()}), store)
+    (store / "refs/run1").unlink()  # a.dat's blob is now garbage, and old
     old = time.time() - 7200
     os.utime(store / layout.blob(sha_a), (old, old))
     s = Store(store)
     with locks.pushing(s, sorted({f.sha256 for f in man.files}), man.digest()):
-        # the push has seen a.bin in the store and will not send it: gc must keep it
+        # the push has seen a.dat in the store and will not send it: gc must keep it
         assert gc(store, grace_s=0).deleted_blobs == 0
         assert (store / layout.blob(sha_a)).exists()
     assert gc(store, grace_s=0).deleted_blobs == 1  # once the push is gone, garbage goes
 
 
 def test_a_push_waits_for_a_running_gc(tmp_path, monkeypatch):
-    run = random_run(tmp_path / "run1", {"a.bin": 50_000})
+    run = random_run(tmp_path / "run1", {"a.dat": 50_000})
     store = tmp_path / "store"
     push(run, store)
     (store / "refs/run1").unlink()
@@ -224,9 +224,9 @@ def test_a_push_waits_for_a_running_gc(tmp_path, monkeypatch):
 
 
 def test_gc_running_beside_a_real_push_deletes_nothing_it_needs(tmp_path):
-    run = random_run(tmp_path / "run1", {f"p{i}.bin": 1 << 20 for i in range(12)})
+    run = random_run(tmp_path / "run1", {f"p{i}.dat": 1 << 20 for i in range(12)})
     store = tmp_path / "store"
-    random_run(tmp_path / "junk/run1", {f"p{i}.bin": 1 << 20 for i in range(12)})  # same bytes, pushed and dropped
+    random_run(tmp_path / "junk/run1", {f"p{i}.dat": 1 << 20 for i in range(12)})  # same bytes, pushed and dropped
     push(tmp_path / "junk/run1", store)
     (store / "refs/run1").unlink()
     old = time.time() - 7200
@@ -308,7 +308,7 @@ def test_backup_pushes_in_the_background_and_a_failing_store_never_stops_trainin
 # -- hostile stores ------------------------------------------------------------------------------
 @pytest.fixture
 def small_store(tmp_path):
-    run = random_run(tmp_path / "src/run1", {"a.bin": 70_000, "data/b.txt": b"text" * 500})
+    run = random_run(tmp_path / "src/run1", {"a.dat": 70_000, "data/b.txt": b"text" * 500})
     store = tmp_path / "store"
     push(run, store)
     return run, store
@@ -324,12 +324,12 @@ def _refused(store, dest, *more, msg: str = "") -> str:
 
 def test_pull_refuses_an_altered_blob_and_a_missing_one(small_store, tmp_path):
     run, store = small_store
-    sha = load_manifest(run).file_map()["a.bin"].sha256
+    sha = load_manifest(run).file_map()["a.dat"].sha256
     blob = store / layout.blob(sha)
     import zstandard
 
     blob.write_bytes(zstandard.ZstdCompressor().compress(os.urandom(70_000)))
-    _refused(store, tmp_path / "d1", msg="a.bin")
+    _refused(store, tmp_path / "d1", msg="a.dat")
     blob.unlink()
     _refused(store, tmp_path / "d2", msg="missing")
 
@@ -337,7 +337,7 @@ def test_pull_refuses_an_altered_blob_and_a_missing_one(small_store, tmp_path):
 @pytest.mark.parametrize("change", [
     {"files": [{"path": "../evil", "size": 1, "sha256": "0" * 64}]},
     {"files": [{"path": "/etc/passwd", "size": 1, "sha256": "0" * 64}]},
-    {"files": [{"path": "a.bin", "size": 1 << 60, "sha256": "0" * 64}]},
+    {"files": [{"path": "a.dat", "size": 1 << 60, "sha256": "0" * 64}]},
     {"files": [{"path": "aptrun.sig", "size": 1, "sha256": "0" * 64}]},
     {"name": "../../x"},
     {"format_version": 99},

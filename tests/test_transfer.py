@@ -42,7 +42,7 @@ def snapshot(root: Path) -> dict[str, tuple[bytes, int]]:
 @pytest.fixture
 def small_push(tmp_path):
     """A run pushed into a local store: (run, store)."""
-    run = random_run(tmp_path / "src" / "run1", {"config.json": b'{"a": 1}', "weights.bin": 3000, "notes.txt": 200})
+    run = random_run(tmp_path / "src" / "run1", {"config.json": b'{"a": 1}', "weights.dat": 3000, "notes.txt": 200})
     store = tmp_path / "store"
     pushed(run, store)
     return run, store
@@ -50,7 +50,7 @@ def small_push(tmp_path):
 
 def test_pull_never_replaces_another_run_of_the_same_name_and_force_moves_it_aside(small_push, tmp_path):
     run, store = small_push
-    theirs = random_run(tmp_path / "dest" / "run1", {"mine.txt": 500, "checkpoints/step-1/model.bin": 800}, seed=7)
+    theirs = random_run(tmp_path / "dest" / "run1", {"mine.txt": 500, "checkpoints/step-1/model.dat": 800}, seed=7)
     before = snapshot(theirs)
     r = cli("pull", store, "run1", "-C", tmp_path / "dest")
     assert r.exit_code == 1 and no_traceback(r.output), r.output
@@ -77,7 +77,7 @@ def test_pull_refuses_a_folder_that_is_not_a_run_and_force_keeps_it(small_push, 
 
 
 def test_a_user_file_the_ignore_rules_hide_survives_a_pull(tmp_path):
-    src = random_run(tmp_path / "src" / "run1", {".aptignore": b"results.csv\n", "weights.bin": 2000})
+    src = random_run(tmp_path / "src" / "run1", {".aptignore": b"results.csv\n", "weights.dat": 2000})
     store = tmp_path / "store"
     pushed(src, store)
     assert cli("pull", store, "run1", "-C", tmp_path / "dest", "-q").exit_code == 0
@@ -85,7 +85,7 @@ def test_a_user_file_the_ignore_rules_hide_survives_a_pull(tmp_path):
     (dest / "results.csv").write_text("step,acc\n1,0.9\n")  # the user's, hidden by the run's own .aptignore
     (dest / ".ipynb_checkpoints").mkdir()
     (dest / ".ipynb_checkpoints" / "nb-checkpoint.ipynb").write_text("{}")  # hidden by the built-in rules
-    (src / "more.bin").write_bytes(b"x" * 100)  # a newer version in the store
+    (src / "more.dat").write_bytes(b"x" * 100)  # a newer version in the store
     assert cli("init", "--update", src, "-q").exit_code == 0
     pushed(src, store)
     before = snapshot(dest)

@@ -72,23 +72,21 @@ def scan_stream(stream: Stream, rel: str, paths: list[str] | None = None) -> lis
         return names
     if head.startswith(b"PK"):
         return _scan_zip(stream, rel, allowed=extra, paths=paths)
-    if head[:1] == b"\x80":
-        names: list[str] = []
-        for i in range(LEGACY_PICKLES):
-            if not stream.peek(1):
-                break
-            try:
-                names += scan_pickle(stream, rel, extra=extra, paths=paths)
-            except MalformedPickle:
-                # a .bin or .ckpt of other data that happens to start with 0x80: not a pickle at all
-                # (every opcode before the fault was checked, so nothing it could run was let by)
-                if i == 0 and rel.endswith((".bin", ".ckpt")):
-                    return []
-                raise
-        return names
-    if rel.endswith((".bin", ".ckpt")):
-        return []  # these names are used for other kinds of data too; torch.load refuses them anyway
-    raise UnsafeContentError(f"{rel}: not a torch.save file (starts with {head!r}); expected a zip or a pickle")
+    # not a zip: torch.load and pickle.load read it as pickles in a row (a legacy torch.save file is
+    # five), and so does the scan, with the same unpickler; bytes it cannot load as one are refused
+    # as unchecked, whatever the name says they are, since a loader would try them all the same
+    names: list[str] = []
+    for i in range(LEGACY_PICKLES):
+        if not stream.peek(1):
+            break
+        try:
+            names += scan_pickle(stream, rel, extra=extra, paths=paths)
+        except MalformedPickle as e:
+            raise UnsafeContentError(f"{rel}: cannot be checked: its name says it holds a pickle or a torch file,"
+                                     f" and pickle {i + 1} is not one CPython can load"
+                                     f" ({str(e).removeprefix(rel + ': ')}). Do not load it; if it is plain"
+                                     " data, give it a name that says so") from None
+    return names
 
 
 def scan_file(path: Path, rel: str) -> list[str]:
@@ -176,6 +174,9 @@ def _scan_zip(stream: Stream, shown: str, last: bool = True, allowed: frozenset[
                                      " torch.save stores entries uncompressed (method 0)")
         z64 = _zip64_sizes(extra).get(1)
         start = stream.tell()
+        if name.endswith("/constants.pkl") or "/code/" in name:
+            raise UnsafeContentError(f"{shown}: a TorchScript archive ({name!r}); torch.load hands it to torch.jit.load,"
+                                     " which runs its code. Do not load it; expected a torch.save file")
         if name.endswith(".pkl"):
             names += scan_pickle(stream, f"{shown}:{name}", storages=storages, extra=allowed, paths=paths)
         if flags & 0x8:
