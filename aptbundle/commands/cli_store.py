@@ -59,6 +59,8 @@ def push(run_dir: str, store: str, which: str, dense: bool, level: int | None, s
 
     with progress("pushing", quiet, rate=True) as cb:
         r = do_push(run_dir, store, sign=sign, dense=dense, level=level, checkpoints=which, progress=cb)
+    for w in r.warnings:
+        click.echo(escaped(w), err=True)
     emit(as_json, r.to_dict(),
          f"pushed {escaped(r.name)} to {escaped(r.store)}: {r.sent_files} file(s) sent ({human(r.data_bytes)} as"
          f" {human(r.sent_bytes)}), {r.present_files} already there ({human(r.present_bytes)}) in {r.seconds:.1f} s"
@@ -114,6 +116,8 @@ def gc(store: str, grace: float, dry_run: bool, as_json: bool) -> None:
     from aptbundle.store.maintain import gc as do_gc
 
     r = do_gc(store, grace_s=grace, dry_run=dry_run)
+    for w in r.warnings:
+        click.echo(escaped(w), err=True)
     verb = "would delete" if dry_run else "deleted"
     emit(as_json, r.to_dict(),
          f"{verb} {r.deleted_blobs} blob(s) and {r.deleted_manifests} manifest(s), {human(r.deleted_bytes)};"

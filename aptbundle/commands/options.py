@@ -65,6 +65,7 @@ def print_notes(notes: list) -> None:
         return
     untrusted = sorted({n.path for n in notes if n.kind == Kind.UNTRUSTED})
     paths = {n.path: n.found for n in notes if n.kind == Kind.MACHINE_PATH}
-    for line in note_lines(untrusted, paths):
+    hidden = sorted({n.path for n in notes if n.kind == Kind.HIDDEN})
+    for line in note_lines(untrusted, paths, hidden=hidden):
         click.echo(plain(line), err=True)
 

@@ -106,8 +106,10 @@ def _history(info: dict) -> list[str]:
     return out
 
 
-def note_lines(untrusted: list[str], machine_paths: dict[str, str], most: int = 8) -> list[str]:
-    """The notes of a run, one line for its untrusted files and one per file with machine paths."""
+def note_lines(untrusted: list[str], machine_paths: dict[str, str], most: int = 8,
+               hidden: list[str] | None = None) -> list[str]:
+    """The notes of a run, one line for its untrusted files, one per file with machine paths, and
+    one for the pickles the ignore rules keep out of the scan."""
     from aptbundle.format.trust import UNTRUSTED_NOTE
 
     out = []
@@ -118,6 +120,10 @@ def note_lines(untrusted: list[str], machine_paths: dict[str, str], most: int = 
         out.append(f"warning: {escaped(path)} records absolute paths of the machine that wrote it: {escaped(found)}")
     if len(machine_paths) > most:
         out.append(f"warning: ... and {len(machine_paths) - most} more files with machine paths")
+    if hidden:
+        more = f" and {len(hidden) - most} more" if len(hidden) > most else ""
+        out.append(f"warning: {', '.join(escaped(h) for h in hidden[:most])}{more}: pickle or torch file(s) that"
+                   " .aptignore keeps out of the scan and the run; never checked, do not load them unchecked")
     return out
 
 

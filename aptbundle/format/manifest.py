@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from aptbundle.ground.errors import ManifestError, UnsafePathError
+from aptbundle.ground.fsutil import SpecialFile, read_capped
 from aptbundle.ground.lock import is_lock_name
 from aptbundle.ground.paths import check_collisions, check_name, normalize_relpath
 from aptbundle.ground.temporaries import is_temp_name
@@ -402,8 +403,9 @@ def load_manifest(run_dir: str | Path) -> Manifest:
     path = Path(run_dir) / MANIFEST_NAME
     shown = f"{Path(run_dir).name}/{MANIFEST_NAME}"
     try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_MANIFEST_BYTES + 1)
+        data = read_capped(path, MAX_MANIFEST_BYTES, follow_links=False)
+    except SpecialFile as e:
+        raise ManifestError(f"{shown}: {str(e).split(': ', 1)[-1]}; expected the JSON manifest file") from None
     except FileNotFoundError:
         raise ManifestError(
             f"{shown}: not found; {run_dir} is not an aptbundle run (run `aptbundle init {run_dir}` to adopt it)"

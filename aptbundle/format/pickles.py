@@ -70,6 +70,7 @@ _PATHS = {f"pathlib{m}.{c}" for m in ("", "._local") for c in ("Path", "PosixPat
 _REBUILD_TENSOR = {"torch._utils._rebuild_tensor", "torch._utils._rebuild_tensor_v2",
                    "torch._utils._rebuild_tensor_v3"}
 _NUMPY_DTYPE = {"numpy.dtype"}
+_NUMPY_ARRAY = {"numpy._core.multiarray._reconstruct", "numpy.core.multiarray._reconstruct"}
 _PLAIN_DTYPE = re.compile(r"[<>|=]?([biufc]\d{1,2}|bool|u?int(8|16|32|64)|float(16|32|64)|complex(64|128))")
 # bytes per element of torch's storage classes, for the storages a torch.save pickle declares
 _STORAGE_BYTES = {"Float": 4, "Double": 8, "Half": 2, "BFloat16": 2, "Long": 8, "Int": 4, "Short": 2,
@@ -299,10 +300,22 @@ class Scan:
             return lambda obj: _check_view(obj.args, shown)
         if full in _NUMPY_DTYPE:
             def check(obj: Inert) -> None:
-                if obj.args and not (isinstance(obj.args[0], str) and _PLAIN_DTYPE.fullmatch(obj.args[0])):
-                    raise UnsafeContentError(f"{shown}: pickle builds a numpy dtype {str(obj.args[0])[:40]!r};"
-                                             " expected a plain numeric one (an object array runs code when"
-                                             " loaded). Do not load this file")
+                plain = isinstance(obj.args[0], str) and _PLAIN_DTYPE.fullmatch(obj.args[0]) if obj.args else True
+                # numpy's dtype state: (version, byte order, subarray, names, fields, ...): none of them
+                st = obj.state
+                if not plain or (st is not None and not (isinstance(st, tuple) and len(st) >= 5
+                                                         and st[2] is None and st[3] is None and st[4] is None)):
+                    raise UnsafeContentError(f"{shown}: pickle builds a numpy dtype that is not a plain numeric one"
+                                             " (an object or structured array unpickles what it holds when loaded);"
+                                             " expected an RNG state. Do not load this file")
+            return check
+        if full in _NUMPY_ARRAY:
+            def check(obj: Inert) -> None:
+                st = obj.state  # (version, shape, dtype, fortran, raw bytes): an object array holds a list
+                if st is not None and not (isinstance(st, tuple) and len(st) == 5
+                                           and isinstance(st[4], (bytes, Inert))):
+                    raise UnsafeContentError(f"{shown}: pickle builds a numpy array from something other than raw"
+                                             " bytes (an object array); expected an RNG state. Do not load this file")
             return check
         return lambda obj: None
 

@@ -18,12 +18,13 @@ import uuid
 from pathlib import Path
 from typing import Iterator
 
-from aptbundle.format.ignore import Ignore
+from aptbundle.format.ignore import IGNORE_FILE, Ignore
+from aptbundle.format.scan import needs_scan
 from aptbundle.format.manifest import (MANIFEST_NAME, SIGNATURE_NAME, CheckpointEntry, FileEntry, LinkEntry, Manifest,
                                       load_manifest)
 from aptbundle.ground import lock, temporaries
 from aptbundle.ground.errors import RunError, UnsafePathError
-from aptbundle.ground.fsutil import Progress, atomic_write_bytes, hash_file
+from aptbundle.ground.fsutil import Progress, SpecialFile, atomic_write_bytes, hash_file, read_capped
 from aptbundle.ground.paths import check_collisions, check_name, normalize_relpath
 from aptbundle.ground.problems import Kind, Problem
 from aptbundle.ground.temporaries import remove_path
@@ -64,7 +65,9 @@ def walk_files(root: Path, links: list[LinkEntry] | None = None) -> tuple[list[s
 
     Symbolic links (other than the run's own ``links``, each pointing where it says), devices,
     FIFOs and unportable names are problems; aptbundle's own lock and temporary names, and what
-    the ignore rules (``ignore``) leave out, are skipped.
+    the ignore rules (``ignore``) leave out, are skipped. A file the ignore rules keep out that
+    the scan would have read (a pickle, a torch file) is a note (``Kind.HIDDEN``): it is never
+    checked and never travels, and whoever loads it where it lies should know.
     """
     files: list[str] = []
     problems: list[Problem] = []
@@ -75,14 +78,20 @@ def walk_files(root: Path, links: list[LinkEntry] | None = None) -> tuple[list[s
         rel_base = base.relative_to(root).as_posix()
         for d in list(dirnames):
             rel = d if rel_base == "." else f"{rel_base}/{d}"
-            if temporaries.is_temp_name(d) or ignore.dir_ignored(rel):
+            if temporaries.is_temp_name(d):
                 dirnames.remove(d)
+            elif ignore.dir_ignored(rel):
+                dirnames.remove(d)
+                problems += _hidden(base / d, rel)
             elif (base / d).is_symlink():
                 dirnames.remove(d)
                 problems.append(Problem(rel, Kind.TYPE, "a regular file or folder", "a symbolic link"))
         for name in filenames:
             rel = name if rel_base == "." else f"{rel_base}/{name}"
-            if is_ignored(rel) or ignore.file_ignored(rel):
+            if is_ignored(rel):
+                continue
+            if ignore.file_ignored(rel):
+                problems += _hidden(base / name, rel)
                 continue
             st = os.lstat(base / name)
             if stat.S_ISLNK(st.st_mode) and rel in known:
@@ -119,6 +128,23 @@ def building_run(run_dir: Path, name: str) -> Iterator[Path]:
         if run_dir.exists():
             run_dir.rmdir()
         os.rename(tmp, run_dir)
+
+
+MAX_HIDDEN_NOTES = 100
+
+
+def _hidden(path: Path, rel: str) -> list[Problem]:
+    """Notes for the files below an ignored ``path`` that the scan would have read."""
+    found = [rel] if path.is_file() and needs_scan(rel) else []
+    if path.is_dir() and not path.is_symlink():
+        for dirpath, dirnames, filenames in os.walk(path, followlinks=False):
+            base = Path(dirpath).relative_to(path).as_posix()
+            found += [r for n in filenames if needs_scan(r := f"{rel}/{n}" if base == "." else f"{rel}/{base}/{n}")]
+            if len(found) >= MAX_HIDDEN_NOTES:
+                break
+    return [Problem(r, Kind.HIDDEN, "a file that travels or is scanned", "a pickle or torch file that"
+                    f" {IGNORE_FILE} keeps out: never checked, never moved; do not load it without checking it")
+            for r in found[:MAX_HIDDEN_NOTES]]
 
 
 class Run:
@@ -287,11 +313,11 @@ class Run:
         from aptbundle.format.signature import MAX_SIGNATURE_BYTES
 
         try:
-            fd = os.open(self.path / SIGNATURE_NAME, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+            return read_capped(self.path / SIGNATURE_NAME, MAX_SIGNATURE_BYTES, follow_links=False)
         except FileNotFoundError:
             return None
-        with open(fd, "rb") as f:
-            return f.read(MAX_SIGNATURE_BYTES + 1)
+        except SpecialFile:
+            return b""  # not a signature: checking it fails, a carried one is never this
 
     def to_retire(self, keep_last: int | None) -> list[CheckpointEntry]:
         """The checkpoints a retention of the last ``keep_last`` lets go (never latest or best)."""

@@ -32,6 +32,7 @@ from pathlib import Path
 
 from aptbundle.format.manifest import SIGNATURE_NAME
 from aptbundle.ground.errors import AptBundleError, SignatureError
+from aptbundle.ground.fsutil import read_capped
 
 __all__ = ["SIGNATURE_NAME", "check", "keygen", "load_public_key", "parse_envelope", "sign", "signed_by"]
 PAYLOAD_TYPE = "application/vnd.aptbundle.run+json"
@@ -99,8 +100,7 @@ def keygen(path: str | Path, *, force: bool = False) -> tuple[Path, Path, str]:
 
 def _read_key_file(path: str | Path, what: str) -> bytes:
     try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_SIGNATURE_BYTES + 1)
+        data = read_capped(path, MAX_SIGNATURE_BYTES)
     except OSError as e:
         raise SignatureError(f"{path}: cannot read the {what} ({e.strerror or e}); give the file"
                              f" `aptbundle keygen` wrote") from None

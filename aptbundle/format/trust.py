@@ -6,13 +6,15 @@ how the file is loaded by the code that reads it:
 ``default``
     loaded with ``torch.load(weights_only=True)`` (or safetensors): only tensors and plain data.
 ``numpy-rng``
-    the random-number states the Hugging Face ``Trainer`` (``rng_state.pth``,
-    ``rng_state_N.pth``) and ``accelerate`` (``random_states_N.pkl``) save. Both load them with
+    the random-number states the Hugging Face ``Trainer`` (``checkpoint-N/rng_state.pth``,
+    ``checkpoint-N/rng_state_N.pth``) and ``accelerate`` (``random_states_N.pkl``) save, where they
+    save them (a file of that name elsewhere is held to the default). Both load them with
     ``torch.load(weights_only=True)`` plus an allow-list of exactly these numpy globals (see
     ``transformers.trainer_pt_utils.safe_globals`` and ``accelerate.utils.other
     .TORCH_SAFE_GLOBALS``): ``numpy._core.multiarray._reconstruct`` (``numpy.core`` before numpy
     2), ``numpy.ndarray``, ``numpy.dtype`` and ``numpy.dtypes.UInt32DType``. The scan accepts
-    those and nothing else; everything nested inside is still scanned.
+    those and nothing else, each built the way numpy builds it (a dtype is a plain numeric one: an
+    object array would unpickle whatever it holds); everything nested inside is still scanned.
 ``untrusted``
     files no framework loads when it resumes, which are real arbitrary-object pickles: the Hugging
     Face ``training_args.bin`` (a pickled ``TrainingArguments``). They are carried, marked
@@ -33,7 +35,8 @@ NUMPY_RNG_GLOBALS = frozenset({
     "numpy._core.multiarray._reconstruct", "numpy.core.multiarray._reconstruct", "numpy.ndarray",
     "numpy.dtype", "numpy.dtypes.UInt32DType",
 })
-_RNG = re.compile(r"(^|/)(rng_state(_\d+)?\.pth|random_states_\d+\.pkl)$")
+# where each framework writes them: the Trainer inside checkpoint-N/, accelerate in its state folder
+_RNG = re.compile(r"(^|/)(checkpoint-\d+/rng_state(_\d+)?\.pth|random_states_\d+\.pkl)$")
 _UNTRUSTED = re.compile(r"(^|/)training_args\.bin$")
 
 UNTRUSTED_NOTE = "never loaded by aptbundle; do not torch.load it without weights_only"

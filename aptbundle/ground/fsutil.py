@@ -8,8 +8,10 @@ mix; leftovers are removed by ``Run.recover``.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
+import stat
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -95,3 +97,38 @@ def fsync_file(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+class SpecialFile(OSError):
+    """A FIFO, device, socket or folder where a regular file was expected."""
+
+
+def file_kind(mode: int) -> str:
+    """What a non-regular file is, for a message."""
+    return ("a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "a symbolic link"
+            if stat.S_ISLNK(mode) else "a device or socket")
+
+
+def read_capped(path: str | Path, limit: int, *, follow_links: bool = True) -> bytes:
+    """At most ``limit + 1`` bytes of the regular file ``path`` (the caller refuses more than
+    ``limit``). Opened without blocking, so a FIFO or device is ``SpecialFile`` at once, never a
+    wait; ``follow_links=False`` refuses a link too (``SpecialFile``)."""
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+    if not follow_links:
+        flags |= getattr(os, "O_NOFOLLOW", 0)
+    try:
+        st = os.stat(path, follow_symlinks=follow_links)  # looked at first: a device is never opened
+    except FileNotFoundError:
+        raise
+    if not stat.S_ISREG(st.st_mode):
+        raise SpecialFile(f"{path}: is {file_kind(st.st_mode)}, not a regular file")
+    try:
+        fd = os.open(path, flags)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise SpecialFile(f"{path}: is a symbolic link, not a regular file") from None
+        raise
+    with open(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise SpecialFile(f"{path}: is not a regular file")
+        return f.read(limit + 1)

@@ -25,6 +25,7 @@ class Kind(str, Enum):
     SIGNATURE = "signature"  # no signature by a trusted key
     UNTRUSTED = "untrusted"  # note: an arbitrary pickle carried, never loaded
     MACHINE_PATH = "machine-path"  # note: an absolute path of the machine that wrote the file
+    HIDDEN = "hidden"  # note: a file the ignore rules keep out that the scan would have read
 
     def __str__(self) -> str:
         return self.value
@@ -49,7 +50,7 @@ class Problem:
         return {"path": self.path, "kind": self.kind.value, "expected": self.expected, "found": self.found}
 
 
-NOTE_KINDS = frozenset({Kind.UNTRUSTED, Kind.MACHINE_PATH})
+NOTE_KINDS = frozenset({Kind.UNTRUSTED, Kind.MACHINE_PATH, Kind.HIDDEN})
 
 
 def is_note(p: Problem, strict: bool = False) -> bool:

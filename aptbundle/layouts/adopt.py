@@ -28,9 +28,11 @@ from aptbundle.ground.problems import Kind, Problem, split
 from aptbundle.layouts import detect
 
 
-def _walk(root: Path) -> tuple[list[str], list[LinkEntry], list[Problem]]:
-    """The folder's regular files, its links to them, and what cannot be adopted."""
-    files, problems = walk_files(root)
+def _walk(root: Path) -> tuple[list[str], list[LinkEntry], list[Problem], list[Problem]]:
+    """The folder's regular files, its links to them, what cannot be adopted, and the notes (files
+    the ignore rules keep out that the scan would have read)."""
+    files, found = walk_files(root)
+    problems, notes = split(found)
     listed = set(files)
     links, rest = [], []
     for p in problems:
@@ -41,7 +43,7 @@ def _walk(root: Path) -> tuple[list[str], list[LinkEntry], list[Problem]]:
             check_collisions(files + [x.path for x in links], what="file")
         except UnsafePathError as e:
             rest.append(Problem(str(root), Kind.UNSAFE, "portable file names", str(e)))
-    return files, links, rest
+    return files, links, rest, notes
 
 
 def _as_link(root: Path, p: Problem, listed: set[str]) -> LinkEntry | None:
@@ -125,7 +127,7 @@ def adopt(path: str | Path, *, trainer: str | None = None, progress: Progress | 
         raise RunError(f"{path}: already has {MANIFEST_NAME}; `aptbundle init --update {path}` takes in what"
                        " changed, `aptbundle verify {path}` checks it")
     name = check_name(p.resolve().name)
-    files, links, problems = _walk(p)
+    files, links, problems, hidden = _walk(p)
     if problems:
         raise VerifyError(problems, what=f"{path} cannot be adopted")
     t = now_iso()
@@ -144,7 +146,7 @@ def adopt(path: str | Path, *, trainer: str | None = None, progress: Progress | 
         with run.committing():
             run.save_manifest()
     if notes is not None:
-        notes += found_notes
+        notes += found_notes + hidden
     return run
 
 
@@ -180,7 +182,7 @@ def update(path: str | Path, *, progress: Progress | None = None, strict: bool =
         run.reload()
         old = run.manifest.file_map()
         stamp = os.stat(run.path / MANIFEST_NAME).st_mtime_ns
-        files, links, problems = _walk(run.path)
+        files, links, problems, hidden = _walk(run.path)
         if problems:
             raise VerifyError(problems, what=f"{path} cannot be updated")
         changes = Changes(added=[f for f in files if f not in old], removed=sorted(set(old) - set(files)))
@@ -214,5 +216,5 @@ def update(path: str | Path, *, progress: Progress | None = None, strict: bool =
                 run.save_manifest()
         changes.digest = run.manifest.digest()
     if notes is not None:
-        notes += found_notes
+        notes += found_notes + hidden
     return changes

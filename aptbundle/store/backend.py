@@ -243,6 +243,7 @@ class Store:
     def __init__(self, url: str | Path):
         self.url = str(url).rstrip("/") or "/"
         self.sent = 0  # bytes written through ``writer`` and ``put``: what push reports
+        self.warnings: list[str] = []  # what a command should tell its user (a lock from the future...)
         if is_remote(self.url):
             from aptbundle.store.remote import RemoteBackend  # only remote stores pay for fsspec
 

@@ -14,12 +14,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import secrets
 import socket
 import time
 from dataclasses import dataclass, field
 
-from aptbundle.ground.errors import StoreError
+from aptbundle.ground.errors import StoreError, StoreLayoutError
+from aptbundle.ground.values import finite_number
 from aptbundle.ground.temporaries import pid_alive
 from aptbundle.store import layout
 from aptbundle.store.backend import Store
@@ -28,6 +30,9 @@ STALE_S = 15 * 60.0  # a lock not refreshed for this long belongs to a lost proc
 REFRESH_S = 60.0
 GC_WAIT_S = 600.0  # how long a push waits for a gc to finish
 MAX_LOCK_BYTES = 64 << 20
+FUTURE_S = 300.0  # clocks of machines sharing a store may disagree by this much
+_FIELD = rb'"[a-z]{1,16}": ("[^"\\\x00-\x1f]{0,256}"|-?[0-9][0-9.eE+-]{0,31}|NaN|-?Infinity|\[("[0-9a-f]{64}"(, "[0-9a-f]{64}")*)?\])'
+_BODY = re.compile(rb"\{(" + _FIELD + rb"(, " + _FIELD + rb")*)?\}")  # what ``Lock.write`` writes
 
 
 @dataclass
@@ -68,12 +73,18 @@ def others(store: Store, mine: Lock | None = None) -> list[dict]:
             continue
         try:
             data = store.read(key, MAX_LOCK_BYTES)
-            info = json.loads(data) if data is not None else None
+            # the shape first, so a crafted body never costs more memory than its own size twice
+            info = json.loads(data) if data is not None and _BODY.fullmatch(data) else None
+        except StoreLayoutError:
+            raise
         except (ValueError, StoreError):
             info = None
         if not isinstance(info, dict):  # half-written by an older tool, or garbage: not a lock
             continue
-        if _stale(info):
+        why = _stale(info)
+        if why:
+            if why != "old":
+                store.warnings.append(f"warning: {store.where(key)}: a lock {why}; taken as stale and removed")
             store.delete(key)
             continue
         info["key"] = key
@@ -81,12 +92,20 @@ def others(store: Store, mine: Lock | None = None) -> list[dict]:
     return live
 
 
-def _stale(info: dict) -> bool:
-    t, pid = info.get("time"), info.get("pid")
-    if not isinstance(t, (int, float)) or time.time() - t > STALE_S:
-        return True
-    return info.get("host") == socket.gethostname() and isinstance(pid, int) and pid != os.getpid() \
-        and not pid_alive(pid)
+def _stale(info: dict) -> str | None:
+    """Why a lock no longer holds anything (None while it does): too old, its process gone, or a
+    time that no clock wrote (not a number, or in the future)."""
+    t, pid, now = finite_number(info.get("time")), info.get("pid"), time.time()
+    if t is None:
+        return "without a valid time"
+    if t > now + FUTURE_S:
+        return f"dated {t - now:.0f} s in the future"
+    if now - t > STALE_S:
+        return "old"
+    if info.get("host") == socket.gethostname() and type(pid) is int and pid != os.getpid() \
+            and 0 < pid < 1 << 31 and not pid_alive(pid):
+        return "old"
+    return None
 
 
 @contextlib.contextmanager

@@ -10,7 +10,7 @@ damaged store is reported, never "cleaned".
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from aptbundle.format.manifest import MAX_MANIFEST_BYTES, parse_manifest
@@ -66,6 +66,7 @@ class GcResult:
     kept_blobs: int
     kept_young: int  # unreferenced, but younger than the grace period
     dry_run: bool
+    warnings: list[str] = field(default_factory=list)  # what the user should hear (a stale lock removed)
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -93,7 +94,7 @@ def gc(store_url: str | Path, *, grace_s: float = GRACE_S, dry_run: bool = False
                 except AptBundleError:
                     pass
         now = time.time()
-        res = GcResult(0, 0, 0, 0, 0, dry_run)
+        res = GcResult(0, 0, 0, 0, 0, dry_run, store.warnings)
         for prefix, keep in ((layout.BLOBS, keep_blobs), (layout.MANIFESTS, keep_manifests)):
             for key, mtime, size in store.list(prefix):
                 lock.refresh()

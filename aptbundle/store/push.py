@@ -12,7 +12,7 @@ entry is never stored.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from aptbundle.format.manifest import FileEntry
@@ -40,6 +40,7 @@ class PushResult:
     present_bytes: int  # their original bytes
     seconds: float
     signed: bool
+    warnings: list[str] = field(default_factory=list)  # what the user should hear (a stale lock removed)
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -95,4 +96,5 @@ def _send(store: Store, view: ReadView, enc: Encoding, progress: Progress | None
             store.put(layout.manifest(digest), man.to_bytes())
         store.put(layout.ref(man.name), (digest + "\n").encode())
     return PushResult(store.url, man.name, digest, len(man.files), sent_files, store.sent, data_bytes,
-                      present_files, present_bytes, time.monotonic() - t0, view.signature is not None)
+                      present_files, present_bytes, time.monotonic() - t0, view.signature is not None,
+                      store.warnings)
