@@ -135,7 +135,7 @@ def _ours(work: Path, run: Path, ours: Path, extra: str, tag: str, other: str | 
         shutil.rmtree(work / d, ignore_errors=True)
         (work / d).mkdir()
     return {
-        "pack": timed(f"{py} -m aptbundle pack {run} -o {ours} -q{extra} > /dev/null"),
+        "pack": timed(f"{py} -m aptbundle pack {run} -o {ours} --force -q{extra} > /dev/null"),
         "unpack": timed(f"{py} -m aptbundle unpack {ours} -C {work / f'u{tag}'} -q > /dev/null"),
         "vrun": timed(f"{py} -m aptbundle verify {run} -q > /dev/null"),
         "varc": timed(f"{py} -m aptbundle verify {ours} -q > /dev/null"),

@@ -37,7 +37,10 @@ def _walk(root: Path) -> tuple[list[str], list[LinkEntry], list[Problem], list[P
     links, rest = [], []
     for p in problems:
         link = _as_link(root, p, listed) if p.kind == Kind.TYPE and p.found == "a symbolic link" else None
-        (links.append(link) if link else rest.append(p))
+        if link:
+            links.append(link)
+        else:
+            rest.append(p)
     if not rest:
         try:
             check_collisions(files + [x.path for x in links], what="file")

@@ -276,7 +276,10 @@ class Checkpointer:
                 for target, saved in backups.items():
                     os.replace(saved, target)
                 for src, dst in reversed(moved):
-                    remove_path(dst) if src == stage else os.replace(dst, src)
+                    if src == stage:
+                        remove_path(dst)
+                    else:
+                        os.replace(dst, src)
                 raise
             for saved in backups.values():
                 saved.unlink(missing_ok=True)
