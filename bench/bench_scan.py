@@ -20,12 +20,10 @@ from __future__ import annotations
 
 import argparse
 import io
-import os
 import shutil
 import subprocess
 import sys
 import tempfile
-import time
 import zipfile
 from pathlib import Path
 
@@ -33,12 +31,20 @@ PY = sys.executable
 ROOT = Path(__file__).resolve().parent.parent
 
 
+# A small launcher runs the command and reports its peak RSS: a child forked straight from this
+# (large) process would report this process's size as its own (Linux keeps the high-water mark
+# across fork and exec).
+_LAUNCH = ("import resource, subprocess, sys, time; t = time.perf_counter();"
+           " r = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL);"
+           " print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,"
+           " r.returncode)")
+
+
 def timed(cmd: list[str], cwd: Path) -> tuple[float, float, int]:
     """Wall seconds, peak RSS in MB and exit status of a command in a child process."""
-    t = time.perf_counter()
-    p = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _, status, ru = os.wait4(p.pid, 0)
-    return time.perf_counter() - t, ru.ru_maxrss / 1024, os.waitstatus_to_exitcode(status)
+    out = subprocess.run([PY, "-c", _LAUNCH, *cmd], cwd=cwd, capture_output=True, text=True, check=True).stdout
+    s, mb, code = out.split()
+    return float(s), float(mb), int(code)
 
 
 def torch_zip(payload: bytes) -> bytes:

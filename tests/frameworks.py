@@ -12,7 +12,8 @@ import warnings
 from pathlib import Path
 
 
-def hf_trainer(out: Path, *, resume: Path | None = None, steps: int = 40, save_total_limit: int | None = None):
+def hf_trainer(out: Path, *, resume: Path | None = None, steps: int = 40, save_total_limit: int | None = None,
+               **more_args):
     """A GPT-2 of 1 layer trained by the Hugging Face Trainer: a checkpoint every 10 steps, an
     evaluation every 10, the final model saved into ``out``."""
     import torch
@@ -36,7 +37,7 @@ def hf_trainer(out: Path, *, resume: Path | None = None, steps: int = 40, save_t
     args = TrainingArguments(output_dir=str(out), max_steps=steps, save_steps=10, per_device_train_batch_size=4,
                              logging_steps=5, eval_strategy="steps", eval_steps=10, metric_for_best_model="loss",
                              save_total_limit=save_total_limit, report_to=[], use_cpu=True, seed=0,
-                             dataloader_num_workers=0, disable_tqdm=True)
+                             dataloader_num_workers=0, disable_tqdm=True, **more_args)
     trainer = Trainer(model=model, args=args, train_dataset=Data(160), eval_dataset=Data(16))
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     trainer.save_model(str(out))
@@ -79,7 +80,7 @@ def accelerate_loop(out: Path, *, resume: Path | None = None, epochs: int = 4) -
     acc.save_model(model, str(out / "final"))
 
 
-def lightning_fit(out: Path, *, ckpt_path: Path | None = None, steps: int = 40):
+def lightning_fit(out: Path, *, ckpt_path: Path | None = None, steps: int = 40, weights_only: bool = False):
     """A linear model fitted by Lightning: a ``.ckpt`` every 10 steps and ``last.ckpt`` as a link."""
     import torch
     import lightning as L
@@ -105,7 +106,7 @@ def lightning_fit(out: Path, *, ckpt_path: Path | None = None, steps: int = 40):
     data = torch.utils.data.TensorDataset(torch.randn(64, 8, generator=g), torch.randn(64, 1, generator=g))
     loader = torch.utils.data.DataLoader(data, batch_size=8, shuffle=True)
     cb = ModelCheckpoint(dirpath=str(out / "checkpoints"), every_n_train_steps=10, save_top_k=-1, save_last="link",
-                         monitor="train_loss", mode="min")
+                         monitor="train_loss", mode="min", save_weights_only=weights_only)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer = L.Trainer(max_steps=steps, callbacks=[cb], default_root_dir=str(out), logger=False,
@@ -152,6 +153,31 @@ def save_pretrained(where: Path):
     model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=1, n_head=2))
     model.save_pretrained(str(where))
     return model
+
+
+def accelerate_steps(out: Path, *, steps: int = 20, every: int = 10) -> None:
+    """accelerate with automatic checkpoint naming, ``save_state`` every ``every`` optimizer steps."""
+    import torch
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+    from accelerate.utils import ProjectConfiguration, set_seed
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    set_seed(0)
+    acc = Accelerator(cpu=True, project_config=ProjectConfiguration(project_dir=str(out),
+                                                                    automatic_checkpoint_naming=True))
+    model = torch.nn.Linear(8, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    model, opt = acc.prepare(model, opt)
+    for step in range(1, steps + 1):
+        with acc.accumulate(model):  # what counts accelerate's own step
+            loss = model(torch.randn(4, 8)).pow(2).mean()
+            acc.backward(loss)
+            opt.step()
+            opt.zero_grad()
+        if step % every == 0:
+            acc.save_state()
 
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

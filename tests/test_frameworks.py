@@ -68,7 +68,7 @@ def test_hugging_face_trainer_output_adopts_moves_and_resumes_bit_exactly(tmp_pa
 
     moved = move(ref, tmp_path)
     r = cli("resume", moved, "--from", "checkpoint-20")
-    assert r.exit_code == 1 and f'trainer.train(resume_from_checkpoint="{moved}/checkpoint-20")' in r.stderr
+    assert r.exit_code == 3 and f'trainer.train(resume_from_checkpoint="{moved}/checkpoint-20")' in r.stdout
     resumed = tmp_path / "resumed"
     fw.hf_trainer(resumed, resume=moved / "checkpoint-20")
     assert (resumed / "model.safetensors").read_bytes() == (ref / "model.safetensors").read_bytes()
@@ -102,7 +102,7 @@ def test_accelerate_save_state_adopts_moves_and_resumes_bit_exactly(tmp_path):
     assert info["checkpoints"] == [f"checkpoint_{i}" for i in range(4)]
     moved = move(ref, tmp_path)
     r = cli("resume", moved, "--from", "checkpoint_1")
-    assert r.exit_code == 1 and f'accelerator.load_state("{moved}/checkpoints/checkpoint_1")' in r.stderr
+    assert r.exit_code == 3 and f'accelerator.load_state("{moved}/checkpoints/checkpoint_1")' in r.stdout
     resumed = tmp_path / "resumed"
     fw.accelerate_loop(resumed, resume=moved / "checkpoints/checkpoint_1")
     assert (resumed / "final/model.safetensors").read_bytes() == (ref / "final/model.safetensors").read_bytes()
@@ -117,12 +117,13 @@ def test_lightning_checkpoints_are_listed_and_last_ckpt_link_travels(tmp_path):
     assert info["layout"] == "lightning" and info["links"] == ["checkpoints/last.ckpt"]
     assert [c["step"] for c in info["checkpoint_info"]] == [10, 20, 30, 40]
     assert "records absolute paths" in err  # ModelCheckpoint's dirpath, found statically
+    assert err.count("records absolute paths") == 1 and "last.ckpt stays at step 40" in err  # once a run
     latest = moved = move(ref, tmp_path, "--checkpoints", "latest")
     link = moved / "checkpoints/last.ckpt"
     assert link.is_symlink() and os.readlink(link) == "epoch=4-step=40.ckpt" and link.resolve().is_file()
     assert [c.step for c in load_manifest(latest).checkpoints] == [40]
     r = cli("resume", moved)
-    assert r.exit_code == 1 and "trainer.fit(model, ckpt_path=" in r.stderr
+    assert r.exit_code == 3 and "trainer.fit(model, ckpt_path=" in r.stdout
     trainer, _ = fw.lightning_fit(tmp_path / "more", ckpt_path=link, steps=50)
     assert trainer.global_step == 50
     r = cli("prune", ref, "--keep-last", "1")  # single-file checkpoints are pruned like folders
@@ -180,7 +181,7 @@ def test_a_save_pretrained_folder_verifies_as_an_archive_and_keeps_its_modes(tmp
     with torch.no_grad():
         assert torch.equal(model(ids).logits, again(ids).logits)
     r = cli("resume", moved)
-    assert r.exit_code == 1 and "from_pretrained" in r.stderr
+    assert r.exit_code == 3 and "from_pretrained" in r.stdout
 
 
 def test_aptignore_keeps_files_from_travelling(tmp_path):
@@ -251,3 +252,79 @@ def test_a_hostile_link_in_a_manifest_is_refused_before_anything_is_written(tmp_
     r = cli("unpack", arc, "-C", tmp_path / "dest")
     assert r.exit_code == 1 and no_traceback(r.output + r.stderr) and not (tmp_path / "dest").exists()
     assert not (tmp_path / "x").exists() and not (tmp_path.parent / "x").exists()
+
+
+# -- foreign runs, told truthfully -----------------------------------------------------------------
+def test_weights_only_checkpoints_are_reported_not_resumable_and_resume_asks_first(tmp_path):
+    ref = tmp_path / "hf_weights"
+    fw.hf_trainer(ref, steps=20, save_only_model=True)
+    info, _ = init(ref)
+    ck = {c["name"]: c for c in info["checkpoint_info"]}
+    assert ck["checkpoint-20"]["resumable"] is False
+    assert set(ck["checkpoint-20"]["missing"]) == {"optimizer", "scheduler", "rng"}
+    shown = json.loads(cli("inspect", ref, "--json").stdout)
+    latest = next(c for c in shown["checkpoints"] if c["name"] == "checkpoint-20")
+    assert latest["resumable"] is False and "optimizer" in latest["missing"]
+    assert "weights only" in cli("inspect", ref).stdout
+    r = cli("resume", ref)
+    assert r.exit_code == 1 and "weights only" in r.stderr and "--weights-only" in r.stderr, r.output
+    r = cli("resume", ref, "--weights-only")
+    assert r.exit_code == 3 and "resume_from_checkpoint" in r.stdout and not r.stderr.startswith("error"), r.output
+
+
+def test_a_lightning_weights_only_checkpoint_is_not_resumable(tmp_path):
+    pytest.importorskip("lightning")
+    ref = tmp_path / "pl_weights"
+    fw.lightning_fit(ref, steps=20, weights_only=True)
+    info, err = init(ref)
+    assert all(c["resumable"] is False and "optimizer" in c["missing"] for c in info["checkpoint_info"]), info
+    r = cli("resume", ref)
+    assert r.exit_code == 1 and "weights only" in r.stderr and no_traceback(r.output), r.output
+
+
+def test_a_folder_that_moved_on_is_never_called_verified(tmp_path):
+    ref = tmp_path / "hf_out"
+    fw.hf_trainer(ref, steps=20)
+    init(ref)
+    moved = move(ref, tmp_path)
+    fw.hf_trainer(moved, steps=40, resume=moved / "checkpoint-20")  # the Trainer trains on in the moved folder
+    r = cli("resume", moved)
+    assert r.exit_code == 1 and no_traceback(r.output), r.output
+    assert "checkpoint-30" in r.stderr and "checkpoint-40" in r.stderr and "init --update" in r.stderr
+    r = cli("verify", moved)
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert r.exit_code == 1 and any("checkpoint-30" in x for x in errors) and any("checkpoint-40" in x for x in errors)
+    assert len([x for x in errors if "checkpoint-30" in x]) == 1, errors  # one line per checkpoint folder
+    info = json.loads(cli("inspect", moved, "--json").stdout)
+    assert set(info["unlisted_checkpoints"]) >= {"checkpoint-30", "checkpoint-40"}
+    r = cli("init", moved)  # init again is init --update
+    assert r.exit_code == 0, r.output
+    r = cli("resume", moved)
+    assert r.exit_code == 3 and "checkpoint-40" in r.stdout, r.output
+
+
+def test_accelerate_steps_come_from_the_saved_state(tmp_path):
+    out = tmp_path / "acc"
+    fw.accelerate_steps(out, steps=20, every=10)
+    info, _ = init(out)
+    assert [c["step"] for c in info["checkpoint_info"]] == [10, 20], info["checkpoint_info"]
+    r = cli("resume", out)
+    assert r.exit_code == 3 and "project_configuration.iteration = 2" in r.stdout, r.output
+
+
+def test_init_twice_on_a_folder_that_grew_equals_init_update(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    fw.hf_trainer(a, steps=20)
+    init(a)
+    shutil.copytree(a, b)
+    for d in (a, b):
+        fw.hf_trainer(d, steps=30, resume=d / "checkpoint-20")
+    assert cli("init", a, "-q").exit_code == 0
+    assert cli("init", b, "--update", "-q").exit_code == 0
+    ma, mb = load_manifest(a), load_manifest(b)
+    assert [c.name for c in ma.checkpoints] == [c.name for c in mb.checkpoints] == \
+        ["checkpoint-10", "checkpoint-20", "checkpoint-30"]
+    assert {f.path: f.size for f in ma.files}.keys() == {f.path: f.size for f in mb.files}.keys()
+    fresh = tmp_path / "fresh"
+    fw.hf_trainer(fresh, steps=10)
+    assert cli("init", fresh, "--update", "-q").exit_code == 0  # --update on a folder without a manifest adopts it

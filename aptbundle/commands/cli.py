@@ -29,7 +29,7 @@ def main() -> None:
 @main.command(short_help="Adopt a training output folder (write its manifest), or update it.")
 @click.argument("directory", type=click.Path(file_okay=False))
 @click.option("--update", is_flag=True, help="Take in what changed in an adopted folder: new checkpoints and"
-              " files, deleted ones, changed ones.")
+              " files, deleted ones, changed ones (what init does anyway on a folder with a manifest).")
 @click.option("--trainer", default=None, help="Registered trainer that can resume this run.")
 @strict_opt
 @json_opt
@@ -38,14 +38,16 @@ def init(directory: str, update: bool, trainer: str | None, strict: bool, as_jso
     """Adopt an existing training output folder by writing its aptrun.json: a Hugging Face Trainer,
     accelerate, Lightning or DCP output, a save_pretrained folder, or any folder of files.
 
-    With --update, bring the manifest of a folder that kept growing up to date, and say what
-    changed. An .aptignore file in the folder (gitignore rules) names what should never travel."""
-    from aptbundle.layouts import title
+    On a folder that already has a manifest, bring it up to date with the folder (what --update
+    says explicitly) and say what changed: `aptbundle init DIR` is safe to run again and again.
+    An .aptignore file in the folder (gitignore rules) names what should never travel."""
+    from aptbundle.format.run import Run
+    from aptbundle.layouts import missing_text, title, weights_only
     from aptbundle.layouts.adopt import adopt
     from aptbundle.layouts.adopt import update as do_update
 
     notes: list = []
-    if update:
+    if Run.is_run(directory):
         with progress("hashing", quiet) as cb:
             ch = do_update(directory, progress=cb, strict=strict, notes=notes)
         lines = [f"+ {escaped(p)}" for p in ch.added] + [f"- {escaped(p)}" for p in ch.removed] + \
@@ -60,15 +62,19 @@ def init(directory: str, update: bool, trainer: str | None, strict: bool, as_jso
     with progress("hashing", quiet) as cb:
         run = adopt(directory, trainer=trainer, progress=cb, strict=strict, notes=notes)
     m = run.manifest
-    print_notes(notes)
+    notes_of = m.extra.get("framework_notes") if isinstance(m.extra.get("framework_notes"), dict) else {}
+    print_notes(notes, notes_of)
     what = title(m.layout)
+    lacks = weights_only(m)
     rows = [f"  {escaped(c.name):<24} step {c.step:>8}  epoch {escaped(c.epoch):>6}"
             + "".join(f"  {escaped(k)} {v:.4g}" for k, v in c.metrics.items() if isinstance(v, (int, float)))
             + ("  latest" if c.name == m.latest else "") + ("  best" if m.best and c.name == m.best.name else "")
+            + (f"  weights only (no {missing_text(lacks[c.name])}): not resumable" if c.name in lacks else "")
             for c in m.checkpoints]
     emit(as_json, {"path": str(run.path), "name": m.name, "files": len(m.files), "size": m.total_size(),
                    "layout": m.layout, "checkpoints": [c.name for c in m.checkpoints],
-                   "checkpoint_info": [{"name": c.name, "step": c.step, "epoch": c.epoch, "metrics": c.metrics}
+                   "checkpoint_info": [{"name": c.name, "step": c.step, "epoch": c.epoch, "metrics": c.metrics,
+                                        "resumable": c.name not in lacks, "missing": lacks.get(c.name, [])}
                                        for c in m.checkpoints],
                    "latest": m.latest, "best": m.best.name if m.best else None, "untrusted": m.untrusted,
                    "links": [x.path for x in m.links], "digest": m.digest(), "notes": [n.to_dict() for n in notes]},
@@ -210,7 +216,8 @@ def ls_(directory: str, as_json: bool) -> None:
             continue
         loss = f"{r['best_loss']:.4f}" if r["best_loss"] is not None else "-"
         rows.append(f"{escaped(r['name']):<20}{r['kind']:<9}{r['steps']:>7}{loss:>11}{human(r['size']):>11}"
-                    f"  {r['digest'][:12]:<14}{escaped(r['path'])}")
+                    f"  {r['digest'][:12]:<14}{escaped(r['path'])}"
+                    + ("  (latest checkpoint: weights only)" if not r.get("resumable", True) else ""))
     emit(as_json, {"runs": runs}, "\n".join(rows) if runs else f"no runs or archives under {escaped(directory)}")
 
 
@@ -251,6 +258,8 @@ def prune(run_dir: str, keep_last: int, dry_run: bool, as_json: bool) -> None:
               help="With --from STORE/NAME: the folder to pull NAME/ into.")
 @trust_opt
 @force_opt
+@click.option("--weights-only", is_flag=True, help="For a run another framework wrote: print its resume call even"
+              " when the checkpoint holds weights only (what is missing starts afresh).")
 @click.option("--backup-to", default=None, help="Push the run to this store after each checkpoint (in the"
               " background) and at the end.")
 @click.option("--epochs", type=click.IntRange(1), default=None,
@@ -263,7 +272,7 @@ def prune(run_dir: str, keep_last: int, dry_run: bool, as_json: bool) -> None:
 @json_opt
 @quiet_opt
 def resume(run_dir: str | None, which: str, checkpoint: str | None, dest: str, trust: tuple[str, ...], force: bool,
-           backup_to: str | None, epochs: int | None, stop_at_step: int | None, device: str, data: str | None,
+           weights_only: bool, backup_to: str | None, epochs: int | None, stop_at_step: int | None, device: str, data: str | None,
            allow_data_change: bool, as_json: bool, quiet: bool) -> None:
     """Continue a run where it stopped (default: the run here or in ./outputs).
 
@@ -291,7 +300,7 @@ def resume(run_dir: str | None, which: str, checkpoint: str | None, dest: str, t
                                " --from CHECKPOINT and `aptbundle verify --trust`")
     res = do_resume(run_dir, ResumeRequest(which=which, epochs=epochs, stop_at_step=stop_at_step, device=device,
                                            data=data, allow_data_change=allow_data_change, quiet=quiet,
-                                           backup_to=backup_to))
+                                           backup_to=backup_to, weights_only=weights_only))
     emit(as_json, {"run": str(res.run_dir), "global_step": res.global_step, "finished": res.finished,
                    "checkpoint": res.last_checkpoint},
          f"{'finished' if res.finished else 'stopped'} at step {res.global_step}: {res.run_dir}")

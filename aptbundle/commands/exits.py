@@ -6,6 +6,8 @@
 1     failed: one line per problem on stderr, never a traceback for a problem
       with the user's input or disk
 2     misuse of flags (click's own)
+3     not a failure: ``aptbundle resume`` of a run another framework wrote printed
+      that framework's own resume call (on stdout) instead of training
 130   stopped by SIGINT (Ctrl-C); 143 by SIGTERM, 129 by SIGHUP (128 + the
       signal), after saving or cleaning up
 ====  =======================================================================
@@ -25,10 +27,11 @@ from typing import Any, Iterator
 import click
 
 from aptbundle.commands.render import escaped
-from aptbundle.ground.errors import AptBundleError, VerifyError
+from aptbundle.ground.errors import AptBundleError, FrameworkRun, VerifyError
 from aptbundle.ground.temporaries import plain_names
 
 FAILED = 1
+FOREIGN = 3  # resume printed another framework's call
 SHOWN = 100  # problems printed one per line; the rest are counted
 
 
@@ -56,12 +59,15 @@ def _say(text: str) -> None:
 
 def report(error: BaseException) -> int:
     """Print ``error`` as the user should see it; return the exit status it means."""
+    if isinstance(error, FrameworkRun):  # the normal outcome for a foreign run: its call, on stdout
+        click.echo(plain(escaped(str(error))))
+        return FOREIGN
     if isinstance(error, VerifyError):
         for p in error.problems[:SHOWN]:
             _say(f"error: {p}")
         if len(error.problems) > SHOWN:
             _say(f"error: ... and {len(error.problems) - SHOWN} more (--json lists every one)")
-        _say(f"error: {error.args[0].split(':')[0]}: {len(error.problems)} problem(s)")
+        _say(f"error: {error.what}: {len(error.problems)} problem(s)")
         if getattr(error, "hint", None):
             _say(f"hint: {error.hint}")
         return FAILED

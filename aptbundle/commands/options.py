@@ -58,7 +58,7 @@ force_opt = click.option("--force", is_flag=True,
                               " move it aside to NAME.old-TIME instead of refusing; it is never deleted.")
 
 
-def print_notes(notes: list) -> None:
+def print_notes(notes: list, framework: dict | None = None) -> None:
     """The notes of a check on stderr (with --json they are also listed on stdout): one line for
     the untrusted files, one per file with machine paths."""
     if not notes:
@@ -66,6 +66,6 @@ def print_notes(notes: list) -> None:
     untrusted = sorted({n.path for n in notes if n.kind == Kind.UNTRUSTED})
     paths = {n.path: n.found for n in notes if n.kind == Kind.MACHINE_PATH}
     hidden = sorted({n.path for n in notes if n.kind == Kind.HIDDEN})
-    for line in note_lines(untrusted, paths, hidden=hidden):
+    for line in note_lines(untrusted, paths, hidden=hidden, framework=framework):
         click.echo(plain(line), err=True)
 

@@ -24,7 +24,8 @@ from aptbundle.format.verify import verify_run
 from aptbundle.ground.errors import AptBundleError, RunError, SignatureError
 from aptbundle.ground.fsutil import Progress
 from aptbundle.ground.problems import Kind, Problem, Report
-from aptbundle.layouts import title
+from aptbundle.layouts import drift, title
+from aptbundle.layouts import weights_only as weights_only_of
 
 
 def is_store(path: str | Path) -> bool:
@@ -55,6 +56,7 @@ def verify_path(path: str | Path, progress: Progress | None = None,
     keys = [signature.load_public_key(k) for k in trust or []]
     run = Run.open(path)
     report = verify_run(run, progress=progress, strict=strict)
+    report.problems = group_by_checkpoint(run, report.problems, str(path))
     if keys:
         try:
             signature.check(run.signature(), run.name, run.manifest.digest(), keys, run.name)
@@ -62,6 +64,32 @@ def verify_path(path: str | Path, progress: Progress | None = None,
             report.problems.append(Problem(SIGNATURE_NAME, Kind.SIGNATURE, "signed by a trusted key",
                                            str(e).removeprefix(f"{run.name}: ")))
     return report
+
+
+def group_by_checkpoint(run: Run, problems: list[Problem], shown: str) -> list[Problem]:
+    """For a folder its framework kept writing: one problem per checkpoint folder that appeared or
+    went since the manifest was written, instead of one per file in it."""
+    moved = drift(run.path, run.manifest)
+    if not moved.any:
+        return problems
+    fix = f"take it in with `aptbundle init --update {shown}`"
+    folders = {c.folder: c.name for c in moved.new}
+    folders_gone = {run.manifest.checkpoint(n).folder: n for n in moved.gone}
+    counts: dict[str, int] = {}
+    rest = []
+    for p in problems:
+        owner = next((f for f in (*folders, *folders_gone) if p.path == f or p.path.startswith(f + "/")), None)
+        if owner is None or p.kind not in (Kind.EXTRA, Kind.MISSING):
+            rest.append(p)
+        else:
+            counts[owner] = counts.get(owner, 0) + 1
+    grouped = [Problem(f, Kind.EXTRA, "no such checkpoint (not in the manifest)",
+                       f"checkpoint {folders[f]} ({n} files) that the framework wrote since; {fix}")
+               for f, n in counts.items() if f in folders]
+    grouped += [Problem(f, Kind.MISSING, f"checkpoint {folders_gone[f]} (in the manifest)",
+                        f"{n} of its files gone from disk (the framework rotated it out?); {fix}")
+                for f, n in counts.items() if f in folders_gone]
+    return sorted(grouped + rest, key=lambda p: p.path)
 
 
 def describe(path: str | Path) -> dict:
@@ -83,6 +111,8 @@ def describe(path: str | Path) -> dict:
         with ArchiveReader(path) as ar:
             man, archive_size, requires, kind, sig = ar.manifest, ar.size, ar.requires, "archive", ar.signature
     best = man.best.name if man.best else None
+    lacks = weights_only_of(man)
+    moved = drift(Path(path), man) if kind == "run" else None
     curves = curves or checked_curves(man.extra.get("curves"))
     if not curves:  # a run written before curves were recorded: the checkpoints' losses
         curves = {"loss": [[c.step, float(c.metrics["loss"])] for c in man.checkpoints
@@ -116,9 +146,14 @@ def describe(path: str | Path) -> dict:
         "checkpoints": [
             {"name": c.name, "step": c.step, "epoch": c.epoch, "loss": c.metrics.get("loss"),
              "metrics": c.metrics, "latest": c.name == man.latest, "best": c.name == best,
-             "size": sum(f.size for f in man.files_of(c))}
+             "size": sum(f.size for f in man.files_of(c)), "resumable": not lacks.get(c.name),
+             "missing": lacks.get(c.name, [])}
             for c in man.checkpoints
         ],
+        "unlisted_checkpoints": [c.name for c in moved.new] if moved else [],
+        "gone_checkpoints": moved.gone if moved else [],
+        "framework_notes": man.extra.get("framework_notes") if isinstance(man.extra.get("framework_notes"), dict)
+        else {},
         "curves": curves,
     }
 
@@ -138,7 +173,8 @@ def _summary(path: Path, man, archive_size) -> dict:
     return {"path": str(path), "kind": "run" if archive_size is None else "archive", "name": man.name,
             "steps": latest.step if latest else 0, "checkpoints": len(man.checkpoints),
             "best_loss": best_loss if isinstance(best_loss, (int, float)) else None,
-            "size": man.total_size() if archive_size is None else archive_size, "digest": man.digest()}
+            "size": man.total_size() if archive_size is None else archive_size, "digest": man.digest(),
+            "resumable": latest is None or latest.name not in weights_only_of(man)}
 
 
 def list_runs(root: str | Path = ".", depth: int = 3) -> list[dict]:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 import unicodedata
 
+from aptbundle.layouts import missing_text
+
 _SPARK = "▁▂▃▄▅▆▇█"
 _MARKS = {"loss": "•", "val_loss": "×"}
 
@@ -107,24 +109,46 @@ def _history(info: dict) -> list[str]:
 
 
 def note_lines(untrusted: list[str], machine_paths: dict[str, str], most: int = 8,
-               hidden: list[str] | None = None) -> list[str]:
-    """The notes of a run, one line for its untrusted files, one per file with machine paths, and
-    one for the pickles the ignore rules keep out of the scan."""
+               hidden: list[str] | None = None, framework: dict | None = None) -> list[str]:
+    """The notes of a run, each said once: its untrusted files (one line, counted), the files with
+    machine paths (Lightning's checkpoints in one line that says what a move changes), the
+    pickles the ignore rules keep out of the scan, and what the framework's records say
+    (``framework``: the manifest's ``framework_notes``)."""
     from aptbundle.format.trust import UNTRUSTED_NOTE
 
     out = []
     if untrusted:
-        more = f" and {len(untrusted) - most} more" if len(untrusted) > most else ""
-        out.append(f"note: {', '.join(escaped(u) for u in untrusted[:most])}{more}: carried untrusted, {UNTRUSTED_NOTE}")
-    for path, found in list(machine_paths.items())[:most]:
+        names = sorted({u.rsplit("/", 1)[-1] for u in untrusted})
+        where = f" ({', '.join(escaped(n) for n in names[:3])}{' ...' if len(names) > 3 else ''})" \
+            if len(untrusted) > 1 else f" ({escaped(untrusted[0])})"
+        out.append(f"note: {len(untrusted)} file(s) carried untrusted{where}: {UNTRUSTED_NOTE}")
+    ckpts = sorted(p for p in machine_paths if p.endswith(".ckpt"))
+    others = {k: v for k, v in machine_paths.items() if k not in ckpts}
+    if ckpts:
+        last = (framework or {}).get("last_step")
+        at = f" step {last}" if type(last) is int else " its last step"
+        out.append(f"warning: {len(ckpts)} checkpoint(s): PyTorch Lightning records absolute paths of the folder it wrote"
+                   f" to ({escaped(machine_paths[ckpts[0]][:120])}): resumed anywhere else, ModelCheckpoint no longer"
+                   f" recognises its own files, so it keeps every checkpoint it saves (no top-k pruning) and"
+                   f" last.ckpt stays at{at} while new saves go to last-v1.ckpt. Resume at the original path to keep"
+                   " that bookkeeping, or prune old checkpoints yourself")
+    mid = (framework or {}).get("mid_epoch")
+    if isinstance(mid, list) and mid and all(isinstance(m, str) for m in mid):
+        out.append(f"note: {', '.join(escaped(m) for m in mid[:most])}{' ...' if len(mid) > most else ''}: saved"
+                   " mid-epoch; Lightning itself does not resume those exactly (the epoch's data order and"
+                   " position start again)")
+    for path, found in list(others.items())[:most]:
         out.append(f"warning: {escaped(path)} records absolute paths of the machine that wrote it: {escaped(found)}")
-    if len(machine_paths) > most:
-        out.append(f"warning: ... and {len(machine_paths) - most} more files with machine paths")
+    if len(others) > most:
+        out.append(f"warning: ... and {len(others) - most} more files with machine paths")
     if hidden:
         more = f" and {len(hidden) - most} more" if len(hidden) > most else ""
         out.append(f"warning: {', '.join(escaped(h) for h in hidden[:most])}{more}: pickle or torch file(s) that"
                    " .aptignore keeps out of the scan and the run; never checked, do not load them unchecked")
     return out
+
+
+SHOWN_CHECKPOINTS = 20
 
 
 def render(info: dict) -> str:
@@ -137,9 +161,10 @@ def render(info: dict) -> str:
         f"  digest    {info['digest']}",
         *([f"  signed    {escaped(info['signed_by'])} (not checked: verify --trust KEY.pub checks it)"]
           if info.get("signed_by") else []),
-        f"  trainer   {escaped(info['trainer']) if info['trainer'] else '(none: not resumable by aptbundle)'}",
-        *([f"  framework {escaped(info['framework'])} (resume it with the framework; `aptbundle resume` prints the"
-           " call)"] if info.get("framework") else []),
+        (f"  trainer   {escaped(info['trainer'])} (`aptbundle resume` continues it)" if info["trainer"] else
+         f"  framework {escaped(info['framework'])}: the framework resumes it (`aptbundle resume` prints its call)"
+         if info.get("framework") else "  trainer   none (aptbundle verifies and moves it; the code that wrote it"
+         " continues it)"),
         f"  files     {info['files']} ({human(info['size'])} of data"
         + (f", archive {human(info['archive_size'])})" if info["archive_size"] is not None else ")"),
         *([f"  codec     {info['codec']}: unpack it with aptbundle (plain tar would give byte-grouped"
@@ -157,6 +182,8 @@ def render(info: dict) -> str:
             val = c["metrics"].get("val_loss", c["metrics"].get("eval_loss")) if isinstance(c["metrics"], dict) else None
             val = f"{val:.4f}" if isinstance(val, (int, float)) else "-"
             tags = " ".join(t for t, on in (("latest", c["latest"]), ("best", c["best"])) if on)
+            if not c.get("resumable", True):
+                tags += f"  weights only (no {escaped(missing_text(c.get('missing', [])))})"
             lines.append(f"    {escaped(c['name']):<16}{c['step']:>8}{escaped(c['epoch']):>8}{loss:>10}{val:>10}"
                          f"{human(c['size']):>11}  {tags}")
     else:
@@ -165,7 +192,13 @@ def render(info: dict) -> str:
     if plot:
         lines.append("  loss")
         lines += ["    " + line for line in plot]
-    lines += note_lines(info.get("untrusted", []), info.get("machine_paths", {}))
+    for key, what in (("unlisted_checkpoints", "on disk, not in the manifest"), ("gone_checkpoints", "in the manifest,"
+                      " gone from disk")):
+        for name in info.get(key, [])[:SHOWN_CHECKPOINTS]:
+            lines.append(f"  moved on  {escaped(name)}: {what}; `aptbundle init --update {escaped(info['path'])}`"
+                         " takes it in")
+    lines += note_lines(info.get("untrusted", []), info.get("machine_paths", {}),
+                        framework=info.get("framework_notes") or {})
     return "\n".join(lines)
 
 

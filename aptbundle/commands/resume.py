@@ -18,8 +18,9 @@ from typing import Any, Protocol
 
 from aptbundle.format.run import Run
 from aptbundle.format.verify import VerifiedCheckpoint, verify_checkpoint
-from aptbundle.ground.errors import ResumeError
-from aptbundle.layouts import resume_call, title
+from aptbundle.ground.errors import FrameworkRun, ResumeError
+from aptbundle.layouts import drift, missing_text, resume_call, title
+from aptbundle.layouts import weights_only as weights_only_of
 
 GROUP = "aptbundle.trainers"
 
@@ -37,6 +38,7 @@ class ResumeRequest:
     allow_data_change: bool = False  # continue even if the data differs from the run's
     quiet: bool = False  # no progress bar or messages
     backup_to: str | None = None  # push the run to this store after each checkpoint
+    weights_only: bool = False  # a foreign run's weights-only checkpoint: print its framework's call anyway
 
 
 @dataclass(frozen=True)
@@ -103,9 +105,23 @@ def find_trainer(name: str | None, run_name: str) -> ResumeTrainer:
     return eps[name].load()
 
 
-def framework_hint(run: Run, which: str, shown: str) -> str:
-    """What to run for a folder another framework wrote: its own resume call, ready to paste."""
+def framework_hint(run: Run, which: str, shown: str, weights_only: bool = False) -> str:
+    """What to run for a folder another framework wrote: its own resume call, ready to paste.
+
+    Refused (``ResumeError``) when the folder moved on since its manifest was written (the call
+    would name an old checkpoint), or when the checkpoint holds weights only and ``weights_only``
+    was not asked for (the framework would restart what is missing)."""
     man = run.manifest
+    moved = drift(run.path, man)
+    if moved.any:
+        news = ", ".join(c.name for c in moved.new[:5]) + (" ..." if len(moved.new) > 5 else "")
+        gone = ", ".join(moved.gone[:5]) + (" ..." if len(moved.gone) > 5 else "")
+        what = "; ".join(x for x in (f"{len(moved.new)} checkpoint(s) on disk the manifest does not list ({news});"
+                                     f" the framework would resume from {moved.new[-1].name}" if moved.new else "",
+                                     f"{len(moved.gone)} listed checkpoint(s) gone ({gone})" if moved.gone else "")
+                         if x)
+        raise ResumeError(f"{run.name}: the folder moved on since its manifest was written: {what}. Take that in with"
+                          f" `aptbundle init --update {shown}`, then `aptbundle resume {shown}` again")
     name = {"latest": man.latest, "best": man.best.name if man.best else None}.get(which, which)
     entry = man.checkpoint(name) if name else None
     if man.checkpoints and entry is None:
@@ -113,8 +129,14 @@ def framework_hint(run: Run, which: str, shown: str) -> str:
     call = resume_call(man.layout, shown, entry)
     if man.layout == "checkpoints":
         return f"{run.name}: its manifest names no trainer, so aptbundle cannot continue it; use {call}"
+    lacks = weights_only_of(man).get(entry.name) if entry else None
+    if lacks and not weights_only:
+        raise ResumeError(f"{run.name}: {entry.name} holds weights only (no {missing_text(lacks)}); resumed from it,"
+                          f" {title(man.layout)} starts the {missing_text(lacks)} afresh and the run will not match one"
+                          " that never stopped. Pass --weights-only to print the call anyway")
     return (f"{run.name}: written by {title(man.layout)}; aptbundle verified it and moved it, and the framework"
-            f" continues it with your training script: {call}")
+            f" continues it with your training script: {call}"
+            + (f" (weights only: the {missing_text(lacks)} start afresh)" if lacks else ""))
 
 
 def resume(run_dir: str | Path | None = None, request: ResumeRequest | None = None) -> ResumeResult:
@@ -126,7 +148,8 @@ def resume(run_dir: str | Path | None = None, request: ResumeRequest | None = No
     request = request or ResumeRequest()
     run = Run.open(find_run(run_dir))
     if not run.manifest.trainer and run.manifest.layout:
-        raise ResumeError(framework_hint(run, request.which, str(run_dir) if run_dir is not None else str(run.path)))
+        raise FrameworkRun(framework_hint(run, request.which, str(run_dir) if run_dir is not None else str(run.path),
+                                          request.weights_only))
     fn = find_trainer(run.manifest.trainer, run.name)
     with run.writer():
         fresh = request.which == "latest" and run.latest is None

@@ -11,11 +11,12 @@ what a real load does: the same interpreter walks the same bytes opcode by opcod
 frames, extension codes and all, and every global a real load would import goes through
 ``find_class`` first. There is no model of the pickle machine here that could disagree with it.
 
-The bytes are fed as a loader feeds them (``Source``): a file-like object with ``read``,
-``readinto`` and ``readline`` and no ``peek``, as ``io.BytesIO`` (what ``torch.load`` hands the
-unpickler for a zip's ``data.pkl``) and a file are read. Every read is checked against the bytes
-left before it is made, so no declared length allocates more than the pickle holds, and memory
-stays bounded by the pickle's own size. Whatever the engine cannot read exactly as a loader would
+The bytes are fed as a loader feeds them (``Source``): a buffered file with ``read``,
+``readinto``, ``readline`` and ``peek``, as the unpickler reads any file (``torch.load`` hands it
+the file itself for a legacy file, and a buffer of the record for a zip's ``data.pkl``: the same
+bytes in the same order, so the same opcodes). Every read is checked against the bytes left
+before it is made, so no declared length allocates more than the pickle holds, and memory stays
+bounded by the pickle's own size. Whatever the engine cannot read exactly as a loader would
 is refused, never guessed. The same engine reads framework pickles for the layouts
 (``read_pickle``), with every global inert and nothing refused, since they only look at values.
 Nothing here imports torch.
@@ -93,9 +94,9 @@ class MalformedPickle(UnsafeContentError):
 
 
 class Source:
-    """A pickle's bytes as a loader reads them: ``read``, ``readinto`` and ``readline`` of a
-    ``Stream`` (no ``peek``, like ``io.BytesIO``), at most ``limit`` bytes, every read checked
-    against what is left before it is made."""
+    """A pickle's bytes as a loader reads them: ``read``, ``readinto``, ``readline`` and ``peek``
+    of a ``Stream``, at most ``limit`` bytes, every read checked against what is left before it
+    is made."""
 
     def __init__(self, stream, limit: int, shown: str):
         self.stream, self.limit, self.shown, self.taken = stream, limit, shown, 0
@@ -124,6 +125,13 @@ class Source:
         self._left(len(b))
         self.taken += len(b)
         return b
+
+    def peek(self, n: int = 1) -> bytes:
+        """Up to ``n`` next bytes, not consumed: the unpickler reads ahead with it in large
+        stretches, as it does from any buffered file (what ``torch.load`` hands it for a legacy
+        file), instead of one call per opcode."""
+        left = min(self.limit, self.stream.size - self.stream.tell() + self.taken) - self.taken
+        return self.stream.peek(max(0, min(n, left)))
 
 
 class Storage:

@@ -48,11 +48,17 @@ class ResumeError(AptBundleError):
     """A run cannot be continued as asked."""
 
 
+class FrameworkRun(ResumeError):
+    """Not a failure: the run belongs to another framework, which continues it; the message is
+    that framework's own call (``aptbundle resume`` prints it and exits 3)."""
+
+
 class VerifyError(AptBundleError):
     """One or more files do not match the manifest. ``problems`` lists every one of them."""
 
     def __init__(self, problems: list, what: str = "run", hint: str | None = None):
         self.problems = list(problems)
+        self.what = what  # what was checked, for the summary line
         self.hint = hint  # what to do about them, when it is known
         lines = "; ".join(str(p) for p in self.problems[:5])
         more = f" (and {len(self.problems) - 5} more)" if len(self.problems) > 5 else ""

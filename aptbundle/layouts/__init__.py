@@ -28,6 +28,7 @@ from typing import Any
 
 from aptbundle.format.manifest import BestInfo, CheckpointEntry
 from aptbundle.format.pickles import Inert, Storage, read_pickle
+from aptbundle.format.run import walk_files
 from aptbundle.format.stream import Stream, file_source
 from aptbundle.ground.errors import UnsafeContentError
 from aptbundle.ground.values import finite_number
@@ -45,6 +46,34 @@ class Found:
     best: BestInfo | None = None
     curves: dict[str, list[list[float]]] = field(default_factory=dict)
     history: list[dict] = field(default_factory=list)
+    missing: dict[str, list[str]] = field(default_factory=dict)  # weights-only checkpoints: what they lack
+    notes: dict[str, object] = field(default_factory=dict)  # what the framework does after a move (extra)
+
+
+# What a checkpoint can lack for its framework to carry on exactly where it stopped, in words.
+PARTS = {"optimizer": "optimizer state", "scheduler": "learning-rate schedule", "rng": "RNG state",
+         "trainer_state": "trainer state", "loops": "loop progress"}
+
+
+def lacking(names: set[str], wanted: dict[str, tuple[str, ...]]) -> list[str]:
+    """The parts of ``wanted`` (part -> file-name prefixes, any of which will do) that none of the
+    file ``names`` of a checkpoint provide."""
+    return [part for part, prefixes in wanted.items() if not any(n.startswith(prefixes) for n in names)]
+
+
+def weights_only(man) -> dict[str, list[str]]:
+    """The manifest's record of its weights-only checkpoints (checkpoint -> parts it lacks),
+    as far as it is well formed (a manifest may come from anyone)."""
+    raw = man.extra.get("weights_only")
+    names = {c.name for c in man.checkpoints}
+    if not isinstance(raw, dict):
+        return {}
+    return {k: [p for p in v if p in PARTS] for k, v in raw.items()
+            if k in names and isinstance(v, list) and all(isinstance(p, str) for p in v)}
+
+
+def missing_text(parts: list[str]) -> str:
+    return ", ".join(PARTS.get(p, p) for p in parts)
 
 
 def _module(name: str):
@@ -153,3 +182,33 @@ def fields(obj: Any) -> dict:
     if isinstance(obj, dict):
         return obj
     return obj.fields() if isinstance(obj, Inert) else {}
+
+
+@dataclass
+class Drift:
+    """How an adopted folder moved on since its manifest was written: checkpoints its framework
+    wrote that the manifest lacks (newest last), and listed ones that are gone."""
+
+    new: list[CheckpointEntry]
+    gone: list[str]
+
+    @property
+    def any(self) -> bool:
+        return bool(self.new or self.gone)
+
+
+def drift(root: Path, man) -> Drift:
+    """Compare the checkpoints on disk (as the manifest's layout recognises them) with the
+    manifest's; an aptbundle run (a trainer writes its manifest) never drifts."""
+    mod = by_layout(man.layout)
+    if mod is None or man.trainer:
+        return Drift([], [])
+    files, _problems = walk_files(Path(root), man.links)
+    found = mod.recognise(Path(root), files)
+    on_disk = {c.name: c for c in (found.checkpoints if found else [])}
+    listed = {c.name for c in man.checkpoints}
+    new = sorted((c for n, c in on_disk.items() if n not in listed), key=lambda c: (c.step, c.name))
+    listed_files = man.file_map()
+    gone = [c.name for c in man.checkpoints if c.name not in on_disk
+            and not all((Path(root) / f.path).is_file() for f in man.files_of(c) if f.path in listed_files)]
+    return Drift(new, gone)

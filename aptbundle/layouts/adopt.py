@@ -104,6 +104,14 @@ def _describe(run: Run, files: list[str]) -> None:
         m.extra["curves"] = curves
     else:
         m.extra.pop("curves", None)
+    if found and found.missing:
+        m.extra["weights_only"] = {k: v for k, v in sorted(found.missing.items()) if v}
+    else:
+        m.extra.pop("weights_only", None)
+    if found and found.notes:
+        m.extra["framework_notes"] = found.notes
+    else:
+        m.extra.pop("framework_notes", None)
     if found:
         m.history = [h for h in m.history if not (isinstance(h, dict) and "framework" in h)] + found.history
 
@@ -128,7 +136,7 @@ def adopt(path: str | Path, *, trainer: str | None = None, progress: Progress | 
         raise RunError(f"{path}: no such folder; expected the training output folder to adopt")
     if Run.is_run(p):
         raise RunError(f"{path}: already has {MANIFEST_NAME}; `aptbundle init --update {path}` takes in what"
-                       " changed, `aptbundle verify {path}` checks it")
+                       f" changed, `aptbundle verify {path}` checks it")
     name = check_name(p.resolve().name)
     files, links, problems, hidden = _walk(p)
     if problems:

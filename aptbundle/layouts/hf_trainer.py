@@ -15,11 +15,12 @@ from pathlib import Path
 
 from aptbundle.format.manifest import BestInfo, CheckpointEntry
 from aptbundle.ground.values import is_finite as finite
-from aptbundle.layouts import Found, FrameworkPickle, fields
+from aptbundle.layouts import Found, FrameworkPickle, fields, lacking
 
 LAYOUT, TITLE = "hf-trainer", "Hugging Face Trainer"
 _STATE = re.compile(r"^((?:[^/]+/)*?)(checkpoint-(\d+))/trainer_state\.json$")
 MAX_STATE_BYTES = 64 << 20
+_RESUME = {"optimizer": ("optimizer.",), "scheduler": ("scheduler.",), "rng": ("rng_state",)}
 
 
 def _state(path: Path) -> dict:
@@ -50,6 +51,10 @@ def recognise(root: Path, files: list[str]) -> Found | None:
                 metrics[key] = vals[-1]
         out.checkpoints.append(CheckpointEntry(name, step, epoch, metrics,
                                                None if folder == f"checkpoints/{name}" else folder))
+        inside = {rel[len(folder) + 1:] for rel in files if rel.startswith(folder + "/")}
+        gone = lacking(inside, _RESUME)  # save_only_model=True saves the model and the state only
+        if gone:
+            out.missing[name] = gone
         newest = st or newest
     log = [h for h in newest.get("log_history", []) if isinstance(h, dict)] if isinstance(
         newest.get("log_history"), list) else []

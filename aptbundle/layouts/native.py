@@ -12,9 +12,11 @@ from pathlib import Path
 
 from aptbundle.format.manifest import CheckpointEntry
 from aptbundle.ground.values import is_finite as finite
-from aptbundle.layouts import Found
+from aptbundle.layouts import Found, lacking
 
 LAYOUT, TITLE = "checkpoints", "a folder of checkpoints"
+_RESUME = {"optimizer": ("optimizer",), "scheduler": ("scheduler",), "rng": ("rng_state",),
+           "trainer_state": ("trainer_state",)}
 _CHECKPOINT = re.compile(r"^(checkpoints/)?((?:step|checkpoint)-(\d+))/")
 
 
@@ -41,6 +43,10 @@ def recognise(root: Path, files: list[str]) -> Found | None:
         except (OSError, ValueError, TypeError, AttributeError, RecursionError):
             pass
         out.checkpoints.append(CheckpointEntry(name, step, epoch, metrics, folder))
+        base = folder or f"checkpoints/{name}"
+        gone = lacking({rel[len(base) + 1:] for rel in files if rel.startswith(base + "/")}, _RESUME)
+        if gone:
+            out.missing[name] = gone
     return out
 
 
