@@ -13,6 +13,8 @@ from click.testing import CliRunner
 from aptbundle.commands.cli import main as cli_main
 
 ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+collect_ignore = ["fixtures"]  # real folders other frameworks wrote, and the scripts that wrote them
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # pytest-xdist runs one worker per core: each trains with one thread (its subprocesses too, so

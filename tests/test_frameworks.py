@@ -328,3 +328,57 @@ def test_init_twice_on_a_folder_that_grew_equals_init_update(tmp_path):
     fresh = tmp_path / "fresh"
     fw.hf_trainer(fresh, steps=10)
     assert cli("init", fresh, "--update", "-q").exit_code == 0  # --update on a folder without a manifest adopts it
+
+
+def _fixture(name: str, tmp_path: Path) -> Path:
+    """A copy of a folder that a framework not installable here wrote (tests/fixtures/make_*.py)."""
+    from conftest import FIXTURES
+
+    dst = tmp_path / name
+    shutil.copytree(FIXTURES / name, dst, symlinks=True)
+    return dst
+
+
+def test_a_composer_run_is_adopted_with_its_checkpoints_moved_and_resumable(tmp_path):
+    ref = _fixture("composer_run", tmp_path)
+    info, err = init(ref)
+    assert info["layout"] == "composer" and info["links"] == ["latest-rank0.pt"]
+    ck = {c["name"]: c for c in info["checkpoint_info"]}
+    assert (ck["ep0-ba10"]["step"], ck["ep0-ba10"]["epoch"]) == (10, 0)
+    assert (ck["ep1-ba20"]["step"], ck["ep1-ba20"]["epoch"]) == (20, 1) and ck["ep1-ba20"]["resumable"]
+    assert info["latest"] == "ep1-ba20" and no_traceback(err)
+    moved = move(ref, tmp_path)
+    assert os.readlink(moved / "latest-rank0.pt") == "ep1-ba20-rank0.pt"
+    r = cli("resume", moved)
+    assert r.exit_code == 3 and f'load_path="{moved}/ep1-ba20-rank0.pt"' in r.stdout, r.output
+
+
+def test_composer_checkpoints_allow_exactly_the_classes_composer_writes(tmp_path):
+    import io
+    import pickle
+    import zipfile
+
+    ref = _fixture("composer_run", tmp_path)
+    init(ref)
+    evil = io.BytesIO()
+    with zipfile.ZipFile(evil, "w", zipfile.ZIP_STORED) as z:  # a timedelta is fine; os.system is not
+        z.writestr("archive/data.pkl", b"\x80\x02cdatetime\ntimedelta\nK\x01\x85Rcos\nsystem\n(S'true'\ntR\x86.")
+    (ref / "ep1-ba20-rank0.pt").write_bytes(evil.getvalue())
+    r = cli("init", ref)
+    assert r.exit_code == 1 and "os.system" in r.stderr and no_traceback(r.output), r.output
+    (ref / "notes.pt").write_bytes(pickle.dumps({"t": __import__("datetime").timedelta(1)}, protocol=2))
+    (ref / "ep1-ba20-rank0.pt").unlink()
+    (ref / "latest-rank0.pt").unlink()
+    r = cli("init", ref)  # a timedelta outside Composer's own checkpoints: the default policy
+    assert r.exit_code == 1 and "datetime.timedelta" in r.stderr, r.output
+
+
+def test_a_ray_train_run_is_adopted_with_its_checkpoints_and_moved(tmp_path):
+    ref = _fixture("ray_run", tmp_path)
+    info, err = init(ref)
+    assert info["layout"] == "ray-train" and no_traceback(err)
+    assert [c["step"] for c in info["checkpoint_info"]] == [10, 20]
+    assert all("loss" in c["metrics"] for c in info["checkpoint_info"])
+    moved = move(ref, tmp_path)
+    r = cli("resume", moved)
+    assert r.exit_code == 3 and f'storage_path="{moved.parent}", name="{moved.name}"' in r.stdout, r.output

@@ -306,6 +306,19 @@ class Scan:
             return check
         if full in _REBUILD_TENSOR:
             return lambda obj: _check_view(obj.args, shown)
+        if full == "datetime.timedelta":
+            def check(obj: Inert) -> None:
+                if obj.kwargs or obj.state is not None or len(obj.args) > 3 or not all(
+                        type(a) in (int, float) and abs(a) < 1e12 for a in obj.args):
+                    raise UnsafeContentError(f"{shown}: pickle builds a timedelta from something other than a few"
+                                             " numbers; expected Composer's timestamps. Do not load this file")
+            return check
+        if full == "torch.torch_version.TorchVersion":
+            def check(obj: Inert) -> None:
+                if obj.kwargs or obj.state is not None or len(obj.args) != 1 or type(obj.args[0]) is not str:
+                    raise UnsafeContentError(f"{shown}: pickle builds a TorchVersion from something other than one"
+                                             " string. Do not load this file")
+            return check
         if full in _NUMPY_DTYPE:
             def check(obj: Inert) -> None:
                 plain = isinstance(obj.args[0], str) and _PLAIN_DTYPE.fullmatch(obj.args[0]) if obj.args else True

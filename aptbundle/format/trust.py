@@ -21,6 +21,10 @@ how the file is loaded by the code that reads it:
     untrusted in the manifest, and named in one line by ``init``, ``verify``, ``unpack`` and
     ``inspect``; aptbundle never loads them, and ``--strict`` refuses them.
 
+``composer``
+    Composer's ``ep{E}-ba{B}-rank{R}.pt``: also ``datetime.timedelta`` (built from numbers only),
+    ``torch.torch_version.TorchVersion`` (from one string) and the numpy RNG classes above.
+
 Plain ``pathlib`` paths (``PosixPath(...)`` built from strings, as DCP's ``.metadata`` and
 Lightning's hyper-parameters record them) are harmless to construct and allowed everywhere.
 """
@@ -29,7 +33,7 @@ from __future__ import annotations
 
 import re
 
-DEFAULT, NUMPY_RNG, UNTRUSTED = "default", "numpy-rng", "untrusted"
+DEFAULT, NUMPY_RNG, UNTRUSTED, COMPOSER = "default", "numpy-rng", "untrusted", "composer"
 
 NUMPY_RNG_GLOBALS = frozenset({
     "numpy._core.multiarray._reconstruct", "numpy.core.multiarray._reconstruct", "numpy.ndarray",
@@ -38,6 +42,11 @@ NUMPY_RNG_GLOBALS = frozenset({
 # where each framework writes them: the Trainer inside checkpoint-N/, accelerate in its state folder
 _RNG = re.compile(r"(^|/)(checkpoint-\d+/rng_state(_\d+)?\.pth|random_states_\d+\.pkl)$")
 _UNTRUSTED = re.compile(r"(^|/)training_args\.bin$")
+# Composer's checkpoints (ep{E}-ba{B}-rank{R}.pt), which it loads with a full unpickler: the state's
+# Timestamp holds datetime.timedelta values, the versions a torch TorchVersion (a str), the RNG
+# numpy's state; all harmless to build, each checked as it is built (``pickles``)
+_COMPOSER = re.compile(r"(^|/)ep\d{1,9}-ba\d{1,12}-rank\d{1,6}\.pt$")
+COMPOSER_GLOBALS = NUMPY_RNG_GLOBALS | {"datetime.timedelta", "torch.torch_version.TorchVersion"}
 
 UNTRUSTED_NOTE = "never loaded by aptbundle; do not torch.load it without weights_only"
 
@@ -48,9 +57,11 @@ def policy_for(rel: str) -> str:
         return NUMPY_RNG
     if _UNTRUSTED.search(rel):
         return UNTRUSTED
+    if _COMPOSER.search(rel):
+        return COMPOSER
     return DEFAULT
 
 
 def extra_globals(rel: str) -> frozenset[str]:
     """Globals the scan accepts in this file beyond the ``weights_only`` allow-list."""
-    return NUMPY_RNG_GLOBALS if policy_for(rel) == NUMPY_RNG else frozenset()
+    return {NUMPY_RNG: NUMPY_RNG_GLOBALS, COMPOSER: COMPOSER_GLOBALS}.get(policy_for(rel), frozenset())

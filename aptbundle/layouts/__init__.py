@@ -33,7 +33,7 @@ from aptbundle.format.stream import Stream, file_source
 from aptbundle.ground.errors import UnsafeContentError
 from aptbundle.ground.values import finite_number
 
-ORDER = ("hf_trainer", "accelerate", "lightning", "dcp", "native", "pretrained")
+ORDER = ("hf_trainer", "accelerate", "lightning", "composer", "ray_train", "dcp", "native", "pretrained")
 
 
 @dataclass
