@@ -48,10 +48,11 @@ def timed(cmd: list[str], cwd: Path) -> tuple[float, float, int]:
 
 
 def torch_zip(payload: bytes) -> bytes:
+    """A torch.save-shaped zip whose data.pkl is ``payload`` (no tensors)."""
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as z:
-        z.writestr("archive/data.pkl", payload)
-        z.writestr("archive/version", "3\n")
+        for name, data in (("archive/data.pkl", payload), ("archive/version", b"3\n")):
+            z.writestr(name, data)
     return buf.getvalue()
 
 

@@ -56,3 +56,15 @@ def good_parts(name: str = "run1", files: dict[str, bytes] | None = None) -> tup
 
 def good_archive(name: str = "run1", files: dict[str, bytes] | None = None) -> bytes:
     return zst(tar(*good_parts(name, files)[1]))
+
+
+def torch_zip(payload: bytes) -> bytes:
+    """A zip shaped like a ``torch.save`` file whose ``data.pkl`` is ``payload`` (no tensors)."""
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as z:
+        z.writestr("archive/data.pkl", payload)
+        z.writestr("archive/version", "3\n")
+    return buf.getvalue()

@@ -25,6 +25,7 @@ import pytest
 from aptbundle.format.manifest import load_manifest
 from aptbundle.format.pickles import global_allowed
 from conftest import APTBUNDLE, PY, cli, no_traceback
+from archive_builder import torch_zip
 from test_hostile_contents import plant
 
 
@@ -36,14 +37,6 @@ def u(s: str) -> bytes:
 
 def touch(marker: Path) -> bytes:
     return u(f"touch {marker}")
-
-
-def torch_zip(payload: bytes) -> bytes:
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as z:
-        z.writestr("archive/data.pkl", payload)
-        z.writestr("archive/version", "3\n")
-    return buf.getvalue()
 
 
 def desync(marker: Path) -> bytes:
