@@ -1,11 +1,11 @@
-"""A strict, streaming POSIX tar writer and reader, and a zstd single-frame guard.
+"""A strict, streaming POSIX tar writer and reader.
 
 ``tarfile`` reads whole pax headers into memory and accepts links, devices and sparse files;
 an archive that may come from anyone needs less. The writer emits deterministic ustar headers
 (pax records only for long or non-ASCII names and sizes of 8 GiB or more) that GNU tar and
 bsdtar read. The reader accepts only regular files, directories and small pax / GNU long-name
-headers, checks every header checksum and number, and refuses everything else by name.
-``FrameGuard`` hands zstd exactly one frame and reports anything after it.
+headers, checks every header checksum and number, and refuses everything else by name. (The
+zstd frame around the tar is ``transfer.frames``'s.)
 """
 
 from __future__ import annotations
