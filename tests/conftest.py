@@ -14,7 +14,7 @@ from aptbundle.commands.cli import main as cli_main
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
-collect_ignore = ["fixtures"]  # real folders other frameworks wrote, and the scripts that wrote them
+collect_ignore = ["fixtures", "protected_hf.py", "protected_acc.py"]  # folders other frameworks wrote; scripts run as processes
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # pytest-xdist runs one worker per core: each trains with one thread (its subprocesses too, so

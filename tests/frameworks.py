@@ -80,7 +80,8 @@ def accelerate_loop(out: Path, *, resume: Path | None = None, epochs: int = 4) -
     acc.save_model(model, str(out / "final"))
 
 
-def lightning_fit(out: Path, *, ckpt_path: Path | None = None, steps: int = 40, weights_only: bool = False):
+def lightning_fit(out: Path, *, ckpt_path: Path | None = None, steps: int = 40, weights_only: bool = False,
+                  callbacks: list | None = None):
     """A linear model fitted by Lightning: a ``.ckpt`` every 10 steps and ``last.ckpt`` as a link."""
     import torch
     import lightning as L
@@ -109,7 +110,7 @@ def lightning_fit(out: Path, *, ckpt_path: Path | None = None, steps: int = 40, 
                          monitor="train_loss", mode="min", save_weights_only=weights_only)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        trainer = L.Trainer(max_steps=steps, callbacks=[cb], default_root_dir=str(out), logger=False,
+        trainer = L.Trainer(max_steps=steps, callbacks=[cb, *(callbacks or [])], default_root_dir=str(out), logger=False,
                             enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
         model = Model()
         trainer.fit(model, loader, ckpt_path=str(ckpt_path) if ckpt_path else None)

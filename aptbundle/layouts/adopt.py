@@ -67,11 +67,25 @@ def _as_link(root: Path, p: Problem, listed: set[str]) -> LinkEntry | None:
     return link if link.resolved() in listed and not link.resolved().startswith("../") else None
 
 
-def _hash_all(root: Path, rels: list[str], progress: Progress | None) -> tuple[list[FileEntry], list[Problem]]:
+Known = dict  # (path, inode, size, mtime) -> (FileEntry, problems): files hashed and scanned before
+
+
+def _hash_all(root: Path, rels: list[str], progress: Progress | None,
+              known: Known | None = None) -> tuple[list[FileEntry], list[Problem]]:
+    """Hash and scan ``rels``; with ``known``, a file seen before unchanged (the same inode, size
+    and time: a hard link of it) is taken from there instead of read again, and what is read is
+    added to it."""
     announce_total(progress, sum((root / rel).stat().st_size for rel in rels))
     entries, found = [], []
     for rel in rels:
-        entry, problems = hash_and_scan(root, rel)
+        st = os.stat(root / rel)
+        key = (rel, st.st_ino, st.st_size, st.st_mtime_ns)
+        if known is not None and key in known:
+            entry, problems = known[key]
+        else:
+            entry, problems = hash_and_scan(root, rel)
+            if known is not None:
+                known[key] = (entry, problems)
         entries.append(entry)
         found += problems
         if progress:
@@ -117,14 +131,17 @@ def _describe(run: Run, files: list[str]) -> None:
 
 
 def adopt(path: str | Path, *, trainer: str | None = None, progress: Progress | None = None,
-          strict: bool = False, notes: list[Problem] | None = None) -> Run:
+          strict: bool = False, notes: list[Problem] | None = None, name: str | None = None,
+          run_id: str | None = None, known: Known | None = None) -> Run:
     """Write a manifest for an existing folder (a Hugging Face Trainer, accelerate, Lightning or
     DCP output, a ``save_pretrained`` folder, or any folder of files).
 
     Refuses a folder that is already a run, or that holds links out of it, special files,
     unportable names or files that would run code when loaded (all of them named). Files a
     framework never loads (``training_args.bin``) are carried and marked untrusted, or refused
-    with ``strict``; they and machine paths found in files are appended to ``notes``.
+    with ``strict``; they and machine paths found in files are appended to ``notes``. ``name``
+    and ``run_id`` name the run otherwise than by its folder and a fresh id (a snapshot of a
+    folder that is being backed up); ``known`` is a cache of files hashed before (``_hash_all``).
 
     For example::
 
@@ -137,15 +154,15 @@ def adopt(path: str | Path, *, trainer: str | None = None, progress: Progress | 
     if Run.is_run(p):
         raise RunError(f"{path}: already has {MANIFEST_NAME}; `aptbundle init --update {path}` takes in what"
                        f" changed, `aptbundle verify {path}` checks it")
-    name = check_name(p.resolve().name)
+    name = check_name(name if name is not None else p.resolve().name)
     files, links, problems, hidden = _walk(p)
     if problems:
         raise VerifyError(problems, what=f"{path} cannot be adopted")
     t = now_iso()
-    run = Run(p, Manifest(name=name, run_id=uuid.uuid4().hex, trainer=trainer, created_at=t,
+    run = Run(p, Manifest(name=name, run_id=run_id or uuid.uuid4().hex, trainer=trainer, created_at=t,
                           updated_at=t, environment=environment_info()))
     with run.writer():
-        entries, found = _hash_all(p, files, progress)
+        entries, found = _hash_all(p, files, progress, known)
         problems, found_notes = split(found, strict)
         if problems:
             raise VerifyError(problems, what=f"{path} cannot be adopted")

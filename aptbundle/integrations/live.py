@@ -1,0 +1,237 @@
+"""Backups of a run that another framework is writing, and the way back: what the callbacks share.
+
+``LiveBackup(store, output_dir)`` is told (``saved()``) each time the framework has finished
+writing a checkpoint. On the training thread it only takes a view of the folder as it is now:
+hard links of its files in a private folder inside it (milliseconds; the framework may rotate
+old checkpoints the next moment, the links keep them). A background thread (one, at low
+priority) then describes that view as a run (the layouts of ``init``: checkpoints, best,
+curves; files hashed and scanned once, then remembered by inode), pushes it, and drops it. One
+push is in flight at a time; views taken meanwhile are folded into the newest. A store that
+fails is a warning, never a stop of training: the next save tries again, and ``close()`` (the
+end of training, or a pre-emption) makes the final push and waits for it.
+
+``restore(store, name, output_dir)`` is the way back: it pulls the run's newest version into
+``output_dir`` (verified, incrementally, under the materializer's rules, so newer local state is
+never overwritten) and returns the path to hand to the framework's own resume, or None when the
+store has no such run, so the same script starts fresh on the first machine and carries on on
+the next. Nothing here imports a framework.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Callable
+
+from aptbundle.format.manifest import MANIFEST_NAME, load_manifest
+from aptbundle.format.run import Run, walk_files
+from aptbundle.ground import temporaries
+from aptbundle.ground.errors import AptBundleError, MaterializeError
+from aptbundle.ground.lock import is_lock_name
+from aptbundle.ground.paths import check_name
+from aptbundle.ground.temporaries import remove_path
+from aptbundle.layouts import detect
+from aptbundle.layouts.adopt import adopt
+from aptbundle.store.push import PushResult, push
+
+VIEW = "backup-view"  # the label of the views' temporary folders
+
+
+def _warn(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+class LiveBackup:
+    """Pushes of one framework's output folder to one store, at most one in flight."""
+
+    def __init__(self, store: str | Path, output_dir: str | Path, *, name: str | None = None,
+                 sign: str | Path | None = None, warn: Callable[[str], None] | None = None, threads: int = 1):
+        self.store, self.output_dir = str(store), Path(output_dir)
+        self.name = check_name(name or self.output_dir.resolve().name)
+        self.sign, self.warn, self.threads = sign, warn or _warn, threads
+        self.run_id: str | None = None
+        self.last: PushResult | None = None
+        self.failures = 0
+        self._known: dict = {}  # files hashed before, by inode: each is read once
+        self._lock = threading.Condition()
+        self._pending: Path | None = None  # the newest view not pushed yet
+        self._thread: threading.Thread | None = None
+        self._busy = False
+
+    # -- the training thread -------------------------------------------------------------------
+    def saved(self) -> None:
+        """The framework finished writing a checkpoint: take a view of the folder and hand it to
+        the background push (returns at once)."""
+        view = self._view()
+        if view is None:
+            return
+        with self._lock:
+            older, self._pending = self._pending, view
+            if older is not None:
+                remove_path(older)  # folded into the newer one
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="aptbundle-backup", daemon=True)
+                self._thread.start()
+            self._lock.notify_all()
+
+    def close(self) -> PushResult | None:
+        """Wait for the pushes owed, the newest view last; the last push's result."""
+        while True:
+            with self._lock:
+                t = self._thread
+            if t is None or not t.is_alive():
+                break
+            t.join()
+        with self._lock:  # a view left by a worker that died: push it here
+            view, self._pending = self._pending, None
+        if view is not None:
+            self._push(view)
+        return self.last
+
+    def _view(self) -> Path | None:
+        root = self.output_dir
+        try:
+            files, _problems = walk_files(root)  # what cannot travel (links out, FIFOs) is left to the push to name
+            temporaries.clean_stale(root, VIEW)
+            view = temporaries.temp_path(root, VIEW)
+            view.mkdir()
+            for rel in files:
+                if rel == MANIFEST_NAME or is_lock_name(rel.rsplit("/", 1)[-1]):
+                    continue
+                dst = view / rel
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    os.link(root / rel, dst, follow_symlinks=False)
+                except FileNotFoundError:
+                    pass  # rotated away since the walk
+            return view
+        except OSError as e:
+            self.warn(f"warning: backup of {root}: cannot take a view of the folder ({e}); training goes on")
+            return None
+
+    # -- the background thread ------------------------------------------------------------------
+    def _run(self) -> None:
+        try:  # Linux: a thread is a task of its own; a nicer one leaves the cores to training
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+        except (AttributeError, OSError):
+            pass
+        while True:
+            with self._lock:
+                view, self._pending = self._pending, None
+                if view is None:
+                    return
+            self._push(view)
+
+    def _push(self, view: Path) -> None:
+        try:
+            if self.run_id is None:
+                self.run_id = self._known_run_id()
+            run = adopt(view, name=self.name, run_id=self.run_id, known=self._known)
+            self.run_id = run.manifest.run_id
+            self.last = push(view, self.store, sign=self.sign, threads=self.threads, level=1)
+        except Exception as e:  # a failing store, or one that answers with something unforeseen
+            self.failures += 1
+            self.warn(f"warning: backup of {self.output_dir} to {self.store} failed ({_reason(e)}); training goes on,"
+                      " the next save tries again")
+        finally:
+            remove_path(view)
+
+    def _known_run_id(self) -> str | None:
+        """The run's id: the one its folder records (a restored run), else the store's."""
+        try:
+            return load_manifest(self.output_dir).run_id
+        except AptBundleError:
+            pass
+        try:
+            from aptbundle.store.backend import Store
+            from aptbundle.store.pull import resolve
+
+            return resolve(Store.existing(self.store), self.name)[2].run_id
+        except (AptBundleError, OSError):
+            return None
+
+
+def _reason(e: BaseException) -> str:
+    text = str(e).splitlines()[0][:300] if str(e) else ""
+    return f"{type(e).__name__}: {text}" if not isinstance(e, AptBundleError) else text
+
+
+class Preemption:
+    """SIGTERM and SIGINT, as a request to save at the end of the step and stop (the callbacks
+    ask their framework for that); the exit status is 128 + the signal once the final push is in."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._old: dict[int, object] = {}
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # signals reach the main thread only
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._old[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, _frame) -> None:
+        if self.signum is not None:  # asked twice: stop now, as the default would
+            self.uninstall()
+            raise KeyboardInterrupt if signum == signal.SIGINT else SystemExit(128 + signum)
+        self.signum = signum
+
+    def uninstall(self) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old.clear()
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    def exit_if_requested(self) -> None:
+        """Leave with 128 + the signal if one came (after the caller's final push)."""
+        if self.signum is not None:
+            raise SystemExit(128 + self.signum)
+
+
+def restore(store: str | Path, name: str, output_dir: str | Path, *, trust: list[str | Path] | None = None,
+            pick: Callable[[Run], str | None] | None = None) -> str | None:
+    """Pull run ``name`` out of ``store`` into ``output_dir`` and return the path the framework
+    resumes from (``pick`` chooses it from the pulled run; by default its latest checkpoint), or
+    None when the store has no such run. Safe to call on every rank of one machine: one pulls,
+    the others wait for it and find the run in place."""
+    from aptbundle.store.backend import Store
+    from aptbundle.store.pull import pull, resolve
+
+    out = Path(output_dir)
+    if out.resolve().name != check_name(name):
+        raise MaterializeError(f"{out}: restore puts run {name!r} into a folder of that name; pass an output_dir"
+                               f" named {name!r}, or name={out.resolve().name!r} to the callback")
+    try:
+        st = Store.existing(store)
+        resolve(st, name)
+    except AptBundleError as e:
+        if "no such run" in str(e) or "no such store" in str(e):
+            return None
+        raise
+    out.parent.mkdir(parents=True, exist_ok=True)
+    import portalocker
+
+    with portalocker.Lock(str(out.parent / f".aptrun-restore-{name}.lock"), timeout=3600):
+        if out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # a folder the framework made before the restore: nothing in it to keep
+        try:
+            pull(store, name, out.parent, trust=trust)
+        except MaterializeError as e:
+            if "newer" not in str(e):
+                raise
+            _warn(f"note: {out} holds a newer state of {name} than {store}; carrying on from it")
+    run = Run.open(out) if Run.is_run(out) else None
+    if run is None:
+        return None
+    if pick is not None:
+        return pick(run)
+    files, _problems = walk_files(run.path)  # what is on disk: the pulled run, or a newer local one
+    found = detect(run.path, files)
+    latest = found.checkpoints[-1] if found and found.checkpoints else None
+    return str(run.path / latest.folder) if latest else None

@@ -1,0 +1,134 @@
+"""Protect a run while it trains: the framework callbacks push each checkpoint in the background,
+a pre-emption saves and pushes before the process goes, and `restore` carries on elsewhere,
+byte-identically. Real libraries, tiny models from configs, the training script as a process."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from aptbundle.format.manifest import parse_manifest
+from aptbundle.store import layout
+from conftest import PY, ROOT
+
+pytest.importorskip("transformers")
+SCRIPT = ROOT / "tests" / "protected_hf.py"
+
+
+def start(out: Path, store: Path, delay: float = 0.0, script: Path = SCRIPT) -> subprocess.Popen:
+    env = dict(os.environ, APTBUNDLE_TEST_STEP_DELAY=str(delay), PYTHONPATH=str(ROOT))
+    return subprocess.Popen([PY, str(script), str(out), str(store)], cwd=out.parent, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def pushed_checkpoints(store: Path, name: str = "run") -> list[str]:
+    ref = store / layout.ref(name)
+    if not ref.is_file():
+        return []
+    digest = ref.read_text().strip()
+    m = store / layout.manifest(digest)
+    return [c.name for c in parse_manifest(m.read_bytes()).checkpoints] if m.is_file() else []
+
+
+def wait_until(pred, timeout: float) -> None:
+    end = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < end, "timed out"
+        time.sleep(0.1)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> bytes:
+    base = tmp_path_factory.mktemp("whole")
+    (base / "run").mkdir()
+    p = start(base / "run", base / "store")
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err
+    assert "checkpoint-40" in pushed_checkpoints(base / "store")  # pushed while it trained, and at the end
+    return (base / "run" / "final" / "model.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM"])
+def test_a_killed_hugging_face_run_carries_on_elsewhere_byte_identically(uninterrupted, tmp_path, how):
+    store = tmp_path / "store"
+    first = tmp_path / "machine-a"
+    first.mkdir()
+    p = start(first / "run", store, delay=0.15)
+    try:
+        wait_until(lambda: "checkpoint-20" in pushed_checkpoints(store) or p.poll() is not None, 240)
+        assert p.poll() is None, p.communicate()[1]
+        p.send_signal(getattr(signal, how))
+        _, err = p.communicate(timeout=120)
+    finally:
+        p.kill()
+    if how == "SIGTERM":
+        assert p.returncode == 143, err
+        saved = pushed_checkpoints(store)
+        newest = max(saved, key=lambda n: int(n.split("-")[1]))
+        assert int(newest.split("-")[1]) > 20, saved  # the checkpoint saved at the signal reached the store
+        assert (first / "run" / newest).is_dir()
+    shutil.rmtree(first)  # the first machine is gone, and its working directory with it
+    second = tmp_path / "machine-b"
+    second.mkdir()
+    p = start(second / "run", store)
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err
+    assert (second / "run" / "final" / "model.safetensors").read_bytes() == uninterrupted
+
+
+def test_a_killed_accelerate_run_carries_on_elsewhere_exactly(tmp_path):
+    import torch
+
+    script = ROOT / "tests" / "protected_acc.py"
+    whole = tmp_path / "whole"
+    whole.mkdir()
+    p = start(whole / "run", tmp_path / "store-whole", script=script)
+    assert p.wait(timeout=300) == 0, p.communicate()[1]
+    store = tmp_path / "store"
+    first = tmp_path / "machine-a"
+    first.mkdir()
+    p = start(first / "run", store, delay=0.15, script=script)
+    try:
+        wait_until(lambda: "checkpoint_1" in pushed_checkpoints(store) or p.poll() is not None, 240)
+        assert p.poll() is None, p.communicate()[1]
+        p.send_signal(signal.SIGKILL)
+        p.wait(timeout=60)
+    finally:
+        p.kill()
+    shutil.rmtree(first)
+    second = tmp_path / "machine-b"
+    second.mkdir()
+    p = start(second / "run", store, script=script)
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err
+    a, b = torch.load(whole / "run" / "final.pt"), torch.load(second / "run" / "final.pt")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_lightning_restore_continues_from_the_newest_pushed_checkpoint(tmp_path):
+    pytest.importorskip("lightning")
+    import torch
+
+    import frameworks as fw
+    from aptbundle.integrations.lightning import AptbundleCallback, restore
+
+    store = tmp_path / "store"
+    first = tmp_path / "a" / "run"
+    fw.lightning_fit(first, steps=20, callbacks=[AptbundleCallback(store)])
+    assert "epoch-2-step-20" in pushed_checkpoints(store), pushed_checkpoints(store)
+    second = tmp_path / "b" / "run"
+    path = restore(store, "run", second)
+    assert path is not None and path.endswith("step=20.ckpt") and Path(path).is_file()
+    _, resumed = fw.lightning_fit(second, ckpt_path=Path(path), steps=40)
+    _, in_place = fw.lightning_fit(tmp_path / "c" / "run", ckpt_path=first / "checkpoints" / "epoch=2-step=20.ckpt",
+                                   steps=40)
+    for (k, a), (_, b) in zip(resumed.state_dict().items(), in_place.state_dict().items()):
+        assert torch.equal(a, b), k
+    assert restore(store, "other", tmp_path / "d" / "other") is None  # nothing there: start fresh
