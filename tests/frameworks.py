@@ -13,7 +13,7 @@ from pathlib import Path
 
 
 def hf_trainer(out: Path, *, resume: Path | None = None, steps: int = 40, save_total_limit: int | None = None,
-               **more_args):
+               callbacks: list | None = None, **more_args):
     """A GPT-2 of 1 layer trained by the Hugging Face Trainer: a checkpoint every 10 steps, an
     evaluation every 10, the final model saved into ``out``."""
     import torch
@@ -38,7 +38,7 @@ def hf_trainer(out: Path, *, resume: Path | None = None, steps: int = 40, save_t
                              logging_steps=5, eval_strategy="steps", eval_steps=10, metric_for_best_model="loss",
                              save_total_limit=save_total_limit, report_to=[], use_cpu=True, seed=0,
                              dataloader_num_workers=0, disable_tqdm=True, **more_args)
-    trainer = Trainer(model=model, args=args, train_dataset=Data(160), eval_dataset=Data(16))
+    trainer = Trainer(model=model, args=args, train_dataset=Data(160), eval_dataset=Data(16), callbacks=callbacks)
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     trainer.save_model(str(out))
     return trainer

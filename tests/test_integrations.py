@@ -4,7 +4,6 @@ byte-identically. Real libraries, tiny models from configs, the training script 
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal

@@ -14,14 +14,17 @@ def ls_store(store: str, as_json: bool) -> None:
     from aptbundle.store.maintain import list_store
 
     runs = list_store(store)
-    rows = [f"{'name':<20}{'steps':>7}{'ckpts':>6}{'size':>11}{'stored':>11}  {'digest':<14}{'signed':<7}pushed"]
+    rows = [f"{'name':<20}{'steps':>7}{'ckpts':>6}{'size':>11}{'stored':>11}  {'digest':<14}{'signed':<7}"
+            f"{'pushed':<22}written by"]
     for r in runs:
         if "error" in r:
             rows.append(f"{escaped(r['name']):<20}error: {escaped(r['error'])}")
             continue
         rows.append(f"{escaped(r['name']):<20}{r['step']:>7}{len(r['checkpoints']):>6}{human(r['size']):>11}"
                     f"{human(r['stored_size']):>11}  {r['digest'][:12]:<14}{'yes' if r['signed'] else 'no':<7}"
-                    f"{r['pushed_at']}" + (f"  ({r['missing_blobs']} blob(s) missing)" if r["missing_blobs"] else ""))
+                    f"{r['pushed_at']:<22}{escaped(r.get('framework') or r.get('trainer') or '-')}"
+                    + (f", best {escaped(r['best'])}" if r.get("best") else "")
+                    + (f"  ({r['missing_blobs']} blob(s) missing)" if r["missing_blobs"] else ""))
     emit(as_json, {"store": store, "runs": runs}, "\n".join(rows) if runs else f"no runs in the store {escaped(store)}")
 
 

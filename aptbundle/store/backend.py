@@ -263,6 +263,11 @@ class Store:
             raise StoreError(f"{store.url}: no such store (folder); check the path, or push a run there first")
         return store
 
+    @property
+    def remote(self) -> bool:
+        """An object store reached over a network (whose reads may be damaged on the way)."""
+        return not isinstance(self.backend, LocalBackend)
+
     def where(self, key: str) -> str:
         """The key as a person reads it in a message: the store's URL and the key."""
         return f"{self.url}/{key}"
@@ -278,9 +283,13 @@ class Store:
         reading it."""
         found = self.backend.stat(key)
         if found is not None and found.size <= limit:
+            read_all = getattr(self.backend, "read_all", None)
             try:
-                with self.open(key) as f:
-                    data = f.read(limit + 1)
+                if read_all is not None:  # a remote store: one ranged GET, tried again on a failure
+                    data = read_all(key, limit)
+                else:
+                    with self.open(key) as f:
+                        data = f.read(limit + 1)
             except FileNotFoundError:
                 found = None
         if found is None:
@@ -296,7 +305,7 @@ class Store:
     def keys_below(self, prefix: str) -> set[str] | None:
         """Every key below ``prefix`` in one listing (remote stores: one LIST instead of a HEAD per
         object); None for a local store, where asking is cheap."""
-        return None if isinstance(self.backend, LocalBackend) else {e.key for e in self.list(prefix)}
+        return {e.key for e in self.list(prefix)} if self.remote else None
 
     @contextlib.contextmanager
     def writer(self, key: str) -> Iterator[_Counting]:
@@ -306,6 +315,11 @@ class Store:
 
     def put(self, key: str, data: bytes, *, count: bool = True) -> None:
         """Write a small object whole (``count=False``: bookkeeping, not counted in ``sent``)."""
+        put_bytes = getattr(self.backend, "put_bytes", None)
+        if put_bytes is not None:  # a remote store: one put, which its retries may repeat
+            put_bytes(key, data)
+            self.sent += len(data) if count else 0
+            return
         before = self.sent
         with self.writer(key) as f:
             f.write(data)
@@ -318,3 +332,8 @@ class Store:
     def clean_stale_temporaries(self, prefix: str, older_than: float) -> int:
         """Remove temporaries a killed local writer left below ``prefix``; how many went."""
         return self.backend.clean_temporaries(prefix, older_than)
+
+    def abort_stale_uploads(self, prefix: str, older_than: float) -> int:
+        """Abort what killed remote uploads left below ``prefix`` (gc's work); how many."""
+        abort = getattr(self.backend, "abort_uploads", None)
+        return abort(prefix, older_than) if abort is not None else 0

@@ -67,9 +67,10 @@ class Backup:
     def _push_once(self) -> PushResult | None:
         try:
             res = push(self.run_dir, self.store, sign=self.sign, dense=self.dense, threads=self.threads, level=1)
-        except (AptBundleError, OSError) as e:
-            self.warn(f"warning: backup to {self.store} failed ({e}); training goes on, the next checkpoint tries"
-                      " again")
+        except Exception as e:  # whatever the store does, a backup never stops training
+            reason = str(e) if isinstance(e, (AptBundleError, OSError)) else f"{type(e).__name__}: {e}"
+            self.warn(f"warning: backup to {self.store} failed ({reason[:300]}); training goes on, the next"
+                      " checkpoint tries again")
             return None
         return res
 

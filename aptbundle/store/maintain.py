@@ -16,6 +16,7 @@ from pathlib import Path
 from aptbundle.format.manifest import MAX_MANIFEST_BYTES, parse_manifest
 from aptbundle.ground.errors import AptBundleError, StoreError, StoreLayoutError
 from aptbundle.ground.temporaries import is_temp_name
+from aptbundle.layouts import title
 from aptbundle.store import layout, locks
 from aptbundle.store.backend import Store
 from aptbundle.store.pull import resolve
@@ -53,7 +54,7 @@ def list_store(store_url: str | Path) -> list[dict]:
             "missing_blobs": sum(1 for s in shas if s not in blob_sizes),
             "checkpoints": [c.name for c in man.checkpoints], "latest": man.latest,
             "step": latest.step if latest else 0, "best": man.best.name if man.best else None,
-            "signed": sig is not None,
+            "signed": sig is not None, "framework": title(man.layout), "trainer": man.trainer,
         })
     return out
 
@@ -117,4 +118,5 @@ def gc(store_url: str | Path, *, grace_s: float = GRACE_S, dry_run: bool = False
         if not dry_run:
             for prefix in layout.TOPS:
                 store.clean_stale_temporaries(prefix, max(grace_s, locks.STALE_S))
+                store.abort_stale_uploads(prefix, grace_s)
     return res

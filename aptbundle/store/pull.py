@@ -140,5 +140,11 @@ def _place(store: Store, f: FileEntry, out: Materializer, local: Path | None,
             if target is not None:
                 with contextlib.suppress(FileNotFoundError):
                     target.unlink()
-    with out.create(f.path) as dst:
-        return "fetched", read_blob(store, f, [dst.write, *taps])
+    tries = 2 if store.remote else 1  # a body damaged on the way is read once more
+    for attempt in range(tries):
+        with out.create(f.path) as dst:
+            found = read_blob(store, f, [dst.write, *taps])
+        if not split(found)[0] or attempt == tries - 1:  # notes (an untrusted file carried) are no failure
+            return "fetched", found
+        (out.tmp / f.path).unlink()
+    raise AssertionError("unreachable")

@@ -12,10 +12,10 @@ import datetime as _dt
 import queue
 import threading
 import time
-from typing import BinaryIO, Iterator
+from typing import Any, BinaryIO, Callable, Iterator
 
 from aptbundle.ground.ahead import ReadAhead
-from aptbundle.ground.errors import StoreLayoutError
+from aptbundle.ground.errors import AptBundleError, StoreError, StoreLayoutError
 from aptbundle.store.layout import Entry, parts
 from aptbundle.transfer.remote import remote_fs
 
@@ -70,20 +70,79 @@ class _WriteBehind:
             raise self._error
 
 
+ATTEMPTS = 4  # one try and three more, 0.25 s, 0.5 s and 1 s apart: a brief outage is ridden out
+BACKOFF_S = 0.25
+
+
+def _transport_error(url: str, key: str, e: BaseException) -> StoreError:
+    """The one place a store's transport failure becomes an error a person reads: one line."""
+    text = " ".join(str(e).split())[:200] or type(e).__name__
+    return StoreError(f"{url}/{key}: the store did not answer as it should ({type(e).__name__}: {text}) after"
+                      f" {ATTEMPTS} tries; check the network and the store, then try again")
+
+
+def retrying(url: str, key: str, call: Callable[[], Any]) -> Any:
+    """``call()``, tried again with backoff when the transport fails (``FileNotFoundError`` and
+    aptbundle's own errors are answers, not failures); a ``StoreError`` once the tries run out.
+    The client libraries below retry nothing themselves (``remote_fs``'s options), so the total is
+    bounded here and nowhere else."""
+    for attempt in range(ATTEMPTS):
+        try:
+            return call()
+        except (FileNotFoundError, AptBundleError):
+            raise
+        except Exception as e:  # botocore, aiohttp and fsspec raise far more than OSError
+            if attempt == ATTEMPTS - 1:
+                raise _transport_error(url, key, e) from None
+            time.sleep(BACKOFF_S * 2 ** attempt)
+    raise AssertionError("unreachable")
+
+
+class _Mapped:
+    """A remote file whose read errors are the store's (mapped once, where they happen)."""
+
+    def __init__(self, f, url: str, key: str):
+        self.f, self.url, self.key = f, url, key
+
+    def read(self, n: int = -1) -> bytes:
+        try:
+            return self.f.read(n)
+        except (FileNotFoundError, AptBundleError):
+            raise
+        except Exception as e:
+            raise _transport_error(self.url, self.key, e) from None
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.f.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 class RemoteBackend:
     """A store at an fsspec URL (``s3://bucket/runs``): object stores have no links, folders or
-    special files, and an upload appears whole or not at all."""
+    special files, and an upload appears whole or not at all. Every call goes through
+    ``retrying``; the client libraries are told not to retry on their own."""
 
     def __init__(self, url: str):
         self.url = url
-        self.fs, self.root = remote_fs(url)
+        self.fs, self.root = remote_fs(url, **_NO_CLIENT_RETRIES.get(url.split("://", 1)[0], {}))
+        if isinstance(getattr(type(self.fs), "retries", None), int):
+            self.fs.retries = 1  # s3fs's own loop around botocore's
 
     def _path(self, key: str) -> str:
         return f"{self.root.rstrip('/')}/{'/'.join(parts(key))}"
 
+    def _call(self, key: str, call: Callable[[], Any]) -> Any:
+        return retrying(self.url, key, call)
+
     def stat(self, key: str) -> Entry | None:
         try:
-            info = self.fs.info(self._path(key))
+            info = self._call(key, lambda: self.fs.info(self._path(key)))
         except FileNotFoundError:
             return None
         if info.get("type") == "directory":
@@ -92,14 +151,23 @@ class RemoteBackend:
 
     def open(self, key: str, ahead: bool = False) -> BinaryIO:
         try:
-            f = self.fs.open(self._path(key), "rb", block_size=8 << 20, cache_type="none")
+            f = self._call(key, lambda: self.fs.open(self._path(key), "rb", block_size=8 << 20, cache_type="none"))
         except IsADirectoryError:
             raise StoreLayoutError(f"{self.url}/{key}: is a folder, not an object; the store is damaged or crafted") from None
+        f = _Mapped(f, self.url, key)
         return Prefetch(f) if ahead else f
+
+    def read_all(self, key: str, limit: int) -> bytes:
+        """A small object whole (at most ``limit + 1`` bytes), read again if the transport fails."""
+        def once() -> bytes:
+            with self.fs.open(self._path(key), "rb", block_size=max(limit + 1, 1 << 16), cache_type="none") as f:
+                return f.read(limit + 1)
+
+        return self._call(key, once)
 
     def list(self, prefix: str) -> list[Entry]:
         try:
-            found = self.fs.find(self._path(prefix), detail=True)
+            found = self._call(prefix, lambda: self.fs.find(self._path(prefix), detail=True))
         except FileNotFoundError:
             return []
         root = self._path(prefix)[:-len(prefix)]
@@ -112,25 +180,55 @@ class RemoteBackend:
 
     @contextlib.contextmanager
     def writer(self, key: str) -> Iterator[_WriteBehind]:
-        f = self.fs.open(self._path(key), "wb", block_size=16 << 20)
+        f = self._call(key, lambda: self.fs.open(self._path(key), "wb", block_size=16 << 20))
         behind = _WriteBehind(f)
         try:
             yield behind
             behind.finish()
-        except BaseException:
+            f.close()
+        except BaseException as e:
             with contextlib.suppress(BaseException):
                 behind.finish()
             with contextlib.suppress(Exception):
                 getattr(f, "discard", lambda: None)()
+            if isinstance(e, Exception) and not isinstance(e, (AptBundleError, FileNotFoundError)):
+                raise _transport_error(self.url, key, e) from None
             raise
-        f.close()
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        """A small object written whole: one put, tried again if the transport fails (a put that
+        was applied but not answered is the same put again)."""
+        self._call(key, lambda: self.fs.pipe_file(self._path(key), data))
 
     def delete(self, key: str) -> None:
         with contextlib.suppress(FileNotFoundError):
-            self.fs.rm_file(self._path(key))
+            self._call(key, lambda: self.fs.rm_file(self._path(key)))
 
     def clean_temporaries(self, prefix: str, older_than: float) -> int:
-        return 0  # object stores have no temporaries: an upload appears whole or not at all
+        return 0  # an upload appears whole or not at all; what a killed one leaves is gc's (abort_uploads)
+
+    def abort_uploads(self, prefix: str, older_than: float) -> int:
+        """Abort the multipart uploads below ``prefix`` begun more than ``older_than`` seconds ago
+        (a push killed mid-upload leaves one, which the store keeps and bills until aborted)."""
+        call_s3 = getattr(self.fs, "call_s3", None)
+        if call_s3 is None:
+            return 0  # other object stores: an upload appears whole or not at all
+        bucket, _, base = self._path(prefix).lstrip("/").partition("/")
+        found = self._call(prefix, lambda: call_s3("list_multipart_uploads", Bucket=bucket, Prefix=base))
+        gone = 0
+        for up in found.get("Uploads", []) if isinstance(found, dict) else []:
+            started = up.get("Initiated")
+            age = time.time() - started.timestamp() if isinstance(started, _dt.datetime) else 0
+            if age > older_than and isinstance(up.get("Key"), str) and isinstance(up.get("UploadId"), str):
+                self._call(prefix, lambda u=up: call_s3("abort_multipart_upload", Bucket=bucket, Key=u["Key"],
+                                                        UploadId=u["UploadId"]))
+                gone += 1
+        return gone
+
+
+# the client libraries' own retries, off: ``retrying`` is the one policy (s3fs and botocore would
+# otherwise multiply, up to 50 attempts at one PUT)
+_NO_CLIENT_RETRIES = {p: {"config_kwargs": {"retries": {"max_attempts": 1, "mode": "standard"}}} for p in ("s3", "s3a")}
 
 
 def _mtime(info: dict) -> float:

@@ -11,12 +11,13 @@ def is_remote(path: str | Path) -> bool:
     return "://" in str(path)
 
 
-def remote_fs(url: str):
-    """``(filesystem, path)`` for a URL, or a clear error naming the package to install."""
+def remote_fs(url: str, **options):
+    """``(filesystem, path)`` for a URL (``options`` for its filesystem), or a clear error naming
+    the package to install."""
     try:
         import fsspec
 
-        return fsspec.url_to_fs(url)
+        return fsspec.url_to_fs(url, **options)
     except ImportError as e:
         raise SourceError(f"{url}: remote archives need fsspec and the backend for this URL ({e.name or e});"
                            " install them with `pip install aptbundle[s3]`") from None
