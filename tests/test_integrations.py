@@ -54,12 +54,13 @@ def uninterrupted(tmp_path_factory) -> bytes:
     return (base / "run" / "final" / "model.safetensors").read_bytes()
 
 
-@pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM"])
+# SIGKILL against a local store too with APTBUNDLE_LONG=1 (the default run kills with SIGKILL against S3, below)
+@pytest.mark.parametrize("how", ["SIGTERM", *(["SIGKILL"] if os.environ.get("APTBUNDLE_LONG") else [])])
 def test_a_killed_hugging_face_run_carries_on_elsewhere_byte_identically(uninterrupted, tmp_path, how):
     store = tmp_path / "store"
     first = tmp_path / "machine-a"
     first.mkdir()
-    p = start(first / "run", store, delay=0.15)
+    p = start(first / "run", store, delay=0.1)
     try:
         wait_until(lambda: "checkpoint-20" in pushed_checkpoints(store) or p.poll() is not None, 240)
         assert p.poll() is None, p.communicate()[1]
@@ -93,7 +94,7 @@ def test_a_killed_accelerate_run_carries_on_elsewhere_exactly(tmp_path):
     store = tmp_path / "store"
     first = tmp_path / "machine-a"
     first.mkdir()
-    p = start(first / "run", store, delay=0.15, script=script)
+    p = start(first / "run", store, delay=0.1, script=script)
     try:
         wait_until(lambda: "checkpoint_1" in pushed_checkpoints(store) or p.poll() is not None, 240)
         assert p.poll() is None, p.communicate()[1]
@@ -131,3 +132,66 @@ def test_lightning_restore_continues_from_the_newest_pushed_checkpoint(tmp_path)
     for (k, a), (_, b) in zip(resumed.state_dict().items(), in_place.state_dict().items()):
         assert torch.equal(a, b), k
     assert restore(store, "other", tmp_path / "d" / "other") is None  # nothing there: start fresh
+
+
+def test_a_checkpoint_half_written_is_never_pushed(tmp_path):
+    """The Trainer is held mid-save (weights written, optimizer not yet) while the previous save's
+    push runs: every version the store holds lists complete checkpoints only."""
+    import time as _time
+
+    from transformers import Trainer
+
+    import frameworks as fw
+    from aptbundle.integrations.transformers import AptbundleCallback
+
+    class SlowSave(Trainer):
+        def _save_optimizer_and_scheduler(self, output_dir):
+            _time.sleep(0.6)  # the folder holds weights and no optimizer for a while
+            return super()._save_optimizer_and_scheduler(output_dir)
+
+    store = tmp_path / "store"
+    import transformers
+
+    transformers.Trainer, saved = SlowSave, transformers.Trainer  # what fw.hf_trainer imports
+    try:
+        fw.hf_trainer(tmp_path / "run", steps=30, callbacks=[AptbundleCallback(store)])
+    finally:
+        transformers.Trainer = saved
+    versions = list((store / "manifests").rglob("*"))
+    manifests = [parse_manifest(p.read_bytes()) for p in versions if p.is_file() and not p.name.endswith(".sig")]
+    assert manifests
+    for man in manifests:
+        for c in man.checkpoints:
+            names = {f.path.rsplit("/", 1)[-1] for f in man.files_of(c)}
+            assert {"model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json"} <= names, (c.name, names)
+
+
+def test_a_killed_hugging_face_run_carries_on_from_the_loopback_s3_store(uninterrupted, s3, tmp_path):
+    store = "s3://runs/protected"
+    first = tmp_path / "machine-a"
+    first.mkdir()
+    fs, _ = s3
+    p = start(first / "run", store, delay=0.1)
+
+    def pushed() -> list[str]:
+        try:
+            digest = fs.cat_file(f"runs/protected/{layout.ref('run')}").decode().strip()
+            fs.invalidate_cache()
+            return [c.name for c in parse_manifest(fs.cat_file(f"runs/protected/{layout.manifest(digest)}")).checkpoints]
+        except (FileNotFoundError, OSError):
+            return []
+
+    try:
+        wait_until(lambda: "checkpoint-20" in pushed() or p.poll() is not None, 240)
+        assert p.poll() is None, p.communicate()[1]
+        p.send_signal(signal.SIGKILL)
+        p.wait(timeout=60)
+    finally:
+        p.kill()
+    shutil.rmtree(first)
+    second = tmp_path / "machine-b"
+    second.mkdir()
+    p = start(second / "run", store)
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err
+    assert (second / "run" / "final" / "model.safetensors").read_bytes() == uninterrupted

@@ -1,12 +1,14 @@
-"""Bytes made in a thread of its own, a few blocks ahead of the reader.
+"""Work beside the main thread: bytes made a few blocks ahead of the reader, and idle threads.
 
-Decompressing (zstd releases the GIL) or fetching over the network then overlaps with hashing,
-scanning and writing on another core. Errors in the thread are handed to the reader; ``close``
-stops the thread even while it waits to hand out a block.
+``ReadAhead``: decompressing (zstd releases the GIL) or fetching over the network overlaps with
+hashing, scanning and writing on another core. Errors in the thread are handed to the reader;
+``close`` stops the thread even while it waits to hand out a block. ``idle(tid)`` puts a
+background thread on the CPU time nothing else wants (a backup while training).
 """
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 from typing import Callable
@@ -71,3 +73,14 @@ class ReadAhead:
     def close(self) -> None:
         self._stop.set()
         self._thread.join()
+
+
+def idle(tid: int) -> None:
+    """Give the thread ``tid`` the lowest priority there is (nice 19 on Linux, where a thread is a
+    task of its own): it runs on the CPU time training leaves, and still gets a little when
+    training takes all of it, so a backup keeps moving on a machine whose cores are all busy
+    (SCHED_IDLE would starve it until training ends)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, tid, 19)
+    except (AttributeError, OSError):
+        pass

@@ -29,6 +29,7 @@ from typing import Callable
 from aptbundle.format.manifest import MANIFEST_NAME, load_manifest
 from aptbundle.format.run import Run, walk_files
 from aptbundle.ground import temporaries
+from aptbundle.ground.ahead import idle
 from aptbundle.ground.errors import AptBundleError, MaterializeError
 from aptbundle.ground.lock import is_lock_name
 from aptbundle.ground.paths import check_name
@@ -114,10 +115,7 @@ class LiveBackup:
 
     # -- the background thread ------------------------------------------------------------------
     def _run(self) -> None:
-        try:  # Linux: a thread is a task of its own; a nicer one leaves the cores to training
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
-        except (AttributeError, OSError):
-            pass
+        idle(threading.get_native_id())
         while True:
             with self._lock:
                 view, self._pending = self._pending, None

@@ -12,11 +12,11 @@ the last pushed checkpoint: ``aptbundle resume --from STORE/NAME`` continues fro
 
 from __future__ import annotations
 
-import os
 import threading
 from pathlib import Path
 from typing import Callable
 
+from aptbundle.ground.ahead import idle
 from aptbundle.ground.errors import AptBundleError, StoreError
 from aptbundle.store.push import PushResult, push
 
@@ -53,10 +53,7 @@ class Backup:
             self._thread.start()
 
     def _run(self) -> None:
-        try:  # Linux: a thread is a task of its own; a nicer one leaves the cores to training
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
-        except (AttributeError, OSError):
-            pass
+        idle(threading.get_native_id())  # the push takes only the time training leaves
         while True:
             with self._lock:
                 if not self._wanted:

@@ -8,6 +8,7 @@ ahead in a thread of their own, writes uploaded in one while the next part is co
 from __future__ import annotations
 
 import contextlib
+import os
 import datetime as _dt
 import queue
 import threading
@@ -71,7 +72,7 @@ class _WriteBehind:
 
 
 ATTEMPTS = 4  # one try and three more, 0.25 s, 0.5 s and 1 s apart: a brief outage is ridden out
-BACKOFF_S = 0.25
+BACKOFF_S = float(os.environ.get("APTBUNDLE_STORE_BACKOFF", "0.25"))  # the first wait; the tests shorten it
 
 
 def _transport_error(url: str, key: str, e: BaseException) -> StoreError:
