@@ -43,6 +43,28 @@ def wait_until(pred, timeout: float) -> None:
         time.sleep(0.1)
 
 
+def kill_then_carry_on(tmp_path: Path, store, pushed, wanted: str, script: Path = SCRIPT) -> Path:
+    """Train on machine A until ``wanted`` is in the store (``pushed()`` lists what is), SIGKILL it,
+    delete machine A, and run the same script on machine B; machine B's run folder."""
+    first = tmp_path / "machine-a"
+    first.mkdir()
+    p = start(first / "run", store, delay=0.1, script=script)
+    try:
+        wait_until(lambda: wanted in pushed() or p.poll() is not None, 240)
+        assert p.poll() is None, p.communicate()[1]
+        p.send_signal(signal.SIGKILL)
+        p.wait(timeout=60)
+    finally:
+        p.kill()
+    shutil.rmtree(first)  # the first machine is gone, and its working directory with it
+    second = tmp_path / "machine-b"
+    second.mkdir()
+    p = start(second / "run", store, script=script)
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err
+    return second / "run"
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory) -> bytes:
     base = tmp_path_factory.mktemp("whole")
@@ -92,23 +114,8 @@ def test_a_killed_accelerate_run_carries_on_elsewhere_exactly(tmp_path):
     p = start(whole / "run", tmp_path / "store-whole", script=script)
     assert p.wait(timeout=300) == 0, p.communicate()[1]
     store = tmp_path / "store"
-    first = tmp_path / "machine-a"
-    first.mkdir()
-    p = start(first / "run", store, delay=0.1, script=script)
-    try:
-        wait_until(lambda: "checkpoint_1" in pushed_checkpoints(store) or p.poll() is not None, 240)
-        assert p.poll() is None, p.communicate()[1]
-        p.send_signal(signal.SIGKILL)
-        p.wait(timeout=60)
-    finally:
-        p.kill()
-    shutil.rmtree(first)
-    second = tmp_path / "machine-b"
-    second.mkdir()
-    p = start(second / "run", store, script=script)
-    _, err = p.communicate(timeout=300)
-    assert p.returncode == 0, err
-    a, b = torch.load(whole / "run" / "final.pt"), torch.load(second / "run" / "final.pt")
+    second = kill_then_carry_on(tmp_path, store, lambda: pushed_checkpoints(store), "checkpoint_1", script)
+    a, b = torch.load(whole / "run" / "final.pt"), torch.load(second / "final.pt")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -168,10 +175,7 @@ def test_a_checkpoint_half_written_is_never_pushed(tmp_path):
 
 def test_a_killed_hugging_face_run_carries_on_from_the_loopback_s3_store(uninterrupted, s3, tmp_path):
     store = "s3://runs/protected"
-    first = tmp_path / "machine-a"
-    first.mkdir()
     fs, _ = s3
-    p = start(first / "run", store, delay=0.1)
 
     def pushed() -> list[str]:
         try:
@@ -181,17 +185,5 @@ def test_a_killed_hugging_face_run_carries_on_from_the_loopback_s3_store(uninter
         except (FileNotFoundError, OSError):
             return []
 
-    try:
-        wait_until(lambda: "checkpoint-20" in pushed() or p.poll() is not None, 240)
-        assert p.poll() is None, p.communicate()[1]
-        p.send_signal(signal.SIGKILL)
-        p.wait(timeout=60)
-    finally:
-        p.kill()
-    shutil.rmtree(first)
-    second = tmp_path / "machine-b"
-    second.mkdir()
-    p = start(second / "run", store)
-    _, err = p.communicate(timeout=300)
-    assert p.returncode == 0, err
-    assert (second / "run" / "final" / "model.safetensors").read_bytes() == uninterrupted
+    second = kill_then_carry_on(tmp_path, store, pushed, "checkpoint-20")
+    assert (second / "final" / "model.safetensors").read_bytes() == uninterrupted

@@ -84,3 +84,14 @@ def idle(tid: int) -> None:
         os.setpriority(os.PRIO_PROCESS, tid, 19)
     except (AttributeError, OSError):
         pass
+
+
+def join_worker(lock, current: Callable[[], threading.Thread | None]) -> None:
+    """Wait until the worker thread that ``current()`` names (read under ``lock``) has ended,
+    and any worker started in its place meanwhile."""
+    while True:
+        with lock:
+            t = current()
+        if t is None or not t.is_alive():
+            return
+        t.join()

@@ -22,7 +22,7 @@ from typing import Any
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.io.checkpoint_plugin import CheckpointIO
 
-from aptbundle.integrations.live import LiveBackup, Preemption
+from aptbundle.integrations.live import LiveBackup, Protection
 from aptbundle.integrations.live import restore as _restore
 from aptbundle.layouts.lightning import checkpoint_state
 
@@ -49,22 +49,15 @@ class _Notifying(CheckpointIO):
         self.inner.teardown()
 
 
-class AptbundleCallback(Callback):
+class AptbundleCallback(Protection, Callback):
     """Push ``default_root_dir`` to ``store`` after each checkpoint (``name``: the run's name in
     the store, by default the folder's; ``sign``: a private key file)."""
 
-    def __init__(self, store: str | Path, *, name: str | None = None, sign: str | Path | None = None):
-        self.store, self.name, self.sign = store, name, sign
-        self.backup: LiveBackup | None = None
-        self.preemption = Preemption()
-
     def on_fit_start(self, trainer, pl_module) -> None:
-        if trainer.is_global_zero:
-            self.backup = LiveBackup(self.store, trainer.default_root_dir, name=self.name, sign=self.sign)
-            strategy = trainer.strategy
-            if not isinstance(strategy.checkpoint_io, _Notifying):
-                strategy.checkpoint_io = _Notifying(strategy.checkpoint_io, self.backup)
-        self.preemption.install()
+        self.start(trainer.default_root_dir, trainer.is_global_zero)
+        strategy = trainer.strategy
+        if self.backup is not None and not isinstance(strategy.checkpoint_io, _Notifying):
+            strategy.checkpoint_io = _Notifying(strategy.checkpoint_io, self.backup)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.preemption.requested and not trainer.should_stop:
@@ -74,11 +67,7 @@ class AptbundleCallback(Callback):
             trainer.should_stop = True
 
     def on_fit_end(self, trainer, pl_module) -> None:
-        self.preemption.uninstall()
-        if self.backup is not None:
-            self.backup.saved()
-            self.backup.close()
-        self.preemption.exit_if_requested()
+        self.finish()
 
 
 def _newest_ckpt(run) -> str | None:

@@ -29,7 +29,7 @@ from typing import Callable
 from aptbundle.format.manifest import MANIFEST_NAME, load_manifest
 from aptbundle.format.run import Run, walk_files
 from aptbundle.ground import temporaries
-from aptbundle.ground.ahead import idle
+from aptbundle.ground.ahead import idle, join_worker
 from aptbundle.ground.errors import AptBundleError, MaterializeError
 from aptbundle.ground.lock import is_lock_name
 from aptbundle.ground.paths import check_name
@@ -80,12 +80,7 @@ class LiveBackup:
 
     def close(self) -> PushResult | None:
         """Wait for the pushes owed, the newest view last; the last push's result."""
-        while True:
-            with self._lock:
-                t = self._thread
-            if t is None or not t.is_alive():
-                break
-            t.join()
+        join_worker(self._lock, lambda: self._thread)
         with self._lock:  # a view left by a worker that died: push it here
             view, self._pending = self._pending, None
         if view is not None:
@@ -155,6 +150,29 @@ class LiveBackup:
 def _reason(e: BaseException) -> str:
     text = str(e).splitlines()[0][:300] if str(e) else ""
     return f"{type(e).__name__}: {text}" if not isinstance(e, AptBundleError) else text
+
+
+class Protection:
+    """What a framework's callback holds: the store, the run's name, the signing key, the backup
+    (made on the main process only, when training starts) and the pre-emption."""
+
+    def __init__(self, store: str | Path, *, name: str | None = None, sign: str | Path | None = None):
+        self.store, self.name, self.sign = store, name, sign
+        self.backup: LiveBackup | None = None
+        self.preemption = Preemption()
+
+    def start(self, output_dir: str | Path, main: bool) -> None:
+        if main:
+            self.backup = LiveBackup(self.store, output_dir, name=self.name, sign=self.sign)
+        self.preemption.install()
+
+    def finish(self) -> None:
+        """The final push, waited for; then 128 + the signal, if one asked training to stop."""
+        self.preemption.uninstall()
+        if self.backup is not None:
+            self.backup.saved()  # the state at the end (a stop between saves left nothing newer)
+            self.backup.close()
+        self.preemption.exit_if_requested()
 
 
 class Preemption:

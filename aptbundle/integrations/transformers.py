@@ -18,25 +18,18 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from aptbundle.integrations.live import LiveBackup, Preemption
+from aptbundle.integrations.live import Protection
 from aptbundle.integrations.live import restore as _restore
 
 __all__ = ["AptbundleCallback", "restore"]
 
 
-class AptbundleCallback(TrainerCallback):
+class AptbundleCallback(Protection, TrainerCallback):
     """Push the Trainer's ``output_dir`` to ``store`` after each save (``name``: the run's name in
     the store, by default the folder's; ``sign``: a private key file)."""
 
-    def __init__(self, store: str | Path, *, name: str | None = None, sign: str | Path | None = None):
-        self.store, self.name, self.sign = store, name, sign
-        self.backup: LiveBackup | None = None
-        self.preemption = Preemption()
-
     def on_train_begin(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
-            self.backup = LiveBackup(self.store, args.output_dir, name=self.name, sign=self.sign)
-        self.preemption.install()
+        self.start(args.output_dir, state.is_world_process_zero)
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.preemption.requested:  # save at the end of this step, then stop
@@ -49,11 +42,7 @@ class AptbundleCallback(TrainerCallback):
             self.backup.saved()
 
     def on_train_end(self, args, state, control, **kwargs):
-        self.preemption.uninstall()
-        if self.backup is not None:
-            self.backup.saved()  # the state at the end (a stop between saves left nothing newer)
-            self.backup.close()
-        self.preemption.exit_if_requested()
+        self.finish()
 
 
 def restore(store: str | Path, name: str, output_dir: str | Path, *, trust: list[str | Path] | None = None) -> str | None:

@@ -16,7 +16,7 @@ import threading
 from pathlib import Path
 from typing import Callable
 
-from aptbundle.ground.ahead import idle
+from aptbundle.ground.ahead import idle, join_worker
 from aptbundle.ground.errors import AptBundleError, StoreError
 from aptbundle.store.push import PushResult, push
 
@@ -73,12 +73,7 @@ class Backup:
 
     def wait(self) -> None:
         """Wait for the push in flight (and any it still owes) to end."""
-        while True:
-            with self._lock:
-                t = self._thread
-            if t is None or not t.is_alive():
-                return
-            t.join()
+        join_worker(self._lock, lambda: self._thread)
 
     def close(self) -> PushResult | None:
         """Wait for the push in flight, then push the run as it is now; the last push's result."""
