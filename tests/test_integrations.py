@@ -76,6 +76,8 @@ def uninterrupted(tmp_path_factory) -> bytes:
     return (base / "run" / "final" / "model.safetensors").read_bytes()
 
 
+# (the tests that share the uninterrupted run go to one worker: it is trained once)
+@pytest.mark.xdist_group("hf-uninterrupted")
 # SIGKILL against a local store too with APTBUNDLE_LONG=1 (the default run kills with SIGKILL against S3, below)
 @pytest.mark.parametrize("how", ["SIGTERM", *(["SIGKILL"] if os.environ.get("APTBUNDLE_LONG") else [])])
 def test_a_killed_hugging_face_run_carries_on_elsewhere_byte_identically(uninterrupted, tmp_path, how):
@@ -173,6 +175,7 @@ def test_a_checkpoint_half_written_is_never_pushed(tmp_path):
             assert {"model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json"} <= names, (c.name, names)
 
 
+@pytest.mark.xdist_group("hf-uninterrupted")
 def test_a_killed_hugging_face_run_carries_on_from_the_loopback_s3_store(uninterrupted, s3, tmp_path):
     store = "s3://runs/protected"
     fs, _ = s3
