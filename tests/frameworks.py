@@ -12,15 +12,9 @@ import warnings
 from pathlib import Path
 
 
-def hf_trainer(out: Path, *, resume: Path | None = None, steps: int = 40, save_total_limit: int | None = None,
-               callbacks: list | None = None, **more_args):
-    """A GPT-2 of 1 layer trained by the Hugging Face Trainer: a checkpoint every 10 steps, an
-    evaluation every 10, the final model saved into ``out``."""
+def token_data():
+    """A dataset of n fixed random token sequences (16 tokens of 64), as the GPT-2 runs train on."""
     import torch
-    from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
-    from transformers.utils import logging
-
-    logging.set_verbosity_error()
 
     class Data(torch.utils.data.Dataset):
         def __init__(self, n: int):
@@ -32,6 +26,19 @@ def hf_trainer(out: Path, *, resume: Path | None = None, steps: int = 40, save_t
         def __getitem__(self, i):
             return {"input_ids": self.x[i], "labels": self.x[i]}
 
+    return Data
+
+
+def hf_trainer(out: Path, *, resume: Path | None = None, steps: int = 40, save_total_limit: int | None = None,
+               callbacks: list | None = None, **more_args):
+    """A GPT-2 of 1 layer trained by the Hugging Face Trainer: a checkpoint every 10 steps, an
+    evaluation every 10, the final model saved into ``out``."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    Data = token_data()
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=1, n_head=2))
     args = TrainingArguments(output_dir=str(out), max_steps=steps, save_steps=10, per_device_train_batch_size=4,

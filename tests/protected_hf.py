@@ -18,21 +18,14 @@ from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, 
 from transformers.utils import logging
 
 from aptbundle.integrations.transformers import AptbundleCallback, restore
+from frameworks import token_data
 
 logging.set_verbosity_error()
 out, store = Path(sys.argv[1]), sys.argv[2]
 steps = int(sys.argv[3]) if len(sys.argv) > 3 else 40
 
 
-class Data(torch.utils.data.Dataset):
-    def __init__(self, n: int):
-        self.x = torch.randint(0, 64, (n, 16), generator=torch.Generator().manual_seed(0))
-
-    def __len__(self):
-        return len(self.x)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.x[i], "labels": self.x[i]}
+Data = token_data()  # the data of the tests' other GPT-2 runs (tests/ is on the path: the script is there)
 
 
 class Slow(TrainerCallback):

@@ -19,18 +19,14 @@ from __future__ import annotations
 import atexit
 from pathlib import Path
 
-from aptbundle.integrations.live import LiveBackup, Preemption
+from aptbundle.integrations.live import Protection
 from aptbundle.integrations.live import restore as _restore
 
 __all__ = ["Guard", "protect", "restore"]
 
 
-class Guard:
+class Guard(Protection):
     """What ``protect`` returns: the backup, and whether a pre-emption asks the loop to stop."""
-
-    def __init__(self, backup: LiveBackup | None, preemption: Preemption):
-        self.backup, self.preemption = backup, preemption
-        self._closed = False
 
     @property
     def should_stop(self) -> bool:
@@ -38,33 +34,26 @@ class Guard:
 
     def close(self) -> None:
         """The final push, waited for; exits 143 (or 130) if a pre-emption came."""
-        if self._closed:
-            return
-        self._closed = True
-        self.preemption.uninstall()
-        if self.backup is not None:
-            self.backup.saved()
-            self.backup.close()
-        self.preemption.exit_if_requested()
+        if not getattr(self, "_closed", False):
+            self._closed = True
+            self.finish()
 
 
 def protect(accelerator, store: str | Path, *, name: str | None = None, sign: str | Path | None = None) -> Guard:
     """Push ``accelerator``'s project folder to ``store`` after each ``save_state``."""
-    project = accelerator.project_configuration.project_dir or accelerator.project_dir
-    backup = LiveBackup(store, project, name=name, sign=sign) if accelerator.is_main_process else None
-    preemption = Preemption()
-    preemption.install()
+    guard = Guard(store, name=name, sign=sign)
+    guard.start(accelerator.project_configuration.project_dir or accelerator.project_dir, accelerator.is_main_process)
     original = accelerator.save_state
 
     def save_state(*args, **kwargs):
         out = original(*args, **kwargs)
-        if backup is not None:
-            backup.saved()
+        if guard.backup is not None:
+            guard.backup.saved()
         return out
 
     accelerator.save_state = save_state
-    guard = Guard(backup, preemption)
-    atexit.register(lambda: guard.backup.close() if guard.backup is not None and not guard._closed else None)
+    atexit.register(lambda: guard.backup.close() if guard.backup is not None and not getattr(guard, "_closed", False)
+                    else None)
     return guard
 
 

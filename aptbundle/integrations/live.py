@@ -216,20 +216,17 @@ def restore(store: str | Path, name: str, output_dir: str | Path, *, trust: list
     resumes from (``pick`` chooses it from the pulled run; by default its latest checkpoint), or
     None when the store has no such run. Safe to call on every rank of one machine: one pulls,
     the others wait for it and find the run in place."""
+    from aptbundle.store import layout
     from aptbundle.store.backend import Store
-    from aptbundle.store.pull import pull, resolve
+    from aptbundle.store.pull import pull
 
     out = Path(output_dir)
     if out.resolve().name != check_name(name):
         raise MaterializeError(f"{out}: restore puts run {name!r} into a folder of that name; pass an output_dir"
                                f" named {name!r}, or name={out.resolve().name!r} to the callback")
-    try:
-        st = Store.existing(store)
-        resolve(st, name)
-    except AptBundleError as e:
-        if "no such run" in str(e) or "no such store" in str(e):
-            return None
-        raise
+    st = Store(store)
+    if not (st.remote or Path(st.url).is_dir()) or not st.exists(layout.ref(name)):
+        return None  # no such store or run yet: the first machine starts fresh
     out.parent.mkdir(parents=True, exist_ok=True)
     import portalocker
 
@@ -239,7 +236,7 @@ def restore(store: str | Path, name: str, output_dir: str | Path, *, trust: list
         try:
             pull(store, name, out.parent, trust=trust)
         except MaterializeError as e:
-            if "newer" not in str(e):
+            if not getattr(e, "newer_copy", False):
                 raise
             _warn(f"note: {out} holds a newer state of {name} than {store}; carrying on from it")
     run = Run.open(out) if Run.is_run(out) else None

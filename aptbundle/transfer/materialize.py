@@ -57,8 +57,11 @@ def check_replace(final: Path, incoming: Manifest, *, force: bool, what: str) ->
         return Existing(final, old, None)
     if force:
         return Existing(final, old, _aside_name(final))
-    raise MaterializeError(f"{final}: {'; '.join(reasons)}; nothing was changed. Pull with -C into another folder,"
-                           f" or pass --force to move {final.name} aside (it is never deleted) and take {what}")
+    e = MaterializeError(f"{final}: {'; '.join(reasons)}; nothing was changed. Pull with -C into another folder,"
+                         f" or pass --force to move {final.name} aside (it is never deleted) and take {what}")
+    # the same run, only ahead of the incoming state: a caller may carry on from it (``restore``)
+    e.newer_copy = old is not None and old.manifest.run_id == incoming.run_id and not old.unlisted()
+    raise e
 
 
 def differences(old: Run, incoming: Manifest) -> list[str]:
