@@ -153,13 +153,13 @@ def test_a_store_whose_top_folder_is_a_link_is_refused_and_nothing_outside_is_to
     assert not (tmp_path / "dest").exists()
 
 
-@pytest.mark.parametrize("where", ["ref", "blob", "lock", "manifest"])
+@pytest.mark.parametrize("where", ["ref", "recipe", "lock", "manifest"])
 def test_a_fifo_in_a_store_is_refused_by_every_command_at_once(small_push, tmp_path, where):
     run, store = small_push
     man = load_manifest(run)
     from aptbundle.store import layout
 
-    key = {"ref": layout.ref("run1"), "blob": layout.blob(man.files[-1].sha256),
+    key = {"ref": layout.ref("run1"), "recipe": layout.recipe(man.files[-1].sha256),
            "manifest": layout.manifest(man.digest()),
            "lock": layout.lock("push", "elsewhere", 4242, "0123456789ab")}[where]
     path = store / key

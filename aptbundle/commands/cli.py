@@ -288,13 +288,15 @@ def resume(run_dir: str | None, which: str, checkpoint: str | None, dest: str, t
 
         store, name = split_ref(which)
         with progress("pulling", quiet, rate=True) as cb:
-            pulled = do_pull(store, name, dest, trust=list(trust), progress=cb, force=force)
+            # what resuming needs: the chosen checkpoint and the run's own files
+            pulled = do_pull(store, name, dest, trust=list(trust), progress=cb, force=force,
+                             checkpoints=checkpoint or "latest")
         if not quiet:
             click.echo(f"pulled {escaped(name)} from {escaped(store)} into {escaped(pulled.path)}"
                        f" ({pulled.fetched_files} file(s) fetched, {pulled.reused_files} reused)"
                        + (f"; the copy that was in the way is now {escaped(pulled.moved_aside)}"
                           if pulled.moved_aside else ""), err=True)
-        run_dir, which = pulled.path, checkpoint or "latest"
+        run_dir, which = pulled.path, "latest"
     elif trust or checkpoint or force:
         raise click.UsageError("--trust, --checkpoint and --force go with --from STORE/NAME; for a local run use"
                                " --from CHECKPOINT and `aptbundle verify --trust`")
@@ -308,5 +310,6 @@ def resume(run_dir: str | None, which: str, checkpoint: str | None, dest: str, t
         sys.exit(status_for(res.stopped_by))
 
 
-for _command in (cli_store.keygen, cli_store.push, cli_store.pull, cli_store.gc):
+for _command in (cli_store.keygen, cli_store.push, cli_store.pull, cli_store.log, cli_store.forget, cli_store.gc,
+                 cli_store.check, cli_store.store):
     main.add_command(_command)

@@ -130,11 +130,18 @@ class Manifest:
         return sum(f.size for f in self.files)
 
     def select(self, which: str = "all") -> "Manifest":
-        """A copy that keeps all checkpoints, or only the ``latest`` or the ``best`` one (and what
-        belongs to it: its files, links, untrusted marks, machine-path notes)."""
+        """A copy that keeps all checkpoints, or only the ``latest``, the ``best`` or the one named
+        ``which`` (and what belongs to it: its files, links, untrusted marks, machine-path notes)."""
         if which == "all":
             return dataclasses.replace(self, files=list(self.files), checkpoints=list(self.checkpoints))
-        name = self.latest if which == "latest" else (self.best.name if self.best else None)
+        if which in ("latest", "best"):
+            name = self.latest if which == "latest" else (self.best.name if self.best else None)
+        else:
+            name = which if any(c.name == which for c in self.checkpoints) else None
+            if name is None:
+                raise ManifestError(f"run {self.name}: has no checkpoint {which[:80]!r} (it has"
+                                    f" {', '.join(c.name for c in self.checkpoints)[:300] or 'none'});"
+                                    " choose one of them, latest, best or all")
         if name is None:
             raise ManifestError(f"run {self.name}: has no {which} checkpoint; choose --checkpoints all")
         drop = {f.path for c in self.checkpoints if c.name != name for f in self.files_of(c)}

@@ -22,13 +22,14 @@ import contextlib
 import errno
 import os
 import stat
+import threading
 import time
 from pathlib import Path
 from typing import BinaryIO, Iterator, Protocol
 
 from aptbundle.ground import temporaries
 from aptbundle.ground.errors import StoreError, StoreLayoutError
-from aptbundle.store.layout import LOCKS, REFS, TOPS, Entry, parts
+from aptbundle.store.layout import BLOBS, FORMAT, FORMAT_TEXT, LOCKS, REFS, TOPS, Entry, parts
 from aptbundle.transfer.remote import is_remote
 
 _DIR = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0)
@@ -55,6 +56,9 @@ class Backend(Protocol):
 
     def delete(self, key: str) -> None:
         """Remove the object at ``key`` if it is there."""
+
+    def swap(self, key: str, old: bytes | None, new: bytes) -> bool:
+        """Write ``new`` at ``key`` only if it holds ``old`` (None: nothing); whether it did."""
 
     def clean_temporaries(self, prefix: str, older_than: float) -> int:
         """Remove what killed writers left below ``prefix``; how many went."""
@@ -201,6 +205,28 @@ class LocalBackend:
                     os.unlink(tmp, dir_fd=fd)
                 raise
 
+    def swap(self, key: str, old: bytes | None, new: bytes) -> bool:
+        """Write ``new`` at ``key`` if it still holds ``old`` (None: nothing); whether it did. The
+        folder is locked meanwhile, so writers of the same key take turns."""
+        import fcntl
+
+        comps = parts(key)
+        with self._folder(comps[:-1], create=True) as fd:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                found = self.stat(key)
+                current = None
+                if found is not None:
+                    with self.open(key) as f:
+                        current = f.read()
+                if current != old:
+                    return False
+                with self.writer(key) as f:
+                    f.write(new)
+                return True
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+
     def delete(self, key: str) -> None:
         comps = parts(key)
         try:
@@ -230,7 +256,7 @@ class _Counting:
 
     def write(self, b) -> int:
         n = self.f.write(b)
-        self.store.sent += len(b)
+        self.store.count(len(b))
         return n
 
     def flush(self) -> None:
@@ -244,6 +270,8 @@ class Store:
         self.url = str(url).rstrip("/") or "/"
         self.sent = 0  # bytes written through ``writer`` and ``put``: what push reports
         self.warnings: list[str] = []  # what a command should tell its user (a lock from the future...)
+        self._version: int | None = None
+        self._sent_lock = threading.Lock()  # objects are written from several threads
         if is_remote(self.url):
             from aptbundle.store.remote import RemoteBackend  # only remote stores pay for fsspec
 
@@ -254,6 +282,10 @@ class Store:
             self.backend = LocalBackend(self.url)
             if Path(self.url).is_dir():
                 self.backend.check()
+
+    def count(self, n: int) -> None:
+        with self._sent_lock:
+            self.sent += n
 
     @classmethod
     def existing(cls, url: str | Path) -> "Store":
@@ -318,16 +350,41 @@ class Store:
         put_bytes = getattr(self.backend, "put_bytes", None)
         if put_bytes is not None:  # a remote store: one put, which its retries may repeat
             put_bytes(key, data)
-            self.sent += len(data) if count else 0
+            self.count(len(data) if count else 0)
             return
-        before = self.sent
-        with self.writer(key) as f:
+        with self.backend.writer(key) as f:
             f.write(data)
-        if not count:
-            self.sent = before
+        self.count(len(data) if count else 0)
 
     def delete(self, key: str) -> None:
         self.backend.delete(key)
+
+    def swap(self, key: str, old: bytes | None, new: bytes) -> bool:
+        """Compare-and-swap a small object: write ``new`` only if ``key`` still holds ``old``."""
+        done = self.backend.swap(key, old, new)
+        self.count(len(new) if done else 0)
+        return done
+
+    @property
+    def version(self) -> int | None:
+        """The store's format version: 2 (its ``format`` says so), 1 (runs but no ``format``: an
+        older aptbundle's store), or None (an empty store, which a push makes version 2)."""
+        if self._version is None:
+            raw = self.read(FORMAT, 64)
+            if raw is not None:
+                if raw != FORMAT_TEXT:
+                    raise StoreError(f"{self.where(FORMAT)}: says {raw[:40]!r}, a store format this aptbundle does"
+                                     " not know (it reads versions 1 and 2); upgrade aptbundle")
+                self._version = 2
+            elif self.list(REFS) or self.list(BLOBS):
+                self._version = 1
+        return self._version
+
+    def require(self, version: int, verb: str) -> None:
+        """Refuse to ``verb`` a store of another format version."""
+        if self.version not in (version, None):
+            raise StoreError(f"{self.url}: is a version-{self.version} store, which this aptbundle only reads"
+                             f" (pull, ls); to {verb} it, convert it first: aptbundle store upgrade {self.url}")
 
     def clean_stale_temporaries(self, prefix: str, older_than: float) -> int:
         """Remove temporaries a killed local writer left below ``prefix``; how many went."""

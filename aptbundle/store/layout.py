@@ -2,10 +2,15 @@
 
 ::
 
-    STORE/blobs/sha256/ab/abcd…        one file's bytes, zstd (``blobs``), by its SHA-256
-    STORE/manifests/sha256/12/1234…    a run's manifest, by run digest (+ ``.sig`` when signed)
-    STORE/refs/NAME                    the digest of the run's newest pushed manifest
+    STORE/format                       the store's format version (``aptstore 2``)
+    STORE/objects/sha256/ab/abcd…      one object: a tensor, a storage entry, a header or a small
+                                       file, by the SHA-256 of its bytes (``objects``)
+    STORE/recipes/sha256/ab/abcd…      one file: its size, SHA-256 and parts (``recipes``)
+    STORE/manifests/sha256/12/1234…    a run's manifest, by run digest (+ ``.sig`` when signed,
+                                       ``.modes`` when a file's mode is not 0644)
+    STORE/refs/NAME                    the chain of the run's pushed versions (``refs``)
     STORE/locks/KIND-HOST-PID-RANDOM.json   a push or gc in progress (``locks``)
+    STORE/blobs/sha256/ab/abcd…        version 1 only: one file's bytes, zstd (``blobs``)
 
 Every key is built here from checked parts (a digest is 64 hex digits, a run name passes the
 portable-name rules), and ``parts`` refuses any key that is not a plain relative path, so a key
@@ -23,12 +28,14 @@ from aptbundle.ground.paths import check_name
 from aptbundle.ground.temporaries import is_temp_name
 
 BLOBS, MANIFESTS, REFS, LOCKS = "blobs", "manifests", "refs", "locks"
-TOPS = (BLOBS, MANIFESTS, REFS, LOCKS)
+OBJECTS, RECIPES, FORMAT = "objects", "recipes", "format"
+TOPS = (OBJECTS, RECIPES, MANIFESTS, REFS, LOCKS, BLOBS)
 SIG_SUFFIX = ".sig"
+MODES_SUFFIX = ".modes"
+FORMAT_TEXT = b"aptstore 2\n"
 HEX64 = re.compile(r"[0-9a-f]{64}")
 _LOCK = re.compile(r"(push|gc)-[A-Za-z0-9._-]{1,64}-\d{1,10}-[0-9a-f]{12}\.json")
 
-MAX_REF_BYTES = 256
 
 
 def is_digest(text: str) -> bool:
@@ -46,6 +53,16 @@ def blob(sha256: str) -> str:
     return f"{BLOBS}/sha256/{d[:2]}/{d}"
 
 
+def object(sha256: str) -> str:
+    d = _digest(sha256)
+    return f"{OBJECTS}/sha256/{d[:2]}/{d}"
+
+
+def recipe(sha256: str) -> str:
+    d = _digest(sha256)
+    return f"{RECIPES}/sha256/{d[:2]}/{d}"
+
+
 def manifest(digest: str) -> str:
     d = _digest(digest)
     return f"{MANIFESTS}/sha256/{d[:2]}/{d}"
@@ -53,6 +70,10 @@ def manifest(digest: str) -> str:
 
 def signature(digest: str) -> str:
     return manifest(digest) + SIG_SUFFIX
+
+
+def modes(digest: str) -> str:
+    return manifest(digest) + MODES_SUFFIX
 
 
 def ref(name: str) -> str:
@@ -77,7 +98,7 @@ def base(key: str) -> str:
 def digest_of(key: str) -> str | None:
     """The digest a blob, manifest or signature key is named by (None for anything else: a
     temporary, or a stray file)."""
-    name = base(key).removesuffix(SIG_SUFFIX)
+    name = base(key).removesuffix(SIG_SUFFIX).removesuffix(MODES_SUFFIX)
     return name if is_digest(name) else None
 
 
@@ -96,6 +117,8 @@ def is_lock(key: str) -> bool:
 def parts(key: str) -> list[str]:
     """The components of a key; refuses anything that could leave the store (``..``, an absolute
     path, empty or odd components)."""
+    if key == FORMAT:
+        return [FORMAT]
     comps = key.split("/")
     if not key or any(c in ("", ".", "..") or "\\" in c or "\0" in c for c in comps) or comps[0] not in TOPS:
         raise StoreError(f"{key[:120]!r}: not a key of this store's layout")

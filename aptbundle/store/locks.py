@@ -1,11 +1,10 @@
 """How ``push`` and ``gc`` stay out of each other's way in a store that may be shared.
 
 Object stores have no locks, so both write a small lock object first and read the others' after
-(restic's scheme). A push's lock lists every blob and the manifest it is about to reference;
-``gc`` keeps all of them. A push that finds a live ``gc`` lock waits for it to finish before it
-checks which blobs the store already has: either the gc saw the push's lock (and keeps its
-blobs), or the push saw the gc's (and waits), so a gc never deletes a blob a push is counting
-on. A lock whose process is gone (same host) or that was not refreshed for ``STALE_S`` seconds
+(restic's scheme). A push that finds a live ``gc`` lock waits for it to finish before it asks
+which objects the store already has; a gc that finds a live push lock steps back and waits for
+it. Either the gc saw the push's lock (and waits), or the push saw the gc's (and waits), so a gc
+never deletes an object a push is counting on. A lock whose process is gone (same host) or that was not refreshed for ``STALE_S`` seconds
 is ignored and removed: a killed push never blocks a store for long.
 """
 
@@ -128,21 +127,31 @@ def pushing(store: Store, blobs: list[str], manifest: str, wait_s: float = GC_WA
 
 
 @contextlib.contextmanager
-def collecting(store: Store):
-    """Hold a gc lock; yields the blobs and manifests that running pushes protect."""
-    lock = Lock(store, "gc")
-    lock.write()
+def collecting(store: Store, wait_s: float = GC_WAIT_S):
+    """Hold a gc lock while no push runs. A gc that finds a push steps back (releases its lock,
+    so the push, which waits for gcs, can finish) and tries again, up to ``wait_s`` seconds: a
+    push's objects are named by nothing until its recipes are written, so gc never runs beside
+    one."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        lock = Lock(store, "gc")
+        lock.write()
+        live = others(store, lock)
+        gcs = [o for o in live if o.get("kind") == "gc"]
+        pushes = [o for o in live if o.get("kind") == "push"]
+        if not gcs and not pushes:
+            break
+        lock.release()
+        if gcs:
+            info = gcs[0]
+            raise StoreError(f"{store.url}: another gc is running (process {info.get('pid')} on"
+                             f" {str(info.get('host'))[:64]}); one at a time")
+        if time.monotonic() > deadline:
+            info = pushes[0]
+            raise StoreError(f"{store.url}: a push (process {info.get('pid')} on {str(info.get('host'))[:64]}) kept"
+                             f" running for over {wait_s:.0f} s; gc again when pushes are done")
+        time.sleep(0.2)
     try:
-        blobs: set[str] = set()
-        manifests: set[str] = set()
-        for info in others(store, lock):
-            if info.get("kind") == "gc":
-                raise StoreError(f"{store.url}: another gc is running (process {info.get('pid')} on"
-                                 f" {str(info.get('host'))[:64]}); one at a time")
-            for name, into in (("blobs", blobs), ("manifests", manifests)):
-                v = info.get(name)
-                if isinstance(v, list):
-                    into.update(x for x in v if isinstance(x, str))
-        yield lock, blobs, manifests
+        yield lock
     finally:
         lock.release()

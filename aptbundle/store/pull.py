@@ -18,6 +18,7 @@ is fetched, or, with ``force``, the old copy is moved aside (never deleted).
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,12 +28,14 @@ from aptbundle.format.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, SIGNATU
     parse_manifest
 from aptbundle.format.stream import file_source
 from aptbundle.format.verify import check_stream
-from aptbundle.ground.errors import StoreError, VerifyError
+from aptbundle.ground.errors import AptBundleError, StoreError, VerifyError
+from aptbundle.ground.values import DuplicateKey, unique_keys
 from aptbundle.ground.fsutil import Progress, announce_total
-from aptbundle.ground.problems import Problem, split
-from aptbundle.store import layout
+from aptbundle.ground.problems import Kind, Problem, split
+from aptbundle.store import layout, refs
 from aptbundle.store.backend import Store
 from aptbundle.store.blobs import read_blob
+from aptbundle.store.reader import MissingObject, ObjectReader
 from aptbundle.transfer.materialize import Materializer, check_replace, materialize
 
 
@@ -51,6 +54,8 @@ class PullResult:
     seconds: float
     signed_by: str | None
     moved_aside: str | None = None  # where --force put the copy that was in the way
+    fetched_objects: int = 0  # objects read from the store (delta bases included)
+    checkpoints: list[str] | None = None  # the checkpoints the pulled run holds
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -59,16 +64,12 @@ class PullResult:
 def resolve(store: Store, name: str, digest: str | None = None) -> tuple[str, bytes, Manifest, bytes | None]:
     """``(digest, manifest bytes, manifest, signature)`` of run ``name`` (its newest version, or
     the one with ``digest``), every piece checked against the others."""
-    rkey = layout.ref(name)
     if digest is None:
-        raw = store.read(rkey, layout.MAX_REF_BYTES)
-        if raw is None:
-            raise StoreError(f"{store.where(rkey)}: no such run in the store; `aptbundle ls {store.url}`"
+        versions, _raw = refs.read_ref(store, name)
+        if not versions:
+            raise StoreError(f"{store.where(layout.ref(name))}: no such run in the store; `aptbundle ls {store.url}`"
                              " lists what it holds")
-        digest = raw.decode("ascii", "replace").strip()
-        if not layout.is_digest(digest):
-            raise StoreError(f"{store.where(rkey)}: is not a run digest (64 hex digits); the store is"
-                             " damaged or crafted")
+        digest = versions[-1].digest
     mkey = layout.manifest(digest)
     data = store.read(mkey, MAX_MANIFEST_BYTES)
     if data is None:
@@ -84,20 +85,42 @@ def resolve(store: Store, name: str, digest: str | None = None) -> tuple[str, by
     return digest, data, man, store.read(layout.signature(digest), signature.MAX_SIGNATURE_BYTES)
 
 
+def modes_of(store: Store, digest: str) -> dict[str, int]:
+    """The modes a version's files had, where not 0644 (empty when the store recorded none)."""
+    raw = store.read(layout.modes(digest), 16 << 20)
+    try:
+        found = json.loads(raw, object_pairs_hook=unique_keys) if raw is not None else {}
+    except (ValueError, DuplicateKey):
+        found = None
+    if not isinstance(found, dict) or not all(isinstance(k, str) and type(v) is int and 0 <= v <= 0o777
+                                              for k, v in found.items()):
+        raise StoreError(f"{store.where(layout.modes(digest))}: not a map of file modes; the store is damaged or"
+                         " crafted")
+    return found
+
+
 def pull(store_url: str | Path, name: str, dest: str | Path = ".", *, digest: str | None = None,
          trust: list[str | Path] | None = None, progress: Progress | None = None,
-         max_size: int | None = None, strict: bool = False, force: bool = False) -> PullResult:
+         max_size: int | None = None, strict: bool = False, force: bool = False,
+         checkpoints: str = "all") -> PullResult:
     """Pull run ``name`` (its newest version, or the one with ``digest``) into ``DEST/NAME``.
 
-    ``force``: a copy at ``DEST/NAME`` that may not be replaced (another run, a newer state,
-    files of the user's) is moved aside to ``NAME.old-TIME`` instead of refusing the pull.
+    ``checkpoints``: ``all``, ``latest``, ``best`` or a checkpoint's name; only what that
+    selection lists is fetched, and the pulled run lists what it holds. ``force``: a copy at
+    ``DEST/NAME`` that may not be replaced (another run, a newer state, files of the user's) is
+    moved aside to ``NAME.old-TIME`` instead of refusing the pull.
     """
     t0 = time.monotonic()
     keys = [signature.load_public_key(k) for k in trust or []]
     store = Store.existing(store_url)
-    digest, data, man, sig = resolve(store, name, digest)
-    what = f"{store.url}/{man.name}"
-    signer = signature.check(sig, man.name, digest, keys, what) if keys else None
+    digest, data, full, sig = resolve(store, name, digest)
+    what = f"{store.url}/{full.name}"
+    signer = signature.check(sig, full.name, digest, keys, what) if keys else None
+    man = full.select(checkpoints)
+    if checkpoints != "all":  # the pulled run is a run of its own: its manifest lists what it holds
+        data, sig = man.to_bytes(), None
+    modes = modes_of(store, digest) if store.version == 2 else {}
+    source = ObjectReader(store) if store.version == 2 else None
     existing = check_replace(Path(dest) / man.name, man, force=force, what=f"the version from {store.url}")
     old = existing.run if existing is not None else None
     by_hash = {f.sha256: old.path / f.path for f in old.manifest.files} if old is not None else {}
@@ -109,7 +132,7 @@ def pull(store_url: str | Path, name: str, dest: str | Path = ".", *, digest: st
         announce_total(progress, man.total_size())
         problems: list[Problem] = []
         for f in man.files:
-            kind, found = _place(store, f, out, by_hash.get(f.sha256), progress)
+            kind, found = _place(store, source, f, out, by_hash.get(f.sha256), progress, modes.get(f.path, 0o644))
             problems += split(found, strict)[0]
             counts[kind][0] += 1
             counts[kind][1] += f.size
@@ -121,11 +144,13 @@ def pull(store_url: str | Path, name: str, dest: str | Path = ".", *, digest: st
         final = out.finish(man)
     aside = existing.aside if existing is not None else None
     return PullResult(str(final), man.name, digest, len(man.files), *counts["fetched"], *counts["reused"],
-                      time.monotonic() - t0, signer.keyid if signer else None, str(aside) if aside else None)
+                      time.monotonic() - t0, signer.keyid if signer else None, str(aside) if aside else None,
+                      source.fetched if source is not None else counts["fetched"][0],
+                      [c.name for c in man.checkpoints])
 
 
-def _place(store: Store, f: FileEntry, out: Materializer, local: Path | None,
-           progress: Progress | None) -> tuple[str, list[Problem]]:
+def _place(store: Store, source: ObjectReader | None, f: FileEntry, out: Materializer, local: Path | None,
+           progress: Progress | None, mode: int) -> tuple[str, list[Problem]]:
     """Create ``f`` in ``out``: from the old copy if it is intact there, else from the store."""
     taps = [lambda b: progress(len(b))] if progress else []
     if local is not None:
@@ -142,9 +167,32 @@ def _place(store: Store, f: FileEntry, out: Materializer, local: Path | None,
                     target.unlink()
     tries = 2 if store.remote else 1  # a body damaged on the way is read once more
     for attempt in range(tries):
-        with out.create(f.path) as dst:
-            found = read_blob(store, f, [dst.write, *taps])
+        with out.create(f.path, mode) as dst:
+            found = read_blob(store, f, [dst.write, *taps]) if source is None else _assemble(source, f, [dst.write, *taps])
         if not split(found)[0] or attempt == tries - 1:  # notes (an untrusted file carried) are no failure
             return "fetched", found
         (out.tmp / f.path).unlink()
     raise AssertionError("unreachable")
+
+
+def _assemble(source: ObjectReader, f: FileEntry, taps) -> list[Problem]:
+    """Stream ``f`` out of its recipe's parts through the checks into ``taps``; the problems."""
+    try:
+        parts = source.file(f.sha256, f.size)
+        pending = memoryview(b"")
+
+        def read(n: int) -> bytes:
+            nonlocal pending
+            while not pending:
+                nxt = next(parts, None)
+                if nxt is None:
+                    return b""
+                pending = memoryview(nxt)
+            piece, pending = pending[:n], pending[n:]
+            return piece
+
+        return check_stream(read, f, taps=taps)
+    except MissingObject as e:
+        return [Problem(f.path, Kind.MISSING, "its recipe and objects", str(e))]
+    except AptBundleError as e:
+        return [Problem(f.path, Kind.BLOB, "a valid recipe and objects", str(e))]

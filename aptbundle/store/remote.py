@@ -201,6 +201,38 @@ class RemoteBackend:
         was applied but not answered is the same put again)."""
         self._call(key, lambda: self.fs.pipe_file(self._path(key), data))
 
+    def swap(self, key: str, old: bytes | None, new: bytes) -> bool:
+        """Compare-and-swap: on S3 a conditional put (``If-Match`` the ETag read, or
+        ``If-None-Match: *`` for a new key); elsewhere read, compare and put, which is only as
+        safe as the store's own consistency (fsspec has no conditional write)."""
+        call_s3 = getattr(self.fs, "call_s3", None)
+        found = self.stat(key)
+        current = self.read_all(key, 1 << 24) if found is not None else None
+        if current != old:
+            return False
+        if call_s3 is None:
+            self.put_bytes(key, new)
+            return True
+        bucket, _, path = self._path(key).lstrip("/").partition("/")
+        etag = None
+        if found is not None:
+            info = self._call(key, lambda: self.fs.info(self._path(key), refresh=True))
+            etag = info.get("ETag") or info.get("etag")
+        cond = {"IfMatch": etag} if etag else {"IfNoneMatch": "*"}
+
+        def put() -> bool:
+            try:
+                call_s3("put_object", Bucket=bucket, Key=path, Body=new, **cond)
+                return True
+            except Exception as e:  # s3fs turns botocore's ClientError into an OSError of its own
+                if any(w in f"{e!r} {e}" for w in ("Precondition", "412", "ConditionalRequestConflict")):
+                    return False  # someone else wrote first (or a retry of our own applied put)
+                raise
+
+        done = self._call(key, put)
+        self.fs.invalidate_cache(self._path(key))
+        return done
+
     def delete(self, key: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             self._call(key, lambda: self.fs.rm_file(self._path(key)))
