@@ -351,8 +351,12 @@ def _push_at_barrier(run: str, store: str, barrier) -> str:
     return push(run, store, before_ref=lambda: barrier.wait(60)).digest
 
 
-def test_two_pushes_of_one_run_at_once_both_stay_in_the_log(tmp_path):
-    a, b, store = tmp_path / "a/run1", tmp_path / "b/run1", tmp_path / "store"
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_two_pushes_of_one_run_at_once_both_stay_in_the_log(tmp_path, request, where):
+    a, b = tmp_path / "a/run1", tmp_path / "b/run1"
+    if where == "s3":
+        request.getfixturevalue("s3")
+    store = tmp_path / "store" if where == "local" else f"s3://runs/race-{os.getpid()}-{time.time_ns()}"
     checkpoint(a, 10)
     push(a, store)
     import shutil

@@ -33,14 +33,14 @@ class MissingObject(StoreError):
 class ObjectReader:
     """Objects and recipes of one store, decoded and checked; recent objects cached."""
 
-    def __init__(self, store: Store, cache_bytes: int = CACHE_BYTES):
-        self.store = store
+    def __init__(self, store: Store, cache_bytes: int = CACHE_BYTES, verify: bool = True):
+        self.store, self.verify = store, verify  # verify=False: the caller hashes what it assembles
         self.cache: OrderedDict[str, bytes] = OrderedDict()
         self.cache_bytes, self.held = cache_bytes, 0
         self.fetched = 0  # objects read from the store (not from the cache)
         self._lock = threading.RLock()  # push reads bases from its encoding threads
 
-    def object(self, sha256: str, size: int, depth: int = MAX_CHAIN) -> bytes:
+    def object(self, sha256: str, size: int, depth: int = MAX_CHAIN) -> bytes | memoryview:
         """The bytes of object ``sha256`` (``size`` of them); ``depth``: how many deltas may
         still lie below it."""
         with self._lock:
@@ -54,7 +54,7 @@ class ObjectReader:
                                 " run again", sha256)
         return parse_recipe(raw, sha256, size, self.store.where(key))
 
-    def _object(self, sha256: str, size: int, depth: int) -> bytes:
+    def _object(self, sha256: str, size: int, depth: int) -> bytes | memoryview:
         hit = self.cache.get(sha256)
         if hit is not None:
             self.cache.move_to_end(sha256)
@@ -73,11 +73,17 @@ class ObjectReader:
         if head.base is not None and (head.depth > depth or head.base == sha256):
             raise StoreError(f"{shown}: a delta chain deeper than {MAX_CHAIN} or one that names itself; the"
                              " store is damaged or crafted")
-        data = decode(sha256, raw, shown, lambda b, n, d: self._object(b, n, d))
+        data = decode(sha256, raw, shown, lambda b, n, d: self._object(b, n, d), self.verify)
         self._keep(sha256, data)
         return data
 
-    def _keep(self, sha256: str, data: bytes) -> None:
+    def forget(self) -> None:
+        """Drop the decoded objects kept (before reading a file again that failed its hash)."""
+        with self._lock:
+            self.cache.clear()
+            self.held = 0
+
+    def _keep(self, sha256: str, data: bytes | memoryview) -> None:
         if len(data) > self.cache_bytes // 4:
             return
         self.cache[sha256] = data
@@ -86,10 +92,10 @@ class ObjectReader:
             _, old = self.cache.popitem(last=False)
             self.held -= len(old)
 
-    def part(self, p: Part) -> bytes:
+    def part(self, p: Part) -> bytes | memoryview:
         return p.inline if p.inline is not None else self.object(p.sha256, p.size)
 
-    def file(self, sha256: str, size: int) -> Iterator[bytes]:
+    def file(self, sha256: str, size: int) -> Iterator[bytes | memoryview]:
         """The bytes of a listed file, part by part (the caller hashes them end to end)."""
         recipe = self.recipe(sha256, size)
         for p in recipe.parts:

@@ -225,7 +225,8 @@ class RemoteBackend:
                 call_s3("put_object", Bucket=bucket, Key=path, Body=new, **cond)
                 return True
             except Exception as e:  # s3fs turns botocore's ClientError into an OSError of its own
-                if any(w in f"{e!r} {e}" for w in ("Precondition", "412", "ConditionalRequestConflict")):
+                said = f"{e!r} {e}".lower()
+                if any(w in said for w in ("precondition", "pre-condition", "412", "conditionalrequestconflict")):
                     return False  # someone else wrote first (or a retry of our own applied put)
                 raise
 
