@@ -1,6 +1,14 @@
-"""Benchmark (not a test): push and pull against a plain fsspec copy, backup stall, --dense sizes.
+"""Benchmark (not a test): the store against restic and borg, and push/pull against a plain copy.
 
-    python bench/bench_store.py [--size 0.3] [--reps 3] [--no-s3] [--stall-preset small]
+    python bench/bench_store.py [--only growth|decode|scale|transfer|stall|dense] [--size 0.3] [--reps 3]
+
+``growth`` (``growth.py``): a GPT-2 run grown checkpoint by checkpoint in three scenarios (full
+training, frozen half, LoRA with the full model saved), backed up after each checkpoint by
+aptbundle, restic and borg (skipped, and said so, when not installed: ``apt-get install restic
+borgbackup``); bytes added, time per backup, restore of the whole run and of the latest
+checkpoint. ``decode``: grouped objects decoded beside ZipNN's decompression of the same tensors
+(``pip install --no-deps zipnn``; skipped when absent). ``scale``: one new checkpoint pushed into
+a store holding 1,000 objects and one holding ``--scale`` (generated keys).
 
 On a run built on the fly (a GPT-like model after a few AdamW steps, weights plus moments about
 ``--size`` GB; see ``bench_archive.make_model_run``), in the same process, it times:
@@ -15,7 +23,7 @@ ratio (throughput of aptbundle / throughput of the copy; goal >= 0.9).
 
 Then the training stall of ``--backup-to``: the same training (``--stall-preset``, a checkpoint
 every few steps) with and without background pushes to a local store, wall time of each
-(goal: <= 5 % slower). Last, the store's size for an fp32 and a bf16 run, plain and ``--dense``,
+(goal: <= 5 % slower). Last, the store's size for an fp32 and a bf16 run
 beside ``tar | zstd -3`` of the same files.
 """
 
@@ -110,6 +118,7 @@ def bench_stall(preset: str, reps: int, work: Path) -> None:
 
 
 def bench_dense(run32: Path, work: Path) -> None:
+    """The store's size for an fp32 and a bf16 run beside ``tar | zstd -3`` of the same files."""
     import torch
     from safetensors.torch import load_file, save_file
 
@@ -128,17 +137,14 @@ def bench_dense(run32: Path, work: Path) -> None:
         run.record_file(f.path)
     run.save_manifest()
     for label, src in (("fp32", run32), ("bf16", run16)):
-        sizes = {}
-        for dense in (False, True):
-            store = work / f"dense-{label}-{dense}"
-            push(src, store, dense=dense)
-            sizes[dense] = tree_size(store / "blobs")
+        store = work / f"dense-{label}"
+        push(src, store)
+        size = tree_size(store / "objects") + tree_size(store / "recipes")
         tz = work / f"{label}.tar.zst"
         subprocess.run(f"tar -cf - -C {src.parent} {src.name} | zstd -3 -T0 -q -o {tz}", shell=True, check=True)
         data = sum(f.stat().st_size for f in src.rglob("*") if f.is_file())
-        print(f"{label}: data {data / 1e6:8.1f} MB   tar|zstd -3 {tz.stat().st_size / 1e6:8.1f} MB   blobs"
-              f" {sizes[False] / 1e6:8.1f} MB   --dense {sizes[True] / 1e6:8.1f} MB"
-              f" ({100 * sizes[True] / tz.stat().st_size:.0f} % of zstd)")
+        print(f"{label}: data {data / 1e6:8.1f} MB   tar|zstd -3 {tz.stat().st_size / 1e6:8.1f} MB   store"
+              f" {size / 1e6:8.1f} MB ({100 * size / tz.stat().st_size:.0f} % of zstd)")
 
 
 def s3_server():
@@ -168,13 +174,27 @@ def main() -> int:
     ap.add_argument("--no-s3", action="store_true", help="skip the loopback S3 round")
     ap.add_argument("--stall-preset", default="small", help="preset trained for the backup stall")
     ap.add_argument("--workdir", default=None)
-    ap.add_argument("--only", choices=["transfer", "stall", "dense"], default=None, help="run one part")
+    ap.add_argument("--only", choices=["growth", "decode", "scale", "transfer", "stall", "dense"], default=None,
+                    help="run one part")
+    ap.add_argument("--scenarios", default="full,frozen,lora", help="growth: which scenarios")
+    ap.add_argument("--scale", type=int, default=1_000_000, help="scale: objects in the big store")
     args = ap.parse_args()
     import fsspec
+
+    import growth
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-store-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
+        if args.only in (None, "growth"):
+            for name in args.scenarios.split(","):
+                growth.report(name, growth.scenario(name, work))
+        if args.only in (None, "decode"):
+            growth.decode_speed(work)
+        if args.only in (None, "scale"):
+            growth.scale(work, args.scale)
+        if args.only in ("growth", "decode", "scale"):
+            return 0
         run = make_model_run(work, args.size)
         print(f"{os.cpu_count()} cores; run of {tree_size(run) / 1e6:.0f} MB; medians of {args.reps}")
         local = fsspec.filesystem("file")

@@ -1,10 +1,11 @@
 """A run growing checkpoint by checkpoint, backed up after each one by aptbundle, restic and borg.
 
 Used by ``bench_store.py --only growth``. Three scenarios on a GPT-2 built from a config
-(6.85M parameters, AdamW, warm-up then cosine, 240 steps, a checkpoint every 40):
+(6.9M parameters: vocabulary 8192, width 256, 6 blocks; AdamW, warm-up then cosine, 240 steps,
+a checkpoint every 40):
 
   full    every weight trains
-  frozen  the embeddings and the first half of the blocks are frozen
+  frozen  the embeddings and the first 3 of the 6 blocks are frozen
   lora    rank-8 adapters on attention; the full model (base and adapters) is saved
 
 Each checkpoint is a Hugging Face Trainer folder (``checkpoint-N/`` with ``model.safetensors``,
@@ -65,9 +66,10 @@ def train(scenario: str, out: Path, on_checkpoint) -> None:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=50257, n_positions=256, n_embd=128, n_layer=2, n_head=4))
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=8192, n_positions=256, n_embd=256, n_layer=6, n_head=4,
+                                       bos_token_id=0, eos_token_id=0))
     if scenario == "frozen":
-        for m in (model.transformer.wte, model.transformer.wpe, model.transformer.h[0]):
+        for m in (model.transformer.wte, model.transformer.wpe, *model.transformer.h[:3]):
             m.requires_grad_(False)
     elif scenario == "lora":
         model.requires_grad_(False)
@@ -98,7 +100,7 @@ def train(scenario: str, out: Path, on_checkpoint) -> None:
             torch.save({"python": torch.random.get_rng_state()}, ck / "rng_state.pth")
             (ck / "trainer_state.json").write_text(json.dumps({
                 "global_step": step, "epoch": step / STEPS, "max_steps": STEPS, "log_history":
-                [{"step": step, "loss": float(loss)}], "best_metric": None, "best_model_checkpoint": None}))
+                [{"step": step, "loss": loss.item()}], "best_metric": None, "best_model_checkpoint": None}))
             on_checkpoint(step)
 
 
@@ -208,3 +210,100 @@ def report(name: str, res: dict) -> None:
         r = res[t]
         print(f"  aptbundle / {t}: store {a['store'] / r['store']:.2f}x, added {a['added'] / r['added']:.2f}x,"
               f" time {a['time'] / r['time']:.2f}x, latest restore {a['restore_latest'] / r['restore_latest']:.2f}x")
+
+
+def _tensors_of(work: Path) -> dict[str, bytes]:
+    """The fp32 weights of the full scenario's last checkpoint, and the same in bf16."""
+    import torch
+    from safetensors.torch import load_file
+
+    found = sorted(work.glob(f"full/run/checkpoint-{STEPS}/model.safetensors"))
+    if found:
+        weights = load_file(found[0])
+    else:
+        torch.manual_seed(0)
+        weights = {"w": torch.randn(7_000_000) * 0.02}
+    flat = torch.cat([v.reshape(-1).float() for v in weights.values()])
+    return {"fp32": flat.numpy().tobytes(), "bf16": flat.to(torch.bfloat16).view(torch.uint16).numpy().tobytes()}
+
+
+def decode_speed(work: Path, reps: int = 5) -> None:
+    """Grouped objects decoded single-threaded, beside ZipNN decompressing the same bytes."""
+    import hashlib
+
+    from aptbundle.store.objects import MAX_OBJECT, decode, encode
+
+    try:
+        import zipnn
+    except ImportError:
+        zipnn = None
+    print("\ngrouped decoding, one thread (best of %d)%s" % (reps, "" if zipnn else
+                                                             "  (zipnn not installed: pip install --no-deps zipnn)"))
+    for label, raw in _tensors_of(work).items():
+        raw = raw[:MAX_OBJECT]
+        width = 4 if label == "fp32" else 2
+        body, _ = encode(raw, width, None)
+        sha = hashlib.sha256(raw).hexdigest()
+
+        def best(fn) -> float:
+            times = []
+            for _ in range(reps):
+                t = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t)
+            return min(times)
+
+        ours = best(lambda: decode(sha, body, "bench", None, verify=False))
+        line = f"  {label} {len(raw) / 1e6:6.1f} MB: aptbundle ratio {len(raw) / len(body):5.3f} {len(raw) / ours / 1e9:5.2f} GB/s"
+        if zipnn is not None:
+            z = zipnn.ZipNN(input_format="byte", bytearray_dtype="float32" if width == 4 else "bfloat16", threads=1)
+            comp = bytes(z.compress(bytearray(raw)))
+            theirs = best(lambda: z.decompress(bytearray(comp)))  # it changes the buffer it is given: a copy
+            line += (f"   ZipNN 0.5 ratio {len(raw) / len(comp):5.3f} {len(raw) / theirs / 1e9:5.2f} GB/s"
+                     f"   speed ratio {theirs / ours:.2f}")
+        print(line)
+
+
+def scale(work: Path, big: int) -> None:
+    """Push time of one new checkpoint into a store of 1,000 objects and one of ``big`` (generated keys)."""
+    import hashlib
+
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    from aptbundle.layouts.adopt import adopt, update
+    from aptbundle.store.push import push
+
+    def checkpoint(run: Path, step: int) -> None:
+        ck = run / f"checkpoint-{step}"
+        ck.mkdir(parents=True)
+        rng = np.random.default_rng(step)
+        save_file({f"t{i}": rng.standard_normal(250_000).astype(np.float32) for i in range(20)},
+                  str(ck / "model.safetensors"))
+        (ck / "trainer_state.json").write_text(json.dumps({"global_step": step, "epoch": 1, "log_history": []}))
+        (update if (run / "aptrun.json").exists() else adopt)(run)
+
+    print("\npush of one new checkpoint (20 tensors, 20 MB) into a store already holding N objects (median of 3):")
+    times = {}
+    for n in (1000, big):
+        base = work / f"scale-{n}"
+        run, store = base / "run", base / "store"
+        checkpoint(run, 1)
+        push(run, store)
+        t = time.perf_counter()
+        for i in range(256):
+            (store / "objects/sha256" / f"{i:02x}").mkdir(parents=True, exist_ok=True)
+        for i in range(n):  # other runs' objects: empty files under their keys
+            d = hashlib.sha256(b"%d" % i).hexdigest()
+            os.close(os.open(store / "objects/sha256" / d[:2] / d, os.O_CREAT | os.O_WRONLY, 0o644))
+        made = time.perf_counter() - t
+        runs = []
+        for step in (2, 3, 4):
+            checkpoint(run, step)
+            t = time.perf_counter()
+            push(run, store)
+            runs.append(time.perf_counter() - t)
+        times[n] = statistics.median(runs)
+        print(f"  {n:>9,} objects: {times[n]:6.2f} s per push   (the keys took {made:.0f} s to make)")
+        shutil.rmtree(base, ignore_errors=True)
+    print(f"  ratio {times[big] / times[1000]:.2f}x (target < 2x)")

@@ -8,24 +8,22 @@ import click
 from aptbundle.commands.options import (digest_opt, emit, force_opt, json_opt, quiet_opt, sign_opt, size_opt,
                                         strict_opt, trust_opt)
 from aptbundle.commands.progress import progress
-from aptbundle.commands.render import human, escaped
+from aptbundle.commands.render import escaped, human, table
 
 
 def ls_store(store: str, as_json: bool) -> None:
     from aptbundle.store.maintain import list_store
 
     runs = list_store(store)
-    rows = [f"{'name':<20}{'steps':>7}{'ckpts':>6}{'size':>11}{'stored':>11}  {'digest':<14}{'signed':<7}"
-            f"{'pushed':<22}written by"]
-    for r in runs:
-        if "error" in r:
-            rows.append(f"{escaped(r['name']):<20}error: {escaped(r['error'])}")
-            continue
-        rows.append(f"{escaped(r['name']):<20}{r['step']:>7}{len(r['checkpoints']):>6}{human(r['size']):>11}"
-                    f"{human(r['stored_size']):>11}  {r['digest'][:12]:<14}{'yes' if r['signed'] else 'no':<7}"
-                    f"{r['pushed_at']:<22}{escaped(r.get('framework') or r.get('trainer') or '-')}"
-                    + (f", best {escaped(r['best'])}" if r.get("best") else "")
-                    + (f"  ({r['missing_blobs']} blob(s) missing)" if r["missing_blobs"] else ""))
+    rows = table(
+        f"{'name':<20}{'steps':>7}{'ckpts':>6}{'size':>11}{'stored':>11}  {'digest':<14}{'signed':<7}"
+        f"{'pushed':<22}written by", runs, lambda r: f"{escaped(r['name']):<20}",
+        lambda r: f"{escaped(r['name']):<20}{r['step']:>7}{len(r['checkpoints']):>6}{human(r['size']):>11}"
+                  f"{human(r['stored_size']):>11}  {r['digest'][:12]:<14}{'yes' if r['signed'] else 'no':<7}"
+                  f"{r['pushed_at']:<22}{escaped(r.get('framework') or r.get('trainer') or '-')}"
+                  + (f", best {escaped(r['best'])}" if r.get("best") else "")
+                  + (f", {r['versions']} versions" if r.get("versions", 1) > 1 else "")
+                  + (f"  ({r['missing_blobs']} object(s) or recipe(s) missing)" if r["missing_blobs"] else ""))
     emit(as_json, {"store": store, "runs": runs}, "\n".join(rows) if runs else f"no runs in the store {escaped(store)}")
 
 
@@ -145,14 +143,12 @@ def log(store: str, name: str, as_json: bool) -> None:
     from aptbundle.store.maintain import log as do_log
 
     rows = do_log(store, name)
-    lines = [f"{'digest':<14}{'pushed':<22}{'steps':>7}{'ckpts':>6}{'size':>11}  latest"]
-    for r in rows:
-        if "error" in r:
-            lines.append(f"{r['digest'][:12]:<14}{r['pushed_at']:<22}error: {escaped(r['error'])}")
-            continue
-        lines.append(f"{r['digest'][:12]:<14}{r['pushed_at']:<22}{r['step']:>7}{len(r['checkpoints']):>6}"
-                     f"{human(r['size']):>11}  {escaped(r['latest'] or '-')}"
-                     + (f"  (fork: pushed on top of {r['parent'][:12]})" if r["fork"] else ""))
+    lines = table(
+        f"{'digest':<14}{'pushed':<22}{'steps':>7}{'ckpts':>6}{'size':>11}  latest", rows,
+        lambda r: f"{r['digest'][:12]:<14}{r['pushed_at']:<22}",
+        lambda r: f"{r['digest'][:12]:<14}{r['pushed_at']:<22}{r['step']:>7}{len(r['checkpoints']):>6}"
+                  f"{human(r['size']):>11}  {escaped(r['latest'] or '-')}"
+                  + (f"  (fork: pushed on top of {r['parent'][:12]})" if r["fork"] else ""))
     emit(as_json, {"store": store, "name": name, "versions": rows}, "\n".join(lines))
 
 

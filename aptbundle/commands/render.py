@@ -227,3 +227,9 @@ def render_diff(d: dict) -> str:
                                 for k, v in f.items() if k not in ("checkpoint",))
             lines.append(f"final {side}  {escaped(f['checkpoint'])}: {metrics}")
     return "\n".join(lines)
+
+
+def table(head: str, items: list[dict], label, line) -> list[str]:
+    """A header and one line per item (``line(item)``); an item with an ``error`` shows it after
+    ``label(item)`` instead."""
+    return [head] + [f"{label(r)}error: {escaped(r['error'])}" if "error" in r else line(r) for r in items]

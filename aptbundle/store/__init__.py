@@ -9,7 +9,8 @@ import importlib
 
 _NAMES = {
     "Store": "backend", "push": "push", "PushResult": "push", "pull": "pull", "PullResult": "pull",
-    "list_store": "maintain", "gc": "maintain", "Backup": "backup", "split_ref": "backup",
+    "list_store": "maintain", "gc": "maintain", "log": "maintain", "forget": "maintain", "check": "check",
+    "upgrade": "upgrade", "Backup": "backup", "split_ref": "backup",
 }
 
 __all__ = sorted(_NAMES)

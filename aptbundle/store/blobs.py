@@ -1,4 +1,4 @@
-"""A store's blobs: one file's bytes, zstd-compressed, kept under the SHA-256 of the original.
+"""A version-1 store's blobs (read only; ``store upgrade`` converts them): one file's bytes, zstd.
 
 A blob is one zstd frame. A blob written with ``--dense`` (byte-grouped floats, see
 ``transfer.codec``) starts with a zstd *skippable* frame that says so (``aptbundle:dense=4``),
@@ -11,54 +11,23 @@ the manifest declares (a decompression bomb is cut off), and the bytes hashed an
 from __future__ import annotations
 
 import struct
-from pathlib import Path
 from typing import Callable
 
 import zstandard
 
-from aptbundle.transfer.codec import Grouping, dense_width, ungrouping
+from aptbundle.transfer.codec import ungrouping
 from aptbundle.ground.fsutil import BLOCK
 from aptbundle.transfer.frames import FrameGuard
 from aptbundle.format.manifest import FileEntry
-from aptbundle.format.stream import file_source
 from aptbundle.format.verify import check_stream
 from aptbundle.ground.ahead import ReadAhead
 from aptbundle.ground.errors import AptBundleError, StoreError
-from aptbundle.ground.problems import Kind, Problem, split
+from aptbundle.ground.problems import Kind, Problem
 from aptbundle.store import layout
 from aptbundle.store.backend import Store
-from aptbundle.transfer.codec import Encoding
 
 SKIPPABLE = 0x184D2A5A  # one of zstd's sixteen skippable-frame magics
 MARK = b"aptbundle:dense="
-
-
-def write_blob(store: Store, root: Path, entry: FileEntry, enc: Encoding,
-               tap: Callable[[memoryview], None] | None = None) -> list[Problem]:
-    """Compress ``root/entry.path`` into its blob while hashing and scanning it; its problems.
-
-    The blob appears only if the file matched its entry and passed the scan.
-    """
-    width = dense_width(root / entry.path, entry.path, entry.size) if enc.dense else None
-    cctx = zstandard.ZstdCompressor(level=enc.level, threads=enc.threads, write_checksum=True)
-    problems: list[Problem] = []
-    try:
-        with store.writer(layout.blob(entry.sha256)) as sink:
-            if width:
-                mark = MARK + str(width).encode()
-                sink.write(struct.pack("<II", SKIPPABLE, len(mark)) + mark)
-            with cctx.stream_writer(sink, closefd=False, write_size=BLOCK) as z:
-                grouping = Grouping(width, z.write) if width else None
-                taps = [grouping or z.write] + ([tap] if tap else [])
-                with open(root / entry.path, "rb", buffering=0) as src:
-                    problems, _notes = split(check_stream(file_source(src), entry, taps=taps))
-                if grouping:
-                    grouping.flush()
-            if problems:
-                raise _Refused
-    except _Refused:
-        pass
-    return problems
 
 
 def read_blob(store: Store, entry: FileEntry, taps: list[Callable[[memoryview], None]]) -> list[Problem]:
@@ -109,10 +78,6 @@ def read_blob(store: Store, entry: FileEntry, taps: list[Callable[[memoryview], 
 
 class _TooLong(Exception):
     """A blob that decompresses to more than its entry's size."""
-
-
-class _Refused(Exception):
-    """Raised inside a blob's writer so that a file which failed its checks is never stored."""
 
 
 def _marker(raw, shown: str) -> int | None:

@@ -261,8 +261,7 @@ class _Push:
             if raw is not None:
                 against = (base[0].sha256, raw, len(base[0].chain))
         body, head = encode(data, cut.width, against, self.zlevel)
-        with self.store.writer(key) as out:
-            out.write(body)
+        self.store.put(key, body)  # whole: on an object store one put, which a retry may repeat
         with self._count:
             self.res.sent_objects += 1
             self.res.delta_objects += head.base is not None
