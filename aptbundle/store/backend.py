@@ -311,22 +311,30 @@ class Store:
         return self.backend.open(key, ahead)
 
     def read(self, key: str, limit: int) -> bytes | None:
-        """The whole object (None if there is none); refuses one larger than ``limit`` before
-        reading it."""
-        found = self.backend.stat(key)
-        if found is not None and found.size <= limit:
-            read_all = getattr(self.backend, "read_all", None)
+        """The whole object (None if there is none); refuses one larger than ``limit`` (locally
+        before reading it; remotely after ``limit + 1`` bytes of one ranged GET)."""
+        read_all = getattr(self.backend, "read_all", None)
+        if read_all is not None:  # a remote store: one ranged GET, tried again on a failure
             try:
-                if read_all is not None:  # a remote store: one ranged GET, tried again on a failure
-                    data = read_all(key, limit)
-                else:
+                data = read_all(key, limit)
+            except FileNotFoundError:
+                return None
+            except IsADirectoryError:
+                raise StoreLayoutError(f"{self.where(key)}: is a folder, not an object; the store is damaged or"
+                                       " crafted") from None
+            size = len(data)
+        else:
+            found = self.backend.stat(key)
+            if found is None:
+                return None
+            size, data = found.size, b""
+            if size <= limit:
+                try:
                     with self.open(key) as f:
                         data = f.read(limit + 1)
-            except FileNotFoundError:
-                found = None
-        if found is None:
-            return None
-        if found.size > limit or len(data) > limit:
+                except FileNotFoundError:
+                    return None
+        if size > limit or len(data) > limit:
             raise StoreError(f"{self.where(key)}: over {limit} bytes, more than such an object may be;"
                              " the store is damaged or crafted")
         return data
@@ -390,7 +398,7 @@ class Store:
         """Remove temporaries a killed local writer left below ``prefix``; how many went."""
         return self.backend.clean_temporaries(prefix, older_than)
 
-    def abort_stale_uploads(self, prefix: str, older_than: float) -> int:
-        """Abort what killed remote uploads left below ``prefix`` (gc's work); how many."""
+    def abort_stale_uploads(self, older_than: float) -> int:
+        """Abort what killed remote uploads left in the store (gc's work); how many."""
         abort = getattr(self.backend, "abort_uploads", None)
-        return abort(prefix, older_than) if abort is not None else 0
+        return abort(older_than) if abort is not None else 0

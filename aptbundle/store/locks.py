@@ -31,6 +31,7 @@ GC_WAIT_S = 600.0  # how long a push waits for a gc to finish
 MAX_LOCK_BYTES = 64 << 20
 FUTURE_S = 300.0  # clocks of machines sharing a store may disagree by this much
 _FIELD = rb'"[a-z]{1,16}": ("[^"\\\x00-\x1f]{0,256}"|-?[0-9][0-9.eE+-]{0,31}|NaN|-?Infinity|\[("[0-9a-f]{64}"(, "[0-9a-f]{64}")*)?\])'
+_HELD: set[str] = set()  # the keys of the locks this process holds now (its threads' included)
 _BODY = re.compile(rb"\{(" + _FIELD + rb"(, " + _FIELD + rb")*)?\}")  # what ``Lock.write`` writes
 
 
@@ -48,6 +49,7 @@ class Lock:
         if not self.key:
             self.key = layout.lock(self.kind, socket.gethostname(), os.getpid(), secrets.token_hex(6))
         body = {"kind": self.kind, "host": socket.gethostname(), "pid": os.getpid(), "time": time.time(), **self.keep}
+        _HELD.add(self.key)
         self.store.put(self.key, json.dumps(body, sort_keys=True).encode(), count=False)
         self.written = time.monotonic()
 
@@ -58,6 +60,7 @@ class Lock:
 
     def release(self) -> None:
         if self.key:
+            _HELD.discard(self.key)
             with contextlib.suppress(Exception):
                 self.store.delete(self.key)
 
@@ -80,7 +83,7 @@ def others(store: Store, mine: Lock | None = None) -> list[dict]:
             info = None
         if not isinstance(info, dict):  # half-written by an older tool, or garbage: not a lock
             continue
-        why = _stale(info)
+        why = _stale(info, key)
         if why:
             if why != "old":
                 store.warnings.append(f"warning: {store.where(key)}: a lock {why}; taken as stale and removed")
@@ -91,10 +94,13 @@ def others(store: Store, mine: Lock | None = None) -> list[dict]:
     return live
 
 
-def _stale(info: dict) -> str | None:
-    """Why a lock no longer holds anything (None while it does): too old, its process gone, or a
-    time that no clock wrote (not a number, or in the future)."""
+def _stale(info: dict, key: str) -> str | None:
+    """Why a lock no longer holds anything (None while it does): too old, its process gone (or it
+    is this process, which no longer holds it: a delete that failed), or a time that no clock
+    wrote (not a number, or in the future)."""
     t, pid, now = finite_number(info.get("time")), info.get("pid"), time.time()
+    if info.get("host") == socket.gethostname() and pid == os.getpid() and key not in _HELD:
+        return "old"
     if t is None:
         return "without a valid time"
     if t > now + FUTURE_S:

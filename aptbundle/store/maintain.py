@@ -233,5 +233,5 @@ def gc(store_url: str | Path, *, grace_s: float = GRACE_S, dry_run: bool = False
         if not dry_run:
             for prefix in layout.TOPS:
                 store.clean_stale_temporaries(prefix, max(grace_s, locks.STALE_S))
-                store.abort_stale_uploads(prefix, grace_s)
+            store.abort_stale_uploads(grace_s)
     return res

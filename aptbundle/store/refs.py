@@ -65,11 +65,14 @@ def format_ref(versions: list[Version]) -> bytes:
 def read_ref(store: Store, name: str) -> tuple[list[Version], bytes | None]:
     """The versions of run ``name`` (empty if the store has none) and the ref's bytes as read."""
     key = layout.ref(name)
-    found = store.backend.stat(key)
     raw = store.read(key, MAX_REF_BYTES)
     if raw is None:
         return [], None
-    return parse_ref(raw, store.where(key), found.mtime if found else 0.0), raw
+    versions = parse_ref(raw, store.where(key))
+    if len(versions) == 1 and versions[0].time == 0.0:  # a version-1 ref: its time is the object's
+        found = store.backend.stat(key)
+        versions = [Version(versions[0].digest, None, found.mtime if found else 0.0)]
+    return versions, raw
 
 
 def update(store: Store, name: str, change, tries: int = 50) -> list[Version]:

@@ -241,22 +241,29 @@ class RemoteBackend:
     def clean_temporaries(self, prefix: str, older_than: float) -> int:
         return 0  # an upload appears whole or not at all; what a killed one leaves is gc's (abort_uploads)
 
-    def abort_uploads(self, prefix: str, older_than: float) -> int:
-        """Abort the multipart uploads below ``prefix`` begun more than ``older_than`` seconds ago
-        (a push killed mid-upload leaves one, which the store keeps and bills until aborted)."""
+    def abort_uploads(self, older_than: float) -> int:
+        """Abort the multipart uploads to keys of this store begun more than ``older_than`` seconds
+        ago (a push killed mid-upload leaves one, which the store keeps and bills until aborted).
+        One listing for the whole store."""
         call_s3 = getattr(self.fs, "call_s3", None)
         if call_s3 is None:
             return 0  # other object stores: an upload appears whole or not at all
-        bucket, _, base = self._path(prefix).lstrip("/").partition("/")
-        found = self._call(prefix, lambda: call_s3("list_multipart_uploads", Bucket=bucket, Prefix=base))
+        bucket, _, base = self.root.strip("/").partition("/")
+        base = base + "/" if base else ""
+        found = self._call("", lambda: call_s3("list_multipart_uploads", Bucket=bucket, Prefix=base))
         gone = 0
         for up in found.get("Uploads", []) if isinstance(found, dict) else []:
-            started = up.get("Initiated")
+            started, key = up.get("Initiated"), up.get("Key")
             age = time.time() - started.timestamp() if isinstance(started, _dt.datetime) else 0
-            if age > older_than and isinstance(up.get("Key"), str) and isinstance(up.get("UploadId"), str):
-                self._call(prefix, lambda u=up: call_s3("abort_multipart_upload", Bucket=bucket, Key=u["Key"],
-                                                        UploadId=u["UploadId"]))
-                gone += 1
+            if not isinstance(key, str) or not isinstance(up.get("UploadId"), str) or age <= older_than:
+                continue
+            try:
+                parts(key[len(base):])  # only what this store's layout names
+            except AptBundleError:
+                continue
+            self._call(key, lambda u=up: call_s3("abort_multipart_upload", Bucket=bucket, Key=u["Key"],
+                                                 UploadId=u["UploadId"]))
+            gone += 1
         return gone
 
 
