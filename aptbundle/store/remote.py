@@ -206,18 +206,23 @@ class RemoteBackend:
         ``If-None-Match: *`` for a new key); elsewhere read, compare and put, which is only as
         safe as the store's own consistency (fsspec has no conditional write)."""
         call_s3 = getattr(self.fs, "call_s3", None)
-        found = self.stat(key)
-        current = self.read_all(key, 1 << 24) if found is not None else None
-        if current != old:
+        etag = None
+        if call_s3 is not None:  # the ETag first, then the bytes: a write between them fails the put
+            try:
+                info = self._call(key, lambda: self.fs.info(self._path(key), refresh=True))
+                etag = info.get("ETag") or info.get("etag")
+            except FileNotFoundError:
+                etag = None
+        try:
+            current = self.read_all(key, 1 << 24)
+        except FileNotFoundError:
+            current = None
+        if current != old or (current is not None and call_s3 is not None and not etag):
             return False
         if call_s3 is None:
             self.put_bytes(key, new)
             return True
         bucket, _, path = self._path(key).lstrip("/").partition("/")
-        etag = None
-        if found is not None:
-            info = self._call(key, lambda: self.fs.info(self._path(key), refresh=True))
-            etag = info.get("ETag") or info.get("etag")
         cond = {"IfMatch": etag} if etag else {"IfNoneMatch": "*"}
 
         def put() -> bool:
