@@ -255,6 +255,20 @@ def test_gc_running_beside_a_real_push_deletes_nothing_it_needs(tmp_path):
 
 
 # -- backups while training ------------------------------------------------------------------------
+def _pushed_step(store: Path) -> int:
+    """The latest step of the newest pushed version (0 for none): a ref and a manifest read."""
+    from aptbundle.ground.errors import AptBundleError
+    from aptbundle.store.pull import resolve
+
+    if not (store / "refs/run1").exists():
+        return 0
+    try:
+        man = resolve(Store(store), "run1")[2]
+    except AptBundleError:
+        return 0
+    return next((c.step for c in man.checkpoints if c.name == man.latest), 0)
+
+
 def test_backup_to_survives_sigkill_and_resume_from_the_store_is_exact(tmp_path):
     args = ["--epochs", "4", "--save-every", "10"]
     ref = tmp_path / "ref"
@@ -265,11 +279,8 @@ def test_backup_to_survives_sigkill_and_resume_from_the_store_is_exact(tmp_path)
     p = subprocess.Popen([PY, "-m", "apt_model.training.trainer", "--run-dir", "run1", *args, "-q",
                           "--backup-to", store], cwd=work, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and p.poll() is None:
-        runs = list_store(store) if (store / "refs").exists() else []
-        if runs and runs[0].get("step", 0) >= 20:
-            break
-        time.sleep(0.05)
+    while time.monotonic() < deadline and p.poll() is None and _pushed_step(store) < 20:
+        time.sleep(0.02)
     p.send_signal(signal.SIGKILL)
     p.wait()
     assert p.returncode == -signal.SIGKILL, "the trainer finished before it could be killed"
