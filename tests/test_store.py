@@ -279,13 +279,13 @@ def test_backup_to_survives_sigkill_and_resume_from_the_store_is_exact(tmp_path)
     p = subprocess.Popen([PY, "-m", "apt_model.training.trainer", "--run-dir", "run1", *args, "-q",
                           "--backup-to", store], cwd=work, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and p.poll() is None and _pushed_step(store) < 20:
-        time.sleep(0.02)
+    while time.monotonic() < deadline and p.poll() is None and _pushed_step(store) < 10:
+        time.sleep(0.02)  # killed as soon as the first backup landed, while training goes on
     p.send_signal(signal.SIGKILL)
     p.wait()
     assert p.returncode == -signal.SIGKILL, "the trainer finished before it could be killed"
     pushed_step = list_store(store)[0]["step"]
-    assert 20 <= pushed_step < 112
+    assert 10 <= pushed_step < 112
     shutil.rmtree(work)  # the machine is lost: run folder and working directory
     fresh = tmp_path / "fresh"
     fresh.mkdir()
