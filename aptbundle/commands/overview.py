@@ -29,11 +29,12 @@ from aptbundle.layouts import weights_only as weights_only_of
 
 
 def is_store(path: str | Path) -> bool:
-    """True for a store: a URL, or a folder with the store's layout (``refs/``, ``blobs/``)."""
+    """True for a store: a URL, or a folder with the store's layout (``format``, ``refs/``,
+    ``objects/``, or a version-1 store's ``blobs/``)."""
     if is_remote(path):
         return True
     p = Path(path)
-    return (p / "refs").is_dir() or (p / "blobs").is_dir()
+    return (p / "format").is_file() or any((p / d).is_dir() for d in ("refs", "objects", "blobs"))
 
 
 def is_run_folder(path: str | Path) -> bool:
