@@ -15,6 +15,7 @@ from aptbundle.commands.cli import main as cli_main
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 os.environ.setdefault("APTBUNDLE_STORE_BACKOFF", "0.02")  # the fault tests fail many calls on purpose
+os.environ.setdefault("APTBUNDLE_STORE_ATTEMPTS", "3")
 collect_ignore = ["fixtures", "protected_hf.py", "protected_acc.py"]  # folders other frameworks wrote; scripts run as processes
 
 if os.environ.get("PYTEST_XDIST_WORKER"):

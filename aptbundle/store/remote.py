@@ -71,7 +71,8 @@ class _WriteBehind:
             raise self._error
 
 
-ATTEMPTS = 4  # one try and three more, 0.25 s, 0.5 s and 1 s apart: a brief outage is ridden out
+ATTEMPTS = int(os.environ.get("APTBUNDLE_STORE_ATTEMPTS", "4"))  # one try and three more, 0.25 s, 0.5 s and 1 s
+# apart: a brief outage is ridden out (the tests, which fail many calls on purpose, try fewer times)
 BACKOFF_S = float(os.environ.get("APTBUNDLE_STORE_BACKOFF", "0.25"))  # the first wait; the tests shorten it
 
 
