@@ -3,7 +3,7 @@
 ``cuts`` says where a file's parts lie: a safetensors file is its header and one part per
 tensor; a torch zip (``torch.save``) is one part per storage entry, with the pickle and the zip's
 own records between them; any other file is one part. A part larger than ``objects.MAX_OBJECT``
-is cut into pieces of that size. A part smaller than ``INLINE`` bytes is kept in the recipe
+is cut into pieces of that size. A part smaller than ``INLINE`` (512) bytes is kept in the recipe
 itself; every other part is an object (``objects``), by the SHA-256 of its bytes, so unchanged
 tensors inside a changed file (frozen layers, a LoRA's base, a shared base model across runs)
 are stored once. The cuts only decide how bytes are stored: a file whose structure cannot be
@@ -30,7 +30,7 @@ from aptbundle.ground.errors import StoreError
 from aptbundle.ground.values import DuplicateKey, unique_keys
 from aptbundle.store.objects import MAX_CHAIN, MAX_OBJECT
 
-INLINE = 4096  # parts smaller than this live in the recipe (a zip's local headers, biases, small files)
+INLINE = 512  # parts smaller than this live in the recipe (a zip's local headers, the smallest tensors)
 MAX_RECIPE = 64 << 20
 MAX_PARTS = 1_000_000
 _ST_WIDTH = {"F32": 4, "F16": 2, "BF16": 2}
