@@ -400,3 +400,42 @@ def test_a_push_asks_only_about_what_it_sends(tmp_path):
     finally:
         LocalBackend.list = real
     assert not [p for p in listed if p.startswith((layout.OBJECTS, layout.RECIPES, layout.BLOBS))], listed
+
+
+def test_a_dcp_checkpoint_is_an_object_per_tensor_item(tmp_path):
+    import warnings
+
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    run, store = tmp_path / "run1", tmp_path / "store"
+    torch.manual_seed(0)
+    state = {"frozen": torch.randn(256, 64), "trained": torch.randn(256, 64)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # one process, no process group: DCP says so
+        dcp.save(state, checkpoint_id=str(run / "step-10"))
+        adopt(run)
+        push(run, store)
+        state["trained"] += 1e-4
+        dcp.save(state, checkpoint_id=str(run / "step-20"))
+    update(run)
+    before = store_size(store)
+    res = push(run, store)
+    frozen = hashlib.sha256(state["frozen"].numpy().tobytes()).hexdigest()
+    assert (store / layout.object(frozen)).is_file()  # the frozen tensor's item, stored once
+    assert res.present_objects >= 1 and res.delta_objects == 1  # the trained one, a delta
+    assert store_size(store) - before < state["frozen"].numel() * 4  # a new .distcp, less than one tensor
+    pull(store, "run1", tmp_path / "out")
+    same_files(run, tmp_path / "out/run1")
+
+
+def test_a_crafted_distcp_is_stored_as_plain_pieces_and_pulls_back(tmp_path):
+    """Zip headers that promise streamed entries and never end them: cut in one linear pass."""
+    run, store = tmp_path / "run1", tmp_path / "store"
+    head = b"PK\x03\x04" + b"\x00\x00\x08\x00\x00\x00" + b"\x00" * 16 + b"\x0a\x00\x00\x00" + b"a/data/0xx"
+    (run / "step-1").mkdir(parents=True)
+    (run / "step-1/__0_0.distcp").write_bytes(head * 50_000 + (head + b"PK\x07\x08" + b"\x01" * 20) * 50_000)
+    adopt(run)
+    push(run, store)
+    pull(store, "run1", tmp_path / "out")
+    same_files(run, tmp_path / "out/run1")

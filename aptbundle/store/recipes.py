@@ -2,7 +2,8 @@
 
 ``cuts`` says where a file's parts lie: a safetensors file is its header and one part per
 tensor; a torch zip (``torch.save``) is one part per storage entry, with the pickle and the zip's
-own records between them; any other file is one part. A part larger than ``objects.MAX_OBJECT``
+own records between them; a DCP ``.distcp`` file one part per tensor item (each item is a
+``torch.save`` of its own); any other file is one part. A part larger than ``objects.MAX_OBJECT``
 is cut into pieces of that size. A part smaller than ``INLINE`` (512) bytes is kept in the recipe
 itself; every other part is an object (``objects``), by the SHA-256 of its bytes, so unchanged
 tensors inside a changed file (frozen layers, a LoRA's base, a shared base model across runs)
@@ -132,6 +133,8 @@ def cuts(path: Path, rel: str, size: int) -> list[Cut]:
     try:
         if rel.endswith(".safetensors"):
             found = _safetensors(path, size)
+        elif rel.endswith(".distcp"):
+            found = _distcp(path, size)
         elif size > INLINE and zipfile.is_zipfile(path):
             found = _torch_zip(path, size)
     except (OSError, ValueError, KeyError, TypeError, struct.error, zipfile.BadZipFile, RecursionError):
@@ -160,10 +163,7 @@ def _torch_zip(path: Path, size: int) -> list[Cut]:
     out = []
     with zipfile.ZipFile(path) as zf, open(path, "rb") as f:
         pkl = next((i for i in zf.infolist() if i.filename.endswith("/data.pkl")), None)
-        names = zf.read(pkl) if pkl is not None and pkl.file_size < (64 << 20) else b""
-        # a hint for the grouping only (never a decision about safety): the widths the pickle names
-        width = 4 if (b"FloatStorage" in names or b"float32" in names) else \
-            2 if any(k in names for k in (b"BFloat16Storage", b"HalfStorage", b"bfloat16", b"float16")) else None
+        width = _width_named(zf.read(pkl) if pkl is not None and pkl.file_size < (64 << 20) else b"")
         for info in zf.infolist():
             if info.compress_type != zipfile.ZIP_STORED or "/data/" not in info.filename or info.file_size < INLINE:
                 continue
@@ -176,6 +176,60 @@ def _torch_zip(path: Path, size: int) -> list[Cut]:
             if begin + info.file_size <= size:
                 out.append(Cut(f"z:{info.filename.split('/', 1)[-1]}", begin, info.file_size, width))
     return out
+
+
+def _width_named(names: bytes) -> int | None:
+    """A hint for the grouping only (never a decision about safety): the float width a pickle names."""
+    if b"FloatStorage" in names or b"float32" in names:
+        return 4
+    if any(k in names for k in (b"BFloat16Storage", b"HalfStorage", b"bfloat16", b"float16")):
+        return 2
+    return None
+
+
+def _distcp(path: Path, size: int) -> list[Cut]:
+    """A DCP ``.distcp`` file: its items one after another, each tensor a ``torch.save`` of its own
+    (a small zip); one part per tensor's storage, named by its place in the file."""
+    import mmap
+
+    out: list[Cut] = []
+    budget = [4 * size + (1 << 20), size]  # what the descriptor searches may look at: a crafted file stays linear
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        pos = end = 0
+        while (pos := m.find(b"PK\x03\x04", pos)) != -1 and pos + 30 <= size and budget[0] > 0:
+            flags, method = struct.unpack("<HH", m[pos + 6:pos + 10])
+            (length,) = struct.unpack("<I", m[pos + 18:pos + 22])
+            name_len, extra_len = struct.unpack("<HH", m[pos + 26:pos + 30])
+            name = m[pos + 30:pos + 30 + name_len]
+            begin = pos + 30 + name_len + extra_len
+            if method == 0 and flags & 8 and b"/data/" in name:  # streamed: the size follows the bytes
+                length = _described(m, begin, size, budget)
+            if method == 0 and b"/data/" in name and INLINE <= length < 0xFFFFFFFF and begin + length <= size:
+                out.append(Cut(f"item:{len(out)}", begin, length, _width_named(m[end:pos])))
+                pos = end = begin + length
+            else:
+                pos += 4
+    return out if budget[0] > 0 else []
+
+
+def _described(m, begin: int, size: int, budget: list[int]) -> int:
+    """The length of a zip entry written as a stream: up to the data descriptor whose size field
+    says so (the signature may also occur inside the bytes); 0 when there is none. What it looks
+    at is taken from ``budget`` (``[bytes left, where no descriptor follows]``)."""
+    at = begin
+    while at < budget[1]:
+        q = m.find(b"PK\x07\x08", at)
+        budget[0] -= (q if q != -1 else size) - at + 4
+        if q == -1:
+            budget[1] = at  # nothing from here on: later entries need not look again
+            return 0
+        if budget[0] < 0 or q + 24 > size:
+            return 0
+        n = q - begin
+        if struct.unpack("<I", m[q + 8:q + 12])[0] == n or struct.unpack("<Q", m[q + 8:q + 16])[0] == n:
+            return n
+        at = q + 1
+    return 0
 
 
 def _fill(found: list[Cut], size: int) -> list[Cut]:
