@@ -429,13 +429,18 @@ def test_a_dcp_checkpoint_is_an_object_per_tensor_item(tmp_path):
     same_files(run, tmp_path / "out/run1")
 
 
-def test_a_crafted_distcp_is_stored_as_plain_pieces_and_pulls_back(tmp_path):
-    """Zip headers that promise streamed entries and never end them: cut in one linear pass."""
-    run, store = tmp_path / "run1", tmp_path / "store"
+def test_a_crafted_distcp_is_cut_in_one_pass_and_refused_by_the_scan(tmp_path):
+    """Zip headers that promise streamed entries and never end them: cut in one linear pass (the
+    parts cover the file exactly), and the scan refuses the file before any push."""
+    from aptbundle.store.recipes import cuts
+
+    run = tmp_path / "run1"
     head = b"PK\x03\x04" + b"\x00\x00\x08\x00\x00\x00" + b"\x00" * 16 + b"\x0a\x00\x00\x00" + b"a/data/0xx"
-    (run / "step-1").mkdir(parents=True)
-    (run / "step-1/__0_0.distcp").write_bytes(head * 50_000 + (head + b"PK\x07\x08" + b"\x01" * 20) * 50_000)
-    adopt(run)
-    push(run, store)
-    pull(store, "run1", tmp_path / "out")
-    same_files(run, tmp_path / "out/run1")
+    f = run / "step-1/__0_0.distcp"
+    f.parent.mkdir(parents=True)
+    f.write_bytes(head * 50_000 + (head + b"PK\x07\x08" + b"\x01" * 20) * 50_000)
+    parts = cuts(f, "step-1/__0_0.distcp", f.stat().st_size)
+    assert sum(c.size for c in parts) == f.stat().st_size
+    assert all(a.offset + a.size == b.offset for a, b in zip(parts, parts[1:]))
+    r = cli("init", run)
+    assert r.exit_code == 1 and "__0_0.distcp" in r.stderr and no_traceback(r.output)
