@@ -34,6 +34,7 @@ from aptbundle.ground.problems import Problem, split
 from aptbundle.store import layout, locks, refs
 from aptbundle.store.backend import Store
 from aptbundle.store.objects import MAX_CHAIN, encode
+from aptbundle.store.pull import resolve
 from aptbundle.store.reader import ObjectReader
 from aptbundle.store.recipes import INLINE, Cut, Cutter, Part, Recipe, cuts
 from aptbundle.transfer.codec import Encoding
@@ -134,8 +135,6 @@ class _Push:
     def _head_manifest(self, digest: str | None) -> Manifest | None:
         if digest is None:
             return None
-        from aptbundle.store.pull import resolve
-
         try:
             return resolve(self.store, self.man.name, digest)[2]
         except AptBundleError:
