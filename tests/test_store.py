@@ -164,7 +164,7 @@ def _complete_runs_only(store: Path, run: Path, dest: Path) -> list[str]:
 @pytest.mark.slow
 @pytest.mark.parametrize("rounds", [STORE_KILL_ROUNDS])
 def test_sigkill_during_push_leaves_only_complete_runs_and_the_next_push_completes_it(tmp_path, rounds):
-    run = random_run(tmp_path / "run1", {f"ckpt/part-{i:02d}.dat": 1 << 20 for i in range(16)})
+    run = random_run(tmp_path / "run1", {f"ckpt/part-{i:02d}.dat": 1 << 20 for i in range(32)})
     t0 = time.monotonic()
     subprocess.run([*APTBUNDLE, "push", run, tmp_path / "timing", "-q"], check=True)
     full = time.monotonic() - t0
@@ -173,14 +173,14 @@ def test_sigkill_during_push_leaves_only_complete_runs_and_the_next_push_complet
     for i in range(rounds):
         store = tmp_path / f"store{i}"
         p = subprocess.Popen([*APTBUNDLE, "push", run, store, "-q"], stderr=subprocess.DEVNULL)
-        time.sleep(full * (0.2 + 0.9 * (i + rng.random()) / rounds))
+        time.sleep(full * (0.3 + 0.7 * (i + rng.random()) / rounds))  # a push's start-up is most of it
         p.send_signal(signal.SIGKILL)
         p.wait()
         names = _complete_runs_only(store, run, tmp_path / "check")
         blobs = list((store / "objects").rglob("*")) if (store / "objects").exists() else []
         outcomes["complete" if names else "partial" if blobs else "nothing"] += 1
         res = push(run, store)  # the next push completes the run, sending only what is missing
-        assert res.sent_files + res.present_files == 16
+        assert res.sent_files + res.present_files == 32
         assert _complete_runs_only(store, run, tmp_path / "check") == ["run1"]
         assert not any(locks.others(Store(store)))  # the killed push's lock is gone (its process is)
     assert outcomes["partial"] >= 1, outcomes  # some kills landed in the middle of a push

@@ -388,6 +388,13 @@ class Store:
                 self._version = 1
         return self._version
 
+    def mark_version(self, write: bool = True) -> None:
+        """Make this a version-2 store: its ``format`` written (``write=False``: taken as one in
+        this process only, while an upgrade writes it)."""
+        if write and self.version is None:
+            self.put(FORMAT, FORMAT_TEXT)
+        self._version = 2
+
     def require(self, version: int, verb: str) -> None:
         """Refuse to ``verb`` a store of another format version."""
         if self.version not in (version, None):

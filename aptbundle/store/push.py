@@ -106,9 +106,7 @@ class _Push:
             unique.setdefault(f.sha256, f)
         announce_total(self.progress, sum(f.size for f in unique.values()))
         with locks.pushing(store, sorted(unique), digest) as lock:
-            if store.version is None:
-                store.put(layout.FORMAT, layout.FORMAT_TEXT)
-                store._version = 2
+            store.mark_version()
             problems: list[Problem] = []
             with ThreadPoolExecutor(self.workers, thread_name_prefix="aptbundle-encode") as pool:
                 self.pool = pool

@@ -48,7 +48,7 @@ def upgrade(store_url: str | Path, *, progress: Progress | None = None) -> Upgra
         for name in names:
             pulled = pull(store.url, name, tmp, progress=progress)
             target = Store(store.url)
-            target._version = 2  # written as version 2 while the store still says 1
+            target.mark_version(write=False)  # written as version 2 while the store still says 1
             with read_view(pulled.path, verb="converted") as view:
                 _Push(target, view, Encoding.choose(None, 0, False), None, None).run(time.monotonic(), None)
     with locks.collecting(store):
