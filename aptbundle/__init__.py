@@ -16,7 +16,7 @@ import importlib.machinery
 import sys
 import warnings
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"
 
 from aptbundle.ground.errors import AptBundleError  # noqa: E402
 

@@ -204,7 +204,7 @@ def test_check_names_a_damaged_object_and_the_next_push_repairs_it(tmp_path):
 
 
 def _v1_store(run: Path, store: Path) -> None:
-    """A store as aptbundle 0.2 wrote it: a zstd blob per file, the manifest, a ref of one digest."""
+    """A store as aptbundle 0.3 wrote it (version 1): a zstd blob per file, the manifest, a ref of one digest."""
     man = load_manifest(run)
     for f in man.files:
         p = store / "blobs/sha256" / f.sha256[:2] / f.sha256
