@@ -1,11 +1,11 @@
 """Where a store keeps its objects: one small interface, for a local folder and for fsspec URLs.
 
 A store is a flat space of keys (``layout``). ``Backend`` is what push, pull, ls and gc need of
-it: ``stat``, ``open``, ``list``, ``writer`` and ``delete``; ``Store`` adds what every caller
-shares (all-or-nothing small writes, size-capped reads, the count of bytes sent, names for
-messages). Every write is all or nothing: locally a temporary file in the key's folder, flushed
-to disk and renamed into place; on an object store one put, or a multipart upload that becomes
-visible only when it completes (and is aborted on failure).
+it: ``stat``, ``open``, ``list``, ``put_bytes``, ``swap`` and ``delete``; ``Store`` adds what
+every caller shares (size-capped reads, the count of bytes sent, names for messages). Every
+write is all or nothing: locally a temporary file in the key's folder, flushed to disk and
+renamed into place; on an object store one put (a large one a multipart upload that becomes
+visible only when it completes; gc aborts what a killed one left).
 
 Containment is by construction. A key is split by ``layout.parts``, which refuses anything but
 plain components under one of the store's four folders. The local backend then walks to it one
@@ -51,8 +51,8 @@ class Backend(Protocol):
     def list(self, prefix: str) -> list[Entry]:
         """Every object below the folder ``prefix``, sorted by key."""
 
-    def writer(self, key: str) -> contextlib.AbstractContextManager:
-        """A file that becomes the object at ``key`` whole when the block ends, never partly."""
+    def put_bytes(self, key: str, data: bytes) -> None:
+        """Write the object at ``key`` whole: it appears complete or not at all, never partly."""
 
     def delete(self, key: str) -> None:
         """Remove the object at ``key`` if it is there."""
@@ -185,7 +185,7 @@ class LocalBackend:
                 raise self._crafted(key, _kind(st.st_mode))
 
     @contextlib.contextmanager
-    def writer(self, key: str) -> Iterator[BinaryIO]:
+    def _writer(self, key: str) -> Iterator[BinaryIO]:
         comps = parts(key)
         with self._folder(comps[:-1], create=True) as fd:
             tmp = temporaries.temp_name(comps[-1])
@@ -205,6 +205,10 @@ class LocalBackend:
                     os.unlink(tmp, dir_fd=fd)
                 raise
 
+    def put_bytes(self, key: str, data: bytes) -> None:
+        with self._writer(key) as f:
+            f.write(data)
+
     def swap(self, key: str, old: bytes | None, new: bytes) -> bool:
         """Write ``new`` at ``key`` if it still holds ``old`` (None: nothing); whether it did. The
         folder is locked meanwhile, so writers of the same key take turns."""
@@ -221,8 +225,7 @@ class LocalBackend:
                         current = f.read()
                 if current != old:
                     return False
-                with self.writer(key) as f:
-                    f.write(new)
+                self.put_bytes(key, new)
                 return True
             finally:
                 fcntl.flock(fd, fcntl.LOCK_UN)
@@ -246,21 +249,6 @@ class LocalBackend:
                 self.delete(e.key)
                 gone += 1
         return gone
-
-
-class _Counting:
-    """A writable file that counts what goes through it."""
-
-    def __init__(self, f, store: "Store"):
-        self.f, self.store = f, store
-
-    def write(self, b) -> int:
-        n = self.f.write(b)
-        self.store.count(len(b))
-        return n
-
-    def flush(self) -> None:
-        self.f.flush()
 
 
 class Store:
@@ -342,26 +330,9 @@ class Store:
     def list(self, prefix: str) -> list[Entry]:
         return self.backend.list(prefix)
 
-    def keys_below(self, prefix: str) -> set[str] | None:
-        """Every key below ``prefix`` in one listing (remote stores: one LIST instead of a HEAD per
-        object); None for a local store, where asking is cheap."""
-        return {e.key for e in self.list(prefix)} if self.remote else None
-
-    @contextlib.contextmanager
-    def writer(self, key: str) -> Iterator[_Counting]:
-        """A file to write the object into; it appears whole when the block ends, never partly."""
-        with self.backend.writer(key) as f:
-            yield _Counting(f, self)
-
     def put(self, key: str, data: bytes, *, count: bool = True) -> None:
-        """Write a small object whole (``count=False``: bookkeeping, not counted in ``sent``)."""
-        put_bytes = getattr(self.backend, "put_bytes", None)
-        if put_bytes is not None:  # a remote store: one put, which its retries may repeat
-            put_bytes(key, data)
-            self.count(len(data) if count else 0)
-            return
-        with self.backend.writer(key) as f:
-            f.write(data)
+        """Write an object whole (``count=False``: bookkeeping, not counted in ``sent``)."""
+        self.backend.put_bytes(key, data)
         self.count(len(data) if count else 0)
 
     def delete(self, key: str) -> None:

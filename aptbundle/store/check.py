@@ -14,6 +14,7 @@ runs under the gc lock, so no push is counting on what it removes.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,7 +54,7 @@ def check(store_url: str | Path, *, read_data: bool = False, repair: bool = True
     store.require(2, "check")
     res = CheckResult(store.url)
     reader = ObjectReader(store)
-    with locks.collecting(store) if repair else _nothing() as lock:
+    with locks.collecting(store) if repair else contextlib.nullcontext() as lock:
         problems: dict[str, dict] = {}
 
         def problem(key: str, what: str, run: str) -> None:
@@ -145,11 +146,3 @@ def _depends(reader: ObjectReader, obj: str, broken: set[str]) -> bool:
         return bool(set(reader.chain(obj)) & broken)
     except (OSError, AptBundleError):
         return True
-
-
-class _nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc) -> None:
-        return None

@@ -30,11 +30,11 @@ import zstandard
 from aptbundle.ground.errors import StoreError
 from aptbundle.ground.values import DuplicateKey, unique_keys
 from aptbundle.store.objects import MAX_CHAIN, MAX_OBJECT
+from aptbundle.transfer.codec import ST_WIDTH
 
 INLINE = 512  # parts smaller than this live in the recipe (a zip's local headers, the smallest tensors)
 MAX_RECIPE = 64 << 20
 MAX_PARTS = 1_000_000
-_ST_WIDTH = {"F32": 4, "F16": 2, "BF16": 2}
 
 
 @dataclass(frozen=True)
@@ -155,7 +155,7 @@ def _safetensors(path: Path, size: int) -> list[Cut]:
             continue
         b, e = info["data_offsets"]
         if type(b) is int and type(e) is int and 0 <= b < e and start + e <= size:
-            out.append(Cut(f"t:{name}", start + b, e - b, _ST_WIDTH.get(info.get("dtype"))))
+            out.append(Cut(f"t:{name}", start + b, e - b, ST_WIDTH.get(info.get("dtype"))))
     return out
 
 

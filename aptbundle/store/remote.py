@@ -2,7 +2,7 @@
 
 Object stores have no links, folders or special files, and an upload appears whole or not at
 all, so containment is the key's alone (``layout.parts``). Reads of large objects are fetched
-ahead in a thread of their own, writes uploaded in one while the next part is compressed.
+ahead in a thread of their own; objects are written whole, one put each.
 """
 
 from __future__ import annotations
@@ -10,10 +10,8 @@ from __future__ import annotations
 import contextlib
 import os
 import datetime as _dt
-import queue
-import threading
 import time
-from typing import Any, BinaryIO, Callable, Iterator
+from typing import Any, BinaryIO, Callable
 
 from aptbundle.ground.ahead import ReadAhead
 from aptbundle.ground.errors import AptBundleError, StoreError, StoreLayoutError
@@ -34,41 +32,6 @@ class Prefetch(ReadAhead):
     def close(self) -> None:
         super().close()
         self.raw.close()
-
-
-class _WriteBehind:
-    """A writer that uploads in a thread of its own while the caller compresses the next part."""
-
-    def __init__(self, f, depth: int = 2):
-        self.f = f
-        self._q: queue.Queue = queue.Queue(depth)
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="upload", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while (b := self._q.get()) is not None:
-            if self._error is None:
-                try:
-                    self.f.write(b)
-                except BaseException as e:
-                    self._error = e
-
-    def write(self, b) -> int:
-        if self._error is not None:
-            raise self._error
-        self._q.put(bytes(b))
-        return len(b)
-
-    def flush(self) -> None:
-        pass
-
-    def finish(self) -> None:
-        """Wait for every write; re-raise an upload error."""
-        self._q.put(None)
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
 
 
 ATTEMPTS = int(os.environ.get("APTBUNDLE_STORE_ATTEMPTS", "4"))  # one try and three more, 0.25 s, 0.5 s and 1 s
@@ -179,23 +142,6 @@ class RemoteBackend:
             key = path[len(root):] if path.startswith(root) else path.split(self.root.strip("/") + "/", 1)[-1]
             out.append(Entry(key, _mtime(info), int(info.get("size") or 0)))
         return sorted(out, key=lambda e: e.key)
-
-    @contextlib.contextmanager
-    def writer(self, key: str) -> Iterator[_WriteBehind]:
-        f = self._call(key, lambda: self.fs.open(self._path(key), "wb", block_size=16 << 20))
-        behind = _WriteBehind(f)
-        try:
-            yield behind
-            behind.finish()
-            f.close()
-        except BaseException as e:
-            with contextlib.suppress(BaseException):
-                behind.finish()
-            with contextlib.suppress(Exception):
-                getattr(f, "discard", lambda: None)()
-            if isinstance(e, Exception) and not isinstance(e, (AptBundleError, FileNotFoundError)):
-                raise _transport_error(self.url, key, e) from None
-            raise
 
     def put_bytes(self, key: str, data: bytes) -> None:
         """A small object written whole: one put, tried again if the transport fails (a put that

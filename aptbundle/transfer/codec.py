@@ -33,7 +33,7 @@ MIN_SIZE = 64 << 10  # smaller files are not worth it
 PAX_WIDTH = "APTBUNDLE.dense"
 PAX_REQUIRES = "APTBUNDLE.requires"
 
-_ST_WIDTH = {"F32": 4, "F16": 2, "BF16": 2}
+ST_WIDTH = {"F32": 4, "F16": 2, "BF16": 2}  # safetensors dtypes the grouping applies to
 
 
 @dataclass(frozen=True)
@@ -94,7 +94,7 @@ def _safetensors_width(path: Path) -> int | None:
     for key, info in header.items():
         if key == "__metadata__":
             continue
-        w = _ST_WIDTH.get(info.get("dtype"))
+        w = ST_WIDTH.get(info.get("dtype"))
         b, e = info["data_offsets"]
         by_width[w or 0] = by_width.get(w or 0, 0) + (e - b)
     best = max(by_width, key=by_width.get, default=0)
