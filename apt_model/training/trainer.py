@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import shutil
+import signal
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +28,7 @@ from aptbundle import (CONTEXT, Backup, Checkpointer, Command, ResumeRequest, Re
 from apt_model.config import PRESETS, APTConfig, preset
 from apt_model.errors import TrainingError
 from apt_model.training.distributed import Dist
-from apt_model.training.loop import Trainer, TrainResult
+from apt_model.training.loop import StopRequest, Trainer, TrainResult
 from apt_model.training.setup import (Session, build, check_weights_fit, locate, log, new_run, pick_device,
                                       reopen_run, verify_run_files, warn_environment)
 
@@ -165,7 +166,12 @@ def _session(req: TrainRequest, d: Dist, dev: torch.device, run: Run, which: str
             ckpt.wait()
             session.model = unwrap(session.model)  # drop the DDP wrapper before the group goes
             if backup is not None and run.latest is not None:
-                last = backup.close()  # the final state, also after Ctrl-C or SIGTERM
+                # the final state, also after Ctrl-C or SIGTERM; a signal that comes while it is
+                # pushed waits for the push (a second one still breaks out), then takes effect
+                with StopRequest() as late:
+                    last = backup.close()
+                if late.signal is not None:
+                    signal.raise_signal(late.signal)
                 if last is not None:
                     log(quiet, f"backed up to {req.backup_to}: {last.sent_files} file(s) sent in this push,"
                                f" digest {last.digest[:16]}…; continue anywhere with"
