@@ -16,6 +16,9 @@ ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 os.environ.setdefault("APTBUNDLE_STORE_BACKOFF", "0.02")  # the fault tests fail many calls on purpose
 os.environ.setdefault("APTBUNDLE_STORE_ATTEMPTS", "3")
+# backups while training are held to 1 % of the CPU (store.worker): the tests that kill a run
+# once a backup landed want it to land soon (the bound has a test of its own)
+os.environ.setdefault("APTBUNDLE_BACKUP_CPU_SHARE", "1")
 collect_ignore = ["fixtures", "protected_hf.py", "protected_acc.py"]  # folders other frameworks wrote; scripts run as processes
 
 if os.environ.get("PYTEST_XDIST_WORKER"):

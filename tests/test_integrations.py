@@ -24,7 +24,16 @@ SCRIPT = ROOT / "tests" / "protected_hf.py"
 def start(out: Path, store: Path, delay: float = 0.0, script: Path = SCRIPT) -> subprocess.Popen:
     env = dict(os.environ, APTBUNDLE_TEST_STEP_DELAY=str(delay), PYTHONPATH=str(ROOT))
     return subprocess.Popen([PY, str(script), str(out), str(store)], cwd=out.parent, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def group_gone(pgid: int) -> bool:
+    """No process is left in the process group (the script and the backups' process)."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return True
+    return False
 
 
 def pushed_checkpoints(store: Path, name: str = "run") -> list[str]:
@@ -54,6 +63,7 @@ def kill_then_carry_on(tmp_path: Path, store, pushed, wanted: str, script: Path 
         assert p.poll() is None, p.communicate()[1]
         p.send_signal(signal.SIGKILL)
         p.wait(timeout=60)
+        wait_until(lambda: group_gone(p.pid), 10)  # the backups' process went with it
     finally:
         p.kill()
     shutil.rmtree(first)  # the first machine is gone, and its working directory with it
@@ -88,8 +98,9 @@ def test_a_killed_hugging_face_run_carries_on_elsewhere_byte_identically(uninter
     try:
         wait_until(lambda: "checkpoint-20" in pushed_checkpoints(store) or p.poll() is not None, 240)
         assert p.poll() is None, p.communicate()[1]
-        p.send_signal(getattr(signal, how))
+        os.killpg(p.pid, getattr(signal, how))  # to the whole group, as a scheduler does
         _, err = p.communicate(timeout=120)
+        wait_until(lambda: group_gone(p.pid), 10)
     finally:
         p.kill()
     if how == "SIGTERM":
@@ -190,3 +201,68 @@ def test_a_killed_hugging_face_run_carries_on_from_the_loopback_s3_store(uninter
 
     second = kill_then_carry_on(tmp_path, store, pushed, "checkpoint-20")
     assert (second / "final" / "model.safetensors").read_bytes() == uninterrupted
+
+
+def _backup_processes() -> list[int]:
+    """This process's children that run backups (``store.worker``)."""
+    found = []
+    for task in Path(f"/proc/{os.getpid()}/task").iterdir():
+        for pid in (task / "children").read_text().split():
+            try:
+                if b"aptbundle.store.worker" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    found.append(int(pid))
+            except OSError:
+                pass
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds the backups' process through /proc")
+def test_backups_carry_on_in_the_training_process_when_their_process_dies(tmp_path, capfd):
+    from aptbundle.integrations.live import LiveBackup
+
+    out, store = tmp_path / "run", tmp_path / "store"
+    (out / "checkpoint-1").mkdir(parents=True)
+    (out / "checkpoint-1" / "weights.dat").write_bytes(os.urandom(200_000))
+    backup = LiveBackup(store, out)
+    backup.saved()
+    wait_until(lambda: backup.last is not None, 60)
+    (child,) = _backup_processes()
+    os.kill(child, signal.SIGKILL)  # the backups' process is lost (out of memory, say)
+    os.waitpid(child, 0)
+    (out / "checkpoint-2").mkdir()
+    (out / "checkpoint-2" / "weights.dat").write_bytes(os.urandom(200_000))
+    backup.saved()
+    result = backup.close()
+    err = capfd.readouterr().err
+    assert "backups run in the training process from now on" in err and "Traceback" not in err, err
+    assert backup.failures == 0 and result is not None
+    digest = refs.parse_ref((store / layout.ref("run")).read_bytes(), "ref")[-1].digest
+    assert digest == result.digest
+    files = {f.path for f in parse_manifest((store / layout.manifest(digest)).read_bytes()).files}
+    assert {"checkpoint-1/weights.dat", "checkpoint-2/weights.dat"} <= files, files
+    assert _backup_processes() == []
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="the share is counted through /proc")
+def test_backups_keep_to_their_share_of_the_cpu_and_the_final_push_runs_free(tmp_path, monkeypatch):
+    """While training runs, the backups' process is held to its share of the CPU; the last push
+    (the end of training, a pre-emption) is not: with a share so small that a push would take
+    hours, close() still pushes the newest state at once."""
+    from aptbundle.integrations.live import LiveBackup
+
+    monkeypatch.setenv("APTBUNDLE_BACKUP_CPU_SHARE", "0.0001")
+    out, store = tmp_path / "run", tmp_path / "store"
+    out.mkdir()
+    (out / "a.dat").write_bytes(os.urandom(2_000_000))
+    backup = LiveBackup(store, out)
+    backup.saved()
+    time.sleep(2)
+    assert backup.last is None and not (store / layout.ref("run")).exists()  # held back
+    (out / "b.dat").write_bytes(os.urandom(300_000))
+    backup.saved()
+    began = time.monotonic()
+    result = backup.close()
+    assert time.monotonic() - began < 60 and result is not None and backup.failures == 0
+    assert refs.parse_ref((store / layout.ref("run")).read_bytes(), "ref")[-1].digest == result.digest
+    files = {f.path for f in parse_manifest((store / layout.manifest(result.digest)).read_bytes()).files}
+    assert {"a.dat", "b.dat"} <= files, files

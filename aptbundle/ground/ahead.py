@@ -76,10 +76,11 @@ class ReadAhead:
 
 
 def idle(tid: int) -> None:
-    """Give the thread ``tid`` the lowest priority there is (nice 19 on Linux, where a thread is a
-    task of its own): it runs on the CPU time training leaves, and still gets a little when
-    training takes all of it, so a backup keeps moving on a machine whose cores are all busy
-    (SCHED_IDLE would starve it until training ends)."""
+    """Give the thread ``tid`` the lowest priority a thread of a busy process should have (nice 19
+    on Linux, where a thread is a task of its own): it runs on the CPU time training leaves, and
+    still gets a little when training takes all of it. Not SCHED_IDLE: the thread shares the
+    process's interpreter lock, and descheduled while holding it, it would hold up the training
+    thread waiting for it)."""
     try:
         os.setpriority(os.PRIO_PROCESS, tid, 19)
     except (AttributeError, OSError):

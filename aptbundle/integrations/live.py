@@ -4,8 +4,9 @@
 writing a checkpoint. On the training thread it only takes a view of the folder as it is now:
 hard links of its files in a private folder inside it (milliseconds; the framework may rotate
 old checkpoints the next moment, the links keep them). A background thread (one, at low
-priority) then describes that view as a run (the layouts of ``init``: checkpoints, best,
-curves; files hashed and scanned once, then remembered by inode), pushes it, and drops it. One
+priority) then has that view described as a run (the layouts of ``init``: checkpoints, best,
+curves; files hashed and scanned once, then remembered by inode) and pushed, by a process of its
+own (``store.worker``: it never holds the training process's interpreter lock), and drops it. One
 push is in flight at a time; views taken meanwhile are folded into the newest. A store that
 fails is a warning, never a stop of training: the next save tries again, and ``close()`` (the
 end of training, or a pre-emption) makes the final push and waits for it.
@@ -26,17 +27,17 @@ import threading
 from pathlib import Path
 from typing import Callable
 
-from aptbundle.format.manifest import MANIFEST_NAME, load_manifest
+from aptbundle.format.manifest import MANIFEST_NAME
 from aptbundle.format.run import Run, walk_files
 from aptbundle.ground import temporaries
-from aptbundle.ground.ahead import idle, join_worker
-from aptbundle.ground.errors import AptBundleError, MaterializeError
+from aptbundle.ground.ahead import join_worker
+from aptbundle.ground.errors import MaterializeError
 from aptbundle.ground.lock import is_lock_name
 from aptbundle.ground.paths import check_name
 from aptbundle.ground.temporaries import remove_path
 from aptbundle.layouts import detect
-from aptbundle.layouts.adopt import adopt
-from aptbundle.store.push import PushResult, push
+from aptbundle.store.push import PushResult
+from aptbundle.store.worker import PushWorker, failure_reason, result_of
 
 VIEW = "backup-view"  # the label of the views' temporary folders
 
@@ -56,7 +57,7 @@ class LiveBackup:
         self.run_id: str | None = None
         self.last: PushResult | None = None
         self.failures = 0
-        self._known: dict = {}  # files hashed before, by inode: each is read once
+        self._worker = PushWorker(self.warn)  # where the pushes run
         self._lock = threading.Condition()
         self._pending: Path | None = None  # the newest view not pushed yet
         self._thread: threading.Thread | None = None
@@ -69,6 +70,7 @@ class LiveBackup:
         view = self._view()
         if view is None:
             return
+        self._worker.start()  # here: the child lives as long as this (the training) thread
         with self._lock:
             older, self._pending = self._pending, view
             if older is not None:
@@ -80,11 +82,13 @@ class LiveBackup:
 
     def close(self) -> PushResult | None:
         """Wait for the pushes owed, the newest view last; the last push's result."""
+        self._worker.hurry()  # the last pushes run free of the bound on their CPU share
         join_worker(self._lock, lambda: self._thread)
         with self._lock:  # a view left by a worker that died: push it here
             view, self._pending = self._pending, None
         if view is not None:
             self._push(view)
+        self._worker.close()
         return self.last
 
     def _view(self) -> Path | None:
@@ -110,46 +114,27 @@ class LiveBackup:
 
     # -- the background thread ------------------------------------------------------------------
     def _run(self) -> None:
-        idle(threading.get_native_id())
         while True:
             with self._lock:
                 view, self._pending = self._pending, None
                 if view is None:
+                    self._thread = None  # said under the lock: a save from now on starts another
                     return
             self._push(view)
 
     def _push(self, view: Path) -> None:
         try:
-            if self.run_id is None:
-                self.run_id = self._known_run_id()
-            run = adopt(view, name=self.name, run_id=self.run_id, known=self._known)
-            self.run_id = run.manifest.run_id
-            self.last = push(view, self.store, sign=self.sign, threads=self.threads, level=1)
+            answer = self._worker.run({
+                "kind": "backup", "path": str(view), "origin": str(self.output_dir), "store": self.store,
+                "name": self.name, "run_id": self.run_id, "sign": str(self.sign) if self.sign else None,
+                "threads": self.threads})
+            self.run_id, self.last = answer["run_id"], result_of(answer)
         except Exception as e:  # a failing store, or one that answers with something unforeseen
             self.failures += 1
-            self.warn(f"warning: backup of {self.output_dir} to {self.store} failed ({_reason(e)}); training goes on,"
-                      " the next save tries again")
+            self.warn(f"warning: backup of {self.output_dir} to {self.store} failed ({failure_reason(e)}); training"
+                      " goes on, the next save tries again")
         finally:
             remove_path(view)
-
-    def _known_run_id(self) -> str | None:
-        """The run's id: the one its folder records (a restored run), else the store's."""
-        try:
-            return load_manifest(self.output_dir).run_id
-        except AptBundleError:
-            pass
-        try:
-            from aptbundle.store.backend import Store
-            from aptbundle.store.pull import resolve
-
-            return resolve(Store.existing(self.store), self.name)[2].run_id
-        except (AptBundleError, OSError):
-            return None
-
-
-def _reason(e: BaseException) -> str:
-    text = str(e).splitlines()[0][:300] if str(e) else ""
-    return f"{type(e).__name__}: {text}" if not isinstance(e, AptBundleError) else text
 
 
 class Protection:

@@ -3,7 +3,8 @@
 ``Backup(run_dir, store)`` is handed to the trainer's checkpointer as ``on_commit``. Each commit
 asks for a push; one push runs at a time in a thread of its own, and commits that arrive while
 it runs are folded into one more push when it ends, so the training thread never waits for the
-network and never queues up work. A failed push is reported as a warning and retried at the
+network and never queues up work. The push itself runs in a process of its own
+(``store.worker``), so it never holds the training process's interpreter lock. A failed push is reported as a warning and retried at the
 next commit: a store that is briefly unreachable does not stop training. ``close()`` waits for
 the push in flight and makes a final one, so the store ends up holding the last checkpoint
 (the trainer calls it at the end and on SIGTERM). If the machine is lost, the store still holds
@@ -16,9 +17,10 @@ import threading
 from pathlib import Path
 from typing import Callable
 
-from aptbundle.ground.ahead import idle, join_worker
-from aptbundle.ground.errors import AptBundleError, StoreError
-from aptbundle.store.push import PushResult, push
+from aptbundle.ground.ahead import join_worker
+from aptbundle.ground.errors import StoreError
+from aptbundle.store.push import PushResult
+from aptbundle.store.worker import PushWorker, failure_reason, result_of
 
 
 def split_ref(text: str) -> tuple[str, str]:
@@ -42,34 +44,36 @@ class Backup:
         self._lock = threading.Lock()
         self._wanted = False
         self._thread: threading.Thread | None = None
+        self._worker = PushWorker(self.warn)
 
     def __call__(self, *_args) -> None:
         """Ask for a push (the checkpointer calls this after each commit); returns at once."""
+        self._worker.start()  # here: the child lives as long as this (the training) thread
         with self._lock:
             self._wanted = True
             if self._thread is not None and self._thread.is_alive():
-                return
+                return  # it takes this request (it clears _thread under the lock before it ends)
             self._thread = threading.Thread(target=self._run, name="aptbundle-backup", daemon=True)
             self._thread.start()
 
     def _run(self) -> None:
-        idle(threading.get_native_id())  # the push takes only the time training leaves
         while True:
             with self._lock:
                 if not self._wanted:
+                    self._thread = None  # said under the lock: a commit from now on starts another
                     return
                 self._wanted = False
             self._push_once()
 
     def _push_once(self) -> PushResult | None:
         try:
-            res = push(self.run_dir, self.store, sign=self.sign, dense=self.dense, threads=self.threads, level=1)
+            return result_of(self._worker.run({"kind": "push", "path": str(self.run_dir), "store": self.store,
+                                                "sign": str(self.sign) if self.sign else None,
+                                               "threads": self.threads}))
         except Exception as e:  # whatever the store does, a backup never stops training
-            reason = str(e) if isinstance(e, (AptBundleError, OSError)) else f"{type(e).__name__}: {e}"
-            self.warn(f"warning: backup to {self.store} failed ({reason[:300]}); training goes on, the next"
+            self.warn(f"warning: backup to {self.store} failed ({failure_reason(e)}); training goes on, the next"
                       " checkpoint tries again")
             return None
-        return res
 
     def wait(self) -> None:
         """Wait for the push in flight (and any it still owes) to end."""
@@ -77,7 +81,11 @@ class Backup:
 
     def close(self) -> PushResult | None:
         """Wait for the push in flight, then push the run as it is now; the last push's result."""
+        self._worker.hurry()  # the last pushes run free of the bound on their CPU share
         self.wait()
         with self._lock:
             self._wanted = False
-        return self._push_once()
+        try:
+            return self._push_once()
+        finally:
+            self._worker.close()
