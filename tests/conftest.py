@@ -77,7 +77,7 @@ def trainer(*args: str, cwd: str | Path | None = None) -> subprocess.CompletedPr
 PY = sys.executable
 # Rounds of the random-kill tests: a few by default, so the suite stays near 3 minutes; set
 # APTBUNDLE_KILL_ROUNDS=25 (and select them with `-m slow`) for the long randomised round.
-KILL_ROUNDS = int(os.environ.get("APTBUNDLE_KILL_ROUNDS", "3"))
+KILL_ROUNDS = int(os.environ.get("APTBUNDLE_KILL_ROUNDS", "2"))
 APTBUNDLE = [PY, "-m", "aptbundle"]
 TRAINER = [PY, "-m", "apt_model.training.trainer"]
 

@@ -245,19 +245,27 @@ def test_backups_carry_on_in_the_training_process_when_their_process_dies(tmp_pa
 
 @pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="the share is counted through /proc")
 def test_backups_keep_to_their_share_of_the_cpu_and_the_final_push_runs_free(tmp_path, monkeypatch):
-    """While training runs, the backups' process is held to its share of the CPU; the last push
-    (the end of training, a pre-emption) is not: with a share so small that a push would take
-    hours, close() still pushes the newest state at once."""
+    """While something takes every core (here: spinning processes as low in priority as the
+    backups', so that only the bound holds the backup back), the backups' process is held to its
+    share of the CPU; the last push (the end of training, a pre-emption) is not: with a share so
+    small that a push would take hours, close() still pushes the newest state at once."""
     from aptbundle.integrations.live import LiveBackup
 
     monkeypatch.setenv("APTBUNDLE_BACKUP_CPU_SHARE", "0.0001")
     out, store = tmp_path / "run", tmp_path / "store"
     out.mkdir()
     (out / "a.dat").write_bytes(os.urandom(2_000_000))
-    backup = LiveBackup(store, out)
-    backup.saved()
-    time.sleep(2)
-    assert backup.last is None and not (store / layout.ref("run")).exists()  # held back
+    spin = "import os\nos.nice(19)\nwhile True:\n    pass"
+    spinners = [subprocess.Popen([PY, "-c", spin]) for _ in range(len(os.sched_getaffinity(0)))]
+    try:
+        backup = LiveBackup(store, out)
+        backup.saved()
+        time.sleep(1.5)
+        assert backup.last is None and not (store / layout.ref("run")).exists()  # held back
+    finally:
+        for p in spinners:
+            p.kill()
+            p.wait()
     (out / "b.dat").write_bytes(os.urandom(300_000))
     backup.saved()
     began = time.monotonic()

@@ -41,10 +41,11 @@ from aptbundle.store.push import PushResult, push
 # all its cores together): the parent stops it (SIGSTOP) whenever it got ahead, and lets it go on
 # (SIGCONT) when training has caught up. nice 19 alone keeps it off the cores training wants, but
 # not out of what it shares with training on a core training leaves (caches, memory): on two
-# cores, an unbounded backup cost a Trainer 3-5 % of its step time. On a machine of many cores
-# the share is many cores' worth and never binds a push; on a small one, the store lags and
-# training does not pay. The final push (hurry) runs free. APTBUNDLE_BACKUP_CPU_SHARE overrides
-# it (1 for no bound).
+# cores, an unbounded backup cost a Trainer 3-5 % of its step time. What it uses while the machine
+# has a core and a half or more to spare (a GPU machine, whose training thread mostly waits for the
+# device) is not counted: there it takes from no one, and runs free. Where training takes the
+# cores, the store lags and training does not pay. The final push (hurry) runs free.
+# APTBUNDLE_BACKUP_CPU_SHARE overrides the share (1 for no bound).
 CPU_SHARE = 0.01
 
 
@@ -93,19 +94,24 @@ def _share() -> float:
     return value if 0 < value <= 1 else CPU_SHARE
 
 
-def _cpu_clock(pid: int) -> Callable[[], float] | None:
-    """The CPU seconds process ``pid`` used so far (all its threads), as Linux's /proc says; None
-    where there is no such count."""
-    stat = Path(f"/proc/{pid}/stat")
+def _cpu_clock(stat_file: str) -> Callable[[], float] | None:
+    """CPU seconds used so far, as Linux counts them: a process's (``/proc/PID/stat``, all its
+    threads) or the whole machine's (``/proc/stat``, every core, idle and I/O wait left out);
+    None where there is no such count."""
+    stat = Path(stat_file)
     try:
         tick = os.sysconf("SC_CLK_TCK")
         stat.read_bytes()
     except (OSError, ValueError, AttributeError):
         return None
-
-    def clock() -> float:
-        fields = stat.read_bytes().rsplit(b")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+    if stat_file == "/proc/stat":
+        def clock() -> float:
+            f = [int(x) for x in stat.read_bytes().split(b"\n", 1)[0].split()[1:9]]
+            return (f[0] + f[1] + f[2] + f[5] + f[6] + f[7]) / tick  # user nice system irq softirq steal
+    else:
+        def clock() -> float:
+            f = stat.read_bytes().rsplit(b")", 1)[1].split()
+            return (int(f[11]) + int(f[12])) / tick  # utime stime
 
     return clock
 
@@ -198,21 +204,30 @@ class PushWorker:
         return answer_of(job, self._known, time.thread_time)
 
     def _read_answer(self, proc: subprocess.Popen) -> str:
-        """The child's answer line, the child held to its share of the CPU meanwhile."""
-        share = _share() * _cores()
-        clock = _cpu_clock(proc.pid)
-        if clock is None or share >= _cores():
+        """The child's answer line, the child held to its share of the CPU meanwhile: whenever
+        its CPU time, less what it used while the machine had a core and a half or more to spare (then
+        it takes from no one), is ahead of its share of the time gone by, it is stopped."""
+        share, cores = _share() * _cores(), _cores()
+        child, machine = _cpu_clock(f"/proc/{proc.pid}/stat"), _cpu_clock("/proc/stat")
+        if child is None or machine is None or share >= cores:
             return proc.stdout.readline()
         import select
 
-        began_wall, began_cpu = time.monotonic(), clock()
+        began = last = time.monotonic()
+        began_cpu = last_child = child()
+        last_busy, spared = machine(), 0.0
         try:
             while True:
                 if select.select([proc.stdout], [], [], 0.05)[0]:
                     return proc.stdout.readline()
                 if self._hurry.is_set():
                     continue
-                ahead = (clock() - began_cpu) / share - (time.monotonic() - began_wall)
+                now, used, busy = time.monotonic(), child(), machine()
+                others = max(0.0, (busy - last_busy) - (used - last_child)) / max(now - last, 1e-3)
+                if cores - others >= 1.5:
+                    spared += used - last_child
+                last, last_child, last_busy = now, used, busy
+                ahead = (used - began_cpu - spared) / share - (now - began)
                 if ahead > 0.05:
                     os.kill(proc.pid, signal.SIGSTOP)
                     try:
