@@ -189,7 +189,7 @@ class PushWorker:
         proc = self._proc
         if proc is not None and not self._here:
             try:
-                proc.stdin.write(json.dumps({**job, "fsspec": _fsspec_settings()}) + "\n")
+                proc.stdin.write(json.dumps({**_absolute(job), "fsspec": _fsspec_settings()}) + "\n")
                 proc.stdin.flush()
                 line = self._read_answer(proc)
             except (OSError, ValueError):
@@ -257,6 +257,18 @@ class PushWorker:
             proc.kill()
             proc.wait()
         proc.stdout.close()
+
+
+def _absolute(job: dict) -> dict:
+    """The job with its paths made absolute here: the child keeps the folder it started in, and
+    this process may have changed its own since."""
+    out = dict(job)
+    for key in ("path", "origin", "sign"):
+        if out.get(key):
+            out[key] = os.path.abspath(out[key])
+    if "://" not in out["store"]:
+        out["store"] = os.path.abspath(out["store"])
+    return out
 
 
 def _fsspec_settings() -> dict | None:
