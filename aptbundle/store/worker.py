@@ -33,6 +33,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
+from aptbundle.ground.ahead import idle
 from aptbundle.ground.errors import AptBundleError
 from aptbundle.store.push import PushResult, push
 
@@ -75,14 +76,12 @@ def run_job(job: dict, known: dict) -> dict:
     return {"result": asdict(res), "run_id": run_id}
 
 
-def answer_of(job: dict, known: dict, clock: Callable[[], float]) -> dict:
-    """``run_job``'s answer, or ``{"error": reason}``, with the CPU seconds it took (``cpu``)."""
-    began = clock()
+def answer_of(job: dict, known: dict) -> dict:
+    """``run_job``'s answer, or ``{"error": reason}``."""
     try:
-        answer = run_job(job, known)
+        return run_job(job, known)
     except Exception as e:  # every failure is an answer; the caller warns
-        answer = {"error": failure_reason(e)}
-    return {**answer, "cpu": clock() - began}
+        return {"error": failure_reason(e)}
 
 
 def _share() -> float:
@@ -198,16 +197,15 @@ class PushWorker:
                 return json.loads(line)
             code = proc.poll()
             self._give_up(f"the backup process ended (exit {code if code is not None else 'unknown'})")
-        from aptbundle.ground.ahead import idle
-
         idle(threading.get_native_id())
-        return answer_of(job, self._known, time.thread_time)
+        return answer_of(job, self._known)
 
     def _read_answer(self, proc: subprocess.Popen) -> str:
         """The child's answer line, the child held to its share of the CPU meanwhile: whenever
         its CPU time, less what it used while the machine had a core and a half or more to spare (then
         it takes from no one), is ahead of its share of the time gone by, it is stopped."""
-        share, cores = _share() * _cores(), _cores()
+        cores = _cores()
+        share = _share() * cores
         child, machine = _cpu_clock(f"/proc/{proc.pid}/stat"), _cpu_clock("/proc/stat")
         if child is None or machine is None or share >= cores:
             return proc.stdout.readline()
@@ -323,7 +321,7 @@ def main() -> None:
         if job.get("kind") == "exit":
             return
         _use_fsspec_settings(job.pop("fsspec", None))
-        out.write(json.dumps(answer_of(job, known, time.process_time)) + "\n")
+        out.write(json.dumps(answer_of(job, known)) + "\n")
         out.flush()
 
 
@@ -341,8 +339,6 @@ def _die_with(parent: int, pdeathsig: bool) -> None:
         os._exit(1)
 
     def watch() -> None:
-        import time
-
         while os.getppid() == parent:
             time.sleep(0.2)
         os._exit(1)
